@@ -1,0 +1,1 @@
+"""Checkpoint-compatible ACE-Step v1 components (one module per published folder)."""

@@ -1,0 +1,1 @@
+"""Flow-matching schedulers, guidance and the denoising loop."""
