@@ -1,0 +1,1 @@
+"""Build Triton model repositories (config.pbtxt from specs), ONNX exports and engines."""
