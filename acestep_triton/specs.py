@@ -34,8 +34,10 @@ class ComponentSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
-    # inputs whose ragged axes may be padded (with `pad_value`) to batch requests of different lengths
+    # inputs whose variable axes are zero-padded (and masked) to batch requests of different lengths
     ragged_inputs: tuple[str, ...] = ()
+    # (output, input): the output's variable axis has the input's length, so padding is cut off again
+    ragged_outputs: tuple[tuple[str, str], ...] = ()
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -54,6 +56,7 @@ def text_encoder_spec(ckpt: Checkpoint) -> ComponentSpec:
         outputs=(TensorSpec("TEXT_STATES", "TYPE_FP32", (-1, d_text)),),
         max_batch_size=16,
         ragged_inputs=("TEXT_IDS", "TEXT_MASK"),
+        ragged_outputs=(("TEXT_STATES", "TEXT_IDS"),),
     )
 
 
@@ -102,6 +105,7 @@ def dit_step_spec(ckpt: Checkpoint) -> ComponentSpec:
         outputs=(TensorSpec("VELOCITY", "TYPE_FP32", (LATENT_CHANNELS, LATENT_HEIGHT, -1)),),
         max_batch_size=64,
         ragged_inputs=("LATENTS", "ATTENTION_MASK", "ENCODER_STATES", "ENCODER_MASK"),
+        ragged_outputs=(("VELOCITY", "LATENTS"),),
     )
 
 

@@ -1,0 +1,96 @@
+"""Request -> the token rows every guidance branch is encoded from (torch-free: runs in `preprocess`).
+
+Upstream encodes up to three condition branches with different inputs:
+  cond      text states,                          lyric ids,          no ERG
+  null      ERG-tag text states (or zeros),       lyric ids + ERG-lyric, if use_erg_lyric;
+            zeros text,                           zero lyric ids,      otherwise
+  no_lyric  text states,                          lyric ids + ERG-lyric, if use_erg_lyric;
+            text states,                          zero lyric ids,      otherwise
+            (only with double-condition guidance)
+Here each branch is one row, so the text encoder and the condition encoder each run once,
+batched, and their per-row scales (TEXT_Q_SCALE, TEXT_SCALE, LYRIC_Q_SCALE) carry the ERG
+switches instead of hooks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from acestep_triton.contract import GenerationParams
+from acestep_triton.specs import ERG_Q_SCALE
+
+BRANCHES = ("cond", "null", "no_lyric")
+EMPTY_LYRICS = ([0], [0])
+
+
+def uses_double_condition(params: GenerationParams) -> bool:
+    """Upstream's double-condition guidance: both separate scales above 1 (it then overrides cfg_type)."""
+    return params.guidance_scale_text > 1.0 and params.guidance_scale_lyric > 1.0
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """Rows are branches (`branches` order); seeds are batch items."""
+
+    branches: tuple[str, ...]
+    text_ids: np.ndarray  # [K, Lt] int64
+    text_mask: np.ndarray  # [K, Lt] int64
+    text_q_scale: np.ndarray  # [K, 1] float32: ERG-tag
+    text_scale: np.ndarray  # [K, 1] float32: 0 zeroes the row's text states
+    lyric_ids: np.ndarray  # [K, Ll] int64
+    lyric_mask: np.ndarray  # [K, Ll] int64
+    lyric_q_scale: np.ndarray  # [K, 1] float32: ERG-lyric
+    seeds: tuple[int, ...]
+
+
+def resolve_seeds(params: GenerationParams) -> tuple[int, ...]:
+    """One batch item per given seed; without seeds one item with a fresh random seed (reported back)."""
+    return params.actual_seeds or (secrets.randbelow(2**32),)
+
+
+def prepare_request(
+    params: GenerationParams,
+    tokenize_text: Callable[[str], tuple[Sequence[int], Sequence[int]]],
+    tokenize_lyrics: Callable[[str], Sequence[int]],
+) -> PreparedRequest:
+    """Tokenize once and lay out one row per guidance branch."""
+    text_ids, text_mask = tokenize_text(params.prompt)
+    if params.lyrics:
+        lyric_ids = list(tokenize_lyrics(params.lyrics))
+        lyric_mask = [1] * len(lyric_ids)
+    else:
+        lyric_ids, lyric_mask = EMPTY_LYRICS
+    erg_lyric, erg_tag = params.use_erg_lyric, params.use_erg_tag
+    zero_lyrics = [0] * len(lyric_ids)
+
+    # branch -> (text q scale, text scale, lyric ids, lyric q scale)
+    rows = {
+        "cond": (1.0, 1.0, lyric_ids, 1.0),
+        "null": (
+            (ERG_Q_SCALE if erg_tag else 1.0, 1.0 if erg_tag else 0.0, lyric_ids, ERG_Q_SCALE)
+            if erg_lyric
+            else (1.0, 0.0, zero_lyrics, 1.0)
+        ),
+        "no_lyric": (1.0, 1.0, lyric_ids, ERG_Q_SCALE) if erg_lyric else (1.0, 1.0, zero_lyrics, 1.0),
+    }
+    branches = BRANCHES if uses_double_condition(params) else BRANCHES[:2]
+    k = len(branches)
+
+    def column(values: list[float]) -> np.ndarray:
+        return np.asarray(values, dtype=np.float32).reshape(k, 1)
+
+    return PreparedRequest(
+        branches=branches,
+        text_ids=np.tile(np.asarray(text_ids, dtype=np.int64), (k, 1)),
+        text_mask=np.tile(np.asarray(text_mask, dtype=np.int64), (k, 1)),
+        text_q_scale=column([rows[b][0] for b in branches]),
+        text_scale=column([rows[b][1] for b in branches]),
+        lyric_ids=np.asarray([rows[b][2] for b in branches], dtype=np.int64),
+        lyric_mask=np.tile(np.asarray(lyric_mask, dtype=np.int64), (k, 1)),
+        lyric_q_scale=column([rows[b][3] for b in branches]),
+        seeds=resolve_seeds(params),
+    )
