@@ -23,12 +23,14 @@ ROLLOFF = 0.99
 
 
 @lru_cache(maxsize=8)
-def _sinc_kernel(orig_phases: int, new_phases: int) -> tuple[torch.Tensor, int]:
-    """Kernel [new_phases, 1, 2*width + orig_phases] (float32) and the one-sided width in input samples.
+def sinc_resample_kernel(orig_sr: int, new_sr: int) -> tuple[torch.Tensor, int]:
+    """Kernel [new_phases, 1, 2*width + orig_phases] (float32) and its one-sided width in input samples.
 
-    `orig_phases`/`new_phases` are the rates divided by their gcd. Output phase j (time -j/new_phases
-    relative to an input sample) gets taps at input offsets -width .. width+orig_phases-1.
+    The phases are the rates divided by their gcd (44100 -> 48000: 147 -> 160). Output phase j
+    (time -j/new_phases relative to an input sample) gets taps at input offsets -width .. width+orig_phases-1.
     """
+    g = math.gcd(orig_sr, new_sr)
+    orig_phases, new_phases = orig_sr // g, new_sr // g
     cutoff = min(orig_phases, new_phases) * ROLLOFF
     width = math.ceil(LOWPASS_FILTER_WIDTH * orig_phases / cutoff)
     taps = torch.arange(-width, width + orig_phases, dtype=torch.float64) / orig_phases
@@ -50,14 +52,13 @@ def resampled_length(length: int, orig_sr: int, new_sr: int) -> int:
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """Resample [..., N] from `orig_sr` to `new_sr` Hz -> [..., resampled_length(N)]; unchanged if the rates are equal."""
+    """Wave [..., N] at `orig_sr` Hz -> [..., resampled_length(N)] at `new_sr` Hz; returned as is if the rates match."""
     if orig_sr <= 0 or new_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} -> {new_sr}")
     if orig_sr == new_sr:
         return wave
-    g = math.gcd(orig_sr, new_sr)
-    orig_phases, new_phases = orig_sr // g, new_sr // g
-    kernel, width = _sinc_kernel(orig_phases, new_phases)
+    kernel, width = sinc_resample_kernel(orig_sr, new_sr)
+    orig_phases = orig_sr // math.gcd(orig_sr, new_sr)
     leading, length = wave.shape[:-1], wave.shape[-1]
     flat = F.pad(wave.reshape(-1, 1, length), (width, width + orig_phases))
     out = F.conv1d(flat, kernel.to(device=wave.device, dtype=wave.dtype), stride=orig_phases)

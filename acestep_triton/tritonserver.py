@@ -166,7 +166,7 @@ def _bool_flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _process_group_members(pgid: int) -> list[int]:
+def process_group_pids(pgid: int) -> list[int]:
     """Live pids in process group `pgid` (the server and the stubs it spawned)."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -340,10 +340,19 @@ class TritonServer:
         names += re.findall(r"^\|\s*(\S+)\s*\|\s*\S+\s*\|\s*UNAVAILABLE", text, flags=re.MULTILINE)
         return list(dict.fromkeys(names))
 
+    def error_lines(self) -> list[str]:
+        """The log's error-level lines (Triton prefixes them `E<MMDD>`), escaped newlines expanded."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line.replace("\\n", "\n") for line in text.splitlines() if re.match(r"E\d{4} ", line)]
+
     def _failure(self, headline: str) -> str:
         failed = self.failed_models()
         models = f"; models failed to load: {', '.join(failed)}" if failed else ""
-        return f"{headline}{models}\nlog {self.log_path} (tail):\n{self.log_tail()}"
+        errors = "\n".join(self.error_lines())
+        return f"{headline}{models}\nerrors:\n{errors}\nlog {self.log_path} (tail):\n{self.log_tail(15)}"
 
     def stop(self) -> None:
         """SIGTERM the server, SIGKILL its process group after `stop_grace_s`; idempotent."""
@@ -359,9 +368,9 @@ class TritonServer:
                 process.kill()
                 process.wait()
         deadline = time.monotonic() + 5.0
-        while _process_group_members(pgid) and time.monotonic() < deadline:
+        while process_group_pids(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _process_group_members(pgid):
+        if process_group_pids(pgid):
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:

@@ -31,3 +31,33 @@ def golden_ckpt(golden_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def lyric_vocab(golden_dir: Path) -> Path:
     return golden_dir / "lyric_vocab.json"
+
+
+@pytest.fixture(scope="session")
+def triton_server_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Start (once per repository and options) a real tritonserver on free loopback ports.
+
+    `start(model_repository, **options)` returns a started
+    `acestep_triton.tritonserver.TritonServer` (attributes http_url, grpc_url,
+    metrics_url, log_path; options as its constructor's). Every server is stopped
+    at the end of the session.
+    """
+    from acestep_triton.tritonserver import TritonServer
+
+    servers: dict[str, TritonServer] = {}
+
+    def start(model_repository: Path, **options) -> TritonServer:
+        key = repr((str(Path(model_repository).resolve()), sorted(options.items())))
+        if key not in servers:
+            log_path = tmp_path_factory.mktemp("tritonserver") / "server.log"
+            server = TritonServer(model_repository, log_path=log_path, **options)
+            server.start()
+            servers[key] = server
+        server = servers[key]
+        if server.process is None or server.process.poll() is not None:
+            pytest.fail(f"tritonserver for {model_repository} is no longer running:\n{server.log_tail()}")
+        return server
+
+    yield start
+    for server in servers.values():
+        server.stop()

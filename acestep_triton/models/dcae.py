@@ -18,8 +18,6 @@ from diffusers import AutoencoderDC
 from acestep_triton.audio import resample
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
 
-DCAE_FOLDER = "music_dcae_f8c8"
-
 LATENT_SCALE = 0.1786
 LATENT_SHIFT = -1.9091
 MEL_MIN = -11.0

@@ -10,6 +10,7 @@ shapes equal the published checkpoint, including the `weight_g`/`weight_v` pairs
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,8 +18,6 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-
-VOCODER_FOLDER = "music_vocoder"
 
 STEM_KERNEL_SIZE = 7
 CONVNEXT_MLP_RATIO = 4
@@ -282,14 +281,14 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
     def __init__(
         self,
         input_channels: int = 128,
-        depths: list[int] = (3, 3, 9, 3),
-        dims: list[int] = (128, 256, 384, 512),
+        depths: Sequence[int] = (3, 3, 9, 3),
+        dims: Sequence[int] = (128, 256, 384, 512),
         drop_path_rate: float = 0.0,
-        kernel_sizes: list[int] = (7,),
-        upsample_rates: list[int] = (4, 4, 2, 2, 2, 2, 2),
-        upsample_kernel_sizes: list[int] = (8, 8, 4, 4, 4, 4, 4),
-        resblock_kernel_sizes: list[int] = (3, 7, 11, 13),
-        resblock_dilation_sizes: list[list[int]] = ((1, 3, 5), (1, 3, 5), (1, 3, 5), (1, 3, 5)),
+        kernel_sizes: Sequence[int] = (7,),
+        upsample_rates: Sequence[int] = (4, 4, 2, 2, 2, 2, 2),
+        upsample_kernel_sizes: Sequence[int] = (8, 8, 4, 4, 4, 4, 4),
+        resblock_kernel_sizes: Sequence[int] = (3, 7, 11, 13),
+        resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5), (1, 3, 5), (1, 3, 5)),
         num_mels: int = 512,
         upsample_initial_channel: int = 1024,
         use_template: bool = False,
@@ -316,6 +315,11 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
             raise ValueError(f"num_mels: head input {num_mels} != backbone output dims[-1] = {dims[-1]}")
         if input_channels != n_mels:
             raise ValueError(f"input_channels: {input_channels} != n_mels = {n_mels}")
+        if upsample_initial_channel % 2 ** len(upsample_rates) != 0:
+            raise ValueError(
+                f"upsample_initial_channel: {upsample_initial_channel} is halved {len(upsample_rates)} times, "
+                f"so it must be a multiple of {2 ** len(upsample_rates)}"
+            )
         if len(resblock_kernel_sizes) != len(resblock_dilation_sizes):
             raise ValueError("resblock_dilation_sizes: need one dilation list per resblock kernel size")
 

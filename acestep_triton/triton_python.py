@@ -1,0 +1,101 @@
+"""Glue between Triton's python backend and the package, shared by every model.py.
+
+Only importable inside the python backend stub (it imports `triton_python_backend_utils`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from acestep_triton.contract import ENSEMBLE_INPUTS, GenerationParams, ParameterError
+
+log = logging.getLogger("acestep_triton")
+
+
+def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
+    """The string parameters of the model's config.pbtxt."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def input_array(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def input_tensors(request, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Named inputs as CPU torch tensors (zero-copy where the dtype allows)."""
+    out = {}
+    for name in names:
+        array = input_array(request, name)
+        if array is None:
+            raise ParameterError(name, "missing input tensor")
+        out[name] = torch.from_numpy(np.ascontiguousarray(array))
+    return out
+
+
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").numpy()
+    return np.asarray(value)
+
+
+def response(outputs: Mapping[str, object]):
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(name, _as_numpy(value)) for name, value in outputs.items()]
+    )
+
+
+def error_response(exc: BaseException):
+    """Bad input -> INVALID_ARG with its message; anything else -> INTERNAL without internals."""
+    if isinstance(exc, (ParameterError, ValueError)):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+        )
+    log.exception("request failed")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"internal error ({type(exc).__name__}); see the server log")
+    )
+
+
+def _scalar(array: np.ndarray):
+    value = array.reshape(-1)
+    if value.size != 1:
+        raise ValueError(f"expected one value, got shape {list(array.shape)}")
+    item = value[0]
+    if isinstance(item, bytes):
+        return item.decode("utf-8")
+    return item.item()
+
+
+def request_params(request, fields: Iterable[str] | None = None) -> GenerationParams:
+    """GenerationParams from the ensemble inputs present on this request (validated).
+
+    Models that see only some inputs (the diffusion loop gets no prompt) pass `fields`;
+    the others keep their contract defaults.
+    """
+    wanted = set(fields) if fields is not None else None
+    kwargs = {}
+    for spec in ENSEMBLE_INPUTS:
+        if wanted is not None and spec.param not in wanted:
+            continue
+        array = input_array(request, spec.name)
+        if array is None:
+            continue
+        try:
+            if spec.dims == (-1,):
+                kwargs[spec.param] = tuple(int(v) for v in array.reshape(-1))
+            else:
+                value = _scalar(array)
+                kwargs[spec.param] = bool(value) if spec.dtype == "TYPE_BOOL" else value
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ParameterError(spec.param, str(exc)) from None
+    kwargs.setdefault("prompt", "")
+    kwargs.setdefault("lyrics", "")
+    return GenerationParams(**kwargs)

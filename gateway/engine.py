@@ -1,0 +1,240 @@
+"""The generation engine: the gateway's one seam towards whatever makes audio.
+
+`TritonEngine` sends a request to the `acestep` ensemble over gRPC (default) or
+HTTP with tritonclient's asyncio clients, and maps Triton's failures onto the
+gateway's error types. A client is built lazily on the running event loop and
+thrown away whenever Triton could not be reached, so a Triton that was stopped
+and started again is picked up on the next request without restarting the
+gateway.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+import tritonclient.http.aio as httpclient
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+from acestep_triton.contract import (
+    ENSEMBLE_INPUTS,
+    ENSEMBLE_NAME,
+    ENSEMBLE_OUTPUTS,
+    STAGES,
+    GenerationParams,
+    TensorSpec,
+)
+from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
+
+log = logging.getLogger("gateway")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one request produced.
+
+    waveforms: [items, 2, samples] float32 at OUTPUT_SAMPLE_RATE, one item per seed.
+    seeds: the seed each item was drawn with (len == items).
+    duration_s: seconds of audio actually generated (resolves a requested -1).
+    stage_seconds: seconds per pipeline stage, keyed by contract.STAGES.
+    connect_seconds: seconds spent building a Triton client for this request (0 when reused).
+    """
+
+    waveforms: np.ndarray
+    seeds: tuple[int, ...]
+    duration_s: float
+    stage_seconds: dict[str, float]
+    connect_seconds: float
+
+
+class GenerationEngine(abc.ABC):
+    """Turns validated parameters into audio; raises gateway.errors Engine* errors."""
+
+    @abc.abstractmethod
+    async def generate(self, params: GenerationParams) -> GenerationResult:
+        """Generate one item per seed (one item when no seed is given)."""
+
+    @abc.abstractmethod
+    async def ready(self) -> tuple[bool, str]:
+        """(True, "") when a request could be served now, else (False, why)."""
+
+    async def aclose(self) -> None:
+        """Release connections; the engine may be used again afterwards."""
+
+
+def _numpy_dtype(spec: TensorSpec) -> type:
+    return triton_to_np_dtype(_wire_dtype(spec))
+
+
+def _wire_dtype(spec: TensorSpec) -> str:
+    """Config spelling (TYPE_STRING) to wire spelling (BYTES)."""
+    name = spec.dtype.removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
+    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes."""
+    arrays = {}
+    for spec in ENSEMBLE_INPUTS:
+        value = getattr(params, spec.param)
+        values = list(value) if spec.dims == (-1,) else [value]
+        if spec.dtype == "TYPE_STRING":
+            arrays[spec.name] = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+        else:
+            arrays[spec.name] = np.array(values, dtype=_numpy_dtype(spec))
+    return arrays
+
+
+_UNAVAILABLE_GRPC = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.NOT_FOUND",
+    "StatusCode.CANCELLED",
+}
+# Triton's HTTP front end answers 400 for INVALID_ARG (and a few other client-side codes).
+_UNAVAILABLE_HTTP = {"404", "503", "504"}
+
+
+class TritonEngine(GenerationEngine):
+    """The `acestep` ensemble on a Triton server at `url` (host:port)."""
+
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 600.0, probe_timeout_s: float = 2.0) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.url = url
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self._client: grpcclient.InferenceServerClient | httpclient.InferenceServerClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _new_client(self):
+        if self.protocol == "grpc":
+            options = [
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                # Reconnect within a second of Triton coming back, not after gRPC's default 2-minute backoff.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ]
+            return grpcclient.InferenceServerClient(self.url, channel_args=options)
+        return httpclient.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
+
+    def _connected(self) -> tuple[object, float]:
+        """The client for the running loop, and the seconds spent building it (0 when reused)."""
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is loop:
+            return self._client, 0.0
+        start = time.perf_counter()
+        # A client bound to another (finished) loop cannot be closed from here; drop it.
+        self._client, self._loop = self._new_client(), loop
+        return self._client, time.perf_counter() - start
+
+    async def _disconnect(self, client: object) -> None:
+        """Drop `client` (if still current) so the next call connects afresh."""
+        if client is self._client:
+            self._client = self._loop = None
+            try:
+                await client.close()
+            except Exception:  # closing a broken connection may itself fail; it is gone either way
+                log.debug("closing the Triton client failed", exc_info=True)
+
+    async def aclose(self) -> None:
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._disconnect(self._client)
+        self._client = self._loop = None
+
+    async def ready(self) -> tuple[bool, str]:
+        client, _ = self._connected()
+        try:
+            if not await self._probe(client.is_server_live):
+                return False, f"Triton at {self.url} is not live"
+            if not await self._probe(client.is_server_ready):
+                return False, f"Triton at {self.url} is not ready"
+            if not await self._probe(client.is_model_ready, ENSEMBLE_NAME):
+                return False, f"model '{ENSEMBLE_NAME}' on Triton at {self.url} is not ready"
+        except (InferenceServerException, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            await self._disconnect(client)
+            return False, f"Triton at {self.url} is unreachable"
+        return True, ""
+
+    async def _probe(self, method, *args) -> bool:
+        if self.protocol == "grpc":
+            return await method(*args, client_timeout=self.probe_timeout_s)
+        return await asyncio.wait_for(method(*args), self.probe_timeout_s)
+
+    async def generate(self, params: GenerationParams) -> GenerationResult:
+        client, connect_seconds = self._connected()
+        module = grpcclient if self.protocol == "grpc" else httpclient
+        inputs = []
+        for name, array in input_arrays(params).items():
+            tensor = module.InferInput(name, list(array.shape), _wire_dtype(_spec(name)))
+            if self.protocol == "grpc":
+                tensor.set_data_from_numpy(array)
+            else:
+                tensor.set_data_from_numpy(array, binary_data=True)
+            inputs.append(tensor)
+        if self.protocol == "grpc":
+            outputs = [module.InferRequestedOutput(s.name) for s in ENSEMBLE_OUTPUTS]
+        else:
+            outputs = [module.InferRequestedOutput(s.name, binary_data=True) for s in ENSEMBLE_OUTPUTS]
+        try:
+            if self.protocol == "grpc":
+                result = await client.infer(ENSEMBLE_NAME, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            else:
+                result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs, outputs=outputs), self.timeout_s)
+        except InferenceServerException as exc:
+            await self._raise_for(client, exc)
+        except asyncio.TimeoutError:
+            raise EngineUnavailable(f"Triton at {self.url} did not answer within {self.timeout_s:g} s") from None
+        except (aiohttp.ClientError, OSError):
+            await self._disconnect(client)
+            raise EngineUnavailable(f"Triton at {self.url} is unreachable") from None
+        return _parse_result(result, connect_seconds)
+
+    async def _raise_for(self, client: object, exc: InferenceServerException) -> None:
+        status = str(exc.status())
+        if status in ("StatusCode.INVALID_ARGUMENT", "400"):
+            raise EngineRejected(exc.message()) from None
+        if status == "StatusCode.DEADLINE_EXCEEDED":
+            raise EngineUnavailable(f"Triton at {self.url} did not answer within {self.timeout_s:g} s") from None
+        if status in _UNAVAILABLE_GRPC or status in _UNAVAILABLE_HTTP:
+            log.warning("Triton unavailable (%s): %s", status, exc.message())
+            await self._disconnect(client)
+            raise EngineUnavailable(f"Triton at {self.url} is unreachable or '{ENSEMBLE_NAME}' is not loaded") from None
+        raise EngineFailed(f"Triton failed ({status}): {exc.message()}") from exc
+
+
+def _spec(name: str) -> TensorSpec:
+    return next(s for s in ENSEMBLE_INPUTS if s.name == name)
+
+
+def _parse_result(result, connect_seconds: float) -> GenerationResult:
+    """Check the ensemble's outputs against the contract and collect them."""
+    waveforms = result.as_numpy("WAVEFORM")
+    seeds = result.as_numpy("SEEDS")
+    duration = result.as_numpy("DURATION")
+    if waveforms is None or seeds is None or duration is None:
+        raise EngineFailed("Triton's answer lacks WAVEFORM, SEEDS or DURATION")
+    if waveforms.ndim != 3 or waveforms.shape[1] != 2 or waveforms.shape[0] != seeds.shape[0] or waveforms.shape[0] == 0:
+        raise EngineFailed(f"WAVEFORM {waveforms.shape} does not match [items, 2, samples] with {seeds.shape[0]} seeds")
+    stage_seconds = {}
+    for stage in STAGES:
+        seconds = result.as_numpy(f"TIME_{stage.upper()}")
+        if seconds is None:
+            raise EngineFailed(f"Triton's answer lacks TIME_{stage.upper()}")
+        stage_seconds[stage] = float(seconds.reshape(-1)[0])
+    return GenerationResult(
+        waveforms=np.ascontiguousarray(waveforms, dtype=np.float32),
+        seeds=tuple(int(s) for s in seeds.reshape(-1)),
+        duration_s=float(duration.reshape(-1)[0]),
+        stage_seconds=stage_seconds,
+        connect_seconds=connect_seconds,
+    )

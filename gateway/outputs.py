@@ -1,0 +1,100 @@
+"""The outputs directory: file names, atomic writes, sidecars and safe look-ups."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+from acestep_triton.contract import ParameterError
+from gateway.errors import OutputNotFound
+
+# One path segment of plain ASCII (names travel in HTTP headers), never hidden:
+# no separators, no '..', no temp files (which start with '.').
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+AUDIO_SUFFIX = ".wav"
+SIDECAR_SUFFIX = "_input_params.json"
+
+
+def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
+    """A WAV file of 32-bit float samples; waveform [channels, samples]."""
+    if waveform.ndim != 2:
+        raise ValueError(f"waveform must be [channels, samples], got shape {waveform.shape}")
+    buffer = io.BytesIO()
+    soundfile.write(buffer, waveform.T.astype(np.float32), sample_rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+class OutputStore:
+    """Owns the outputs directory; every name is checked before a path is made from it."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+
+    @staticmethod
+    def new_audio_name() -> str:
+        return f"output_{uuid.uuid4().hex}{AUDIO_SUFFIX}"
+
+    def check_audio_name(self, name: str, field: str = "output_path") -> str:
+        """`name` if it can be written as an audio file here, else ParameterError naming `field`."""
+        if not _SAFE_NAME.fullmatch(name):
+            raise ParameterError(
+                field,
+                "must be a plain file name inside the outputs directory "
+                "(letters, digits, '.', '_', '-'; no directories, no leading '.')",
+            )
+        if not name.lower().endswith(AUDIO_SUFFIX):
+            raise ParameterError(field, f"must end with {AUDIO_SUFFIX}")
+        target = self.root / name
+        if target.is_dir() and not target.is_symlink():
+            raise ParameterError(field, f"{name!r} is a directory in the outputs directory")
+        return name
+
+    @staticmethod
+    def item_names(name: str, count: int) -> list[str]:
+        """Names for `count` items: `name` for the first, `<stem>_<i>.wav` for item i >= 1."""
+        stem = name[: -len(AUDIO_SUFFIX)]
+        return [name] + [f"{stem}_{i}{AUDIO_SUFFIX}" for i in range(1, count)]
+
+    @staticmethod
+    def sidecar_name(audio_name: str) -> str:
+        return audio_name[: -len(AUDIO_SUFFIX)] + SIDECAR_SUFFIX
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write `data` to `name` atomically: a temp file in the same directory, then os.replace."""
+        if not _SAFE_NAME.fullmatch(name):
+            raise ValueError(f"unsafe output name {name!r}")
+        target = self.root / name
+        fd, temp_path = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp_path, target)
+        except BaseException:
+            Path(temp_path).unlink(missing_ok=True)
+            raise
+        return target
+
+    def write_json(self, name: str, record: dict[str, Any]) -> Path:
+        text = json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False)
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def lookup(self, name: str) -> Path:
+        """The regular file `name` directly inside the outputs directory (symlinks resolved and confined)."""
+        if not _SAFE_NAME.fullmatch(name):
+            raise ParameterError("filename", "must be a plain file name inside the outputs directory")
+        path = (self.root / name).resolve()
+        if path.parent != self.root or not path.is_file():
+            raise OutputNotFound(f"filename: no file {name!r} in the outputs directory")
+        return path

@@ -1,0 +1,165 @@
+"""The REST contract as pydantic models: what /docs shows and what requests are checked against.
+
+Types are strict (no "60" for an integer, no 1 for a boolean); ranges and
+choices are checked by acestep_triton.contract.validate, the one place that
+knows the limits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from acestep_triton.contract import CFG_TYPES, SCHEDULERS, STAGES, GenerationParams
+
+DEPLOY_FIELDS = ("checkpoint_path", "bf16", "torch_compile", "device_id")
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate (seed README, 'Request Parameters')."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "checkpoint_path": "/workspace/ace-step-api/checkpoints/ACE-Step-v1-3.5B",
+                    "audio_duration": 60.0,
+                    "prompt": "pop, rock, electronic, upbeat, energetic",
+                    "lyrics": "[verse]\nWalking through the city streets at night\nLights are shining bright\n\n"
+                    "[chorus]\nThis is our time to shine\nTogether we'll make it fine",
+                    "infer_step": 60,
+                    "guidance_scale": 15.0,
+                    "scheduler_type": "euler",
+                    "cfg_type": "apg",
+                    "omega_scale": 10.0,
+                    "actual_seeds": [1234567890],
+                    "guidance_interval": 0.5,
+                    "guidance_interval_decay": 0.0,
+                    "min_guidance_scale": 3.0,
+                    "use_erg_tag": True,
+                    "use_erg_lyric": True,
+                    "use_erg_diffusion": True,
+                    "oss_steps": [],
+                }
+            ]
+        },
+    )
+
+    checkpoint_path: str = Field(
+        description="Path to the model checkpoint directory. Must equal the checkpoint this deployment serves; "
+        "any other answers 400 naming the served one (a deployment serves one checkpoint)."
+    )
+    audio_duration: float = Field(description="Duration in seconds, in (0, 240]; -1 picks a random 30-240 s.")
+    prompt: str = Field(description="Music style/genre description (comma-separated tags).")
+    lyrics: str = Field(description="Lyrics with structure tags ([verse], [chorus], ...); may be empty.")
+    infer_step: int = Field(description="Number of diffusion steps (typical 27-100; 60 is common).")
+    guidance_scale: float = Field(description="How strongly to follow prompt and lyrics (typical 10-20, 15.0).")
+    scheduler_type: str = Field(
+        description=f"One of {', '.join(SCHEDULERS)}: euler is fast, heun slower and possibly better, "
+        "pingpong uses an SDE step for consistency."
+    )
+    cfg_type: str = Field(
+        description=f"One of {', '.join(CFG_TYPES)}: apg (adaptive projected guidance with momentum, "
+        "recommended), cfg (classifier-free guidance), cfg_star (CFG variant)."
+    )
+    omega_scale: float = Field(description="Flow-matching granularity parameter (default 10.0).")
+    actual_seeds: list[int] = Field(
+        description="Random seeds in [0, 2**32). One audio item is generated per seed; an empty list draws one "
+        "random seed. The response body is the first item; every item is written to the outputs directory "
+        "(see the X-Output-Files and X-Actual-Seeds headers)."
+    )
+    guidance_interval: float = Field(
+        description="Fraction of steps with active guidance, centred (0.5: middle 50%, 1.0: all steps)."
+    )
+    guidance_interval_decay: float = Field(description="Guidance decay over the interval (0.0 = constant).")
+    min_guidance_scale: float = Field(description="Guidance scale the decay ends at.")
+    use_erg_tag: bool = Field(description="Entropy rectifying guidance on the text (tag) condition.")
+    use_erg_lyric: bool = Field(description="Entropy rectifying guidance on the lyric condition.")
+    use_erg_diffusion: bool = Field(description="Entropy rectifying guidance in the diffusion transformer.")
+    oss_steps: list[int] = Field(
+        description="Optimised step sampling: the 1-based steps to run (empty = all infer_step steps)."
+    )
+    bf16: bool | None = Field(
+        default=None,
+        description="bfloat16 precision. A deploy-time choice: must equal the deployment's precision "
+        "(400 otherwise); omitted means the deployment's (the contract's default true on GPU deployments).",
+    )
+    torch_compile: bool | None = Field(
+        default=None,
+        description="torch.compile. A deploy-time choice: must equal the deployment's (default false).",
+    )
+    device_id: int | None = Field(
+        default=None,
+        description="GPU device id. A deploy-time choice: must equal the deployment's (default 0).",
+    )
+    output_path: str | None = Field(
+        default=None,
+        description="File name for the audio inside the outputs directory, ending in .wav "
+        "(letters, digits, '.', '_', '-'); auto-generated (output_<hex>.wav) when null. "
+        "An existing file of that name is replaced.",
+    )
+    guidance_scale_text: float = Field(default=0.0, description="Separate text guidance (0.0 = disabled).")
+    guidance_scale_lyric: float = Field(default=0.0, description="Separate lyric guidance (0.0 = disabled).")
+
+    def generation_params(self) -> GenerationParams:
+        """The run-time parameters, validated by the contract (raises ParameterError)."""
+        fields = self.model_dump(exclude={*DEPLOY_FIELDS, "output_path"})
+        return GenerationParams(**fields)
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    detail: str = Field(description="What went wrong; names the offending field for 400s.")
+
+
+class HealthBody(BaseModel):
+    status: str = Field(description='"healthy"', examples=["healthy"])
+
+
+class UnhealthyBody(ErrorBody):
+    status: str = Field(description='"unhealthy"', examples=["unhealthy"])
+
+
+def _header(description: str, kind: str = "number") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+GENERATE_HEADERS = {
+    "X-Output-Path": _header("Absolute path of the written WAV (the body's item).", "string"),
+    "X-Generation-Time": _header("Total seconds the gateway spent on the request, end to end."),
+    "X-Init-Time": _header(
+        "Seconds spent getting the pipeline ready for this request: building a Triton client "
+        "(0 when one is reused; the model itself is loaded once when Triton starts)."
+    ),
+    "X-Prep-Time": _header(
+        "Seconds spent preparing parameters: the gateway's validation and tensor building plus "
+        "Triton's preprocess stage (tokenization, seeds)."
+    ),
+    "X-Generation-Time-Detailed": _header(
+        "Seconds of audio generation inside Triton: the sum of the "
+        + ", ".join(s for s in STAGES if s != "preprocess")
+        + " stages."
+    ),
+    "Server-Timing": _header(
+        "The same times per stage in milliseconds (W3C Server-Timing): init, prep, "
+        + ", ".join(STAGES)
+        + ", triton (round trip), write, total.",
+        "string",
+    ),
+    "X-Actual-Seeds": _header("Comma-separated seeds used, one per item, in item order.", "string"),
+    "X-Output-Files": _header(
+        "Comma-separated file names of every item written (each downloadable from /download/{filename}); "
+        "each has a JSON sidecar <stem>_input_params.json with the request, seeds and timings.",
+        "string",
+    ),
+    "X-Audio-Duration": _header("Seconds of audio generated (resolves audio_duration -1)."),
+}
+
+DOWNLOAD_HEADERS = {
+    "X-Download-Time": _header("Seconds spent locating the file."),
+    "X-File-Path": _header("Absolute path of the file served.", "string"),
+}

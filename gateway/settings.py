@@ -1,0 +1,97 @@
+"""Gateway settings, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PROTOCOLS = ("grpc", "http")
+PRECISIONS = ("bf16", "fp32")
+DEFAULT_TRITON_URL = {"grpc": "localhost:8001", "http": "localhost:8000"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """An environment variable is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the gateway talks to and what the deployment behind it serves.
+
+    `checkpoint_path`, `bf16`, `torch_compile` and `device_id` describe the
+    deployment: requests naming other values are refused, never re-routed.
+    """
+
+    checkpoint_path: str
+    triton_url: str = DEFAULT_TRITON_URL["grpc"]
+    triton_protocol: str = "grpc"
+    triton_timeout_s: float = 600.0
+    outputs_dir: Path = Path("outputs")
+    host: str = "0.0.0.0"
+    port: int = 8000
+    bf16: bool = False
+    torch_compile: bool = False
+    device_id: int = 0
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.triton_protocol not in PROTOCOLS:
+            raise SettingsError(f"triton_protocol must be one of {list(PROTOCOLS)}, got {self.triton_protocol!r}")
+        if "://" in self.triton_url:
+            raise SettingsError(f"triton_url is host:port without a scheme, got {self.triton_url!r}")
+        if not self.checkpoint_path:
+            raise SettingsError("checkpoint_path (ACESTEP_CHECKPOINT_PATH) is required")
+        if self.triton_timeout_s <= 0:
+            raise SettingsError("triton_timeout_s must be positive")
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read `ACESTEP_*` variables (see README, 'Gateway settings')."""
+        protocol = environ.get("ACESTEP_TRITON_PROTOCOL", "grpc")
+        if protocol not in PROTOCOLS:
+            raise SettingsError(f"ACESTEP_TRITON_PROTOCOL must be one of {list(PROTOCOLS)}, got {protocol!r}")
+        precision = environ.get("ACESTEP_PRECISION", "fp32")
+        if precision not in PRECISIONS:
+            raise SettingsError(f"ACESTEP_PRECISION must be one of {list(PRECISIONS)}, got {precision!r}")
+        return cls(
+            checkpoint_path=environ.get("ACESTEP_CHECKPOINT_PATH", ""),
+            triton_url=environ.get("ACESTEP_TRITON_URL", DEFAULT_TRITON_URL[protocol]),
+            triton_protocol=protocol,
+            triton_timeout_s=_number(environ, "ACESTEP_TRITON_TIMEOUT_S", 600.0, float),
+            outputs_dir=Path(environ.get("ACESTEP_OUTPUTS_DIR", "outputs")),
+            host=environ.get("ACESTEP_HOST", "0.0.0.0"),
+            port=_number(environ, "ACESTEP_PORT", 8000, int),
+            bf16=precision == "bf16",
+            torch_compile=_flag(environ, "ACESTEP_TORCH_COMPILE", False),
+            device_id=_number(environ, "ACESTEP_DEVICE_ID", 0, int),
+            api_key=environ.get("ACESTEP_API_KEY") or None,
+        )
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be one of {list(_TRUE + _FALSE)}, got {raw!r}")
+
+
+def _number(environ: Mapping[str, str], name: str, default, kind):
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
