@@ -169,8 +169,6 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
     at hand. `projectors.*` (training-only SSL heads) exist only so checkpoints load.
     """
 
-    config_name = "config.json"
-
     @register_to_config
     def __init__(
         self,
@@ -332,7 +330,7 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
                 rotary,
                 encoder_rotary,
                 temb,
-                None,
+                q_scale if index in ERG_DIFFUSION_BLOCKS else None,
             )
         velocity = self.final_layer(hidden_states, embedded_timestep)
         return velocity * frame_mask[:, None, None, :]

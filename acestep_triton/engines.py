@@ -1,0 +1,35 @@
+"""Engines run a component's spec on a batch of named tensors: PyTorch here, ONNX Runtime beside it.
+
+Both take and return {tensor name: torch.Tensor}, so a Triton python model (and the in-process
+pipeline) does not care which one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from acestep_triton.checkpoint import Checkpoint
+from acestep_triton.components import load_component
+from acestep_triton.specs import ComponentSpec, component_spec
+
+
+class TorchEngine:
+    """The component module from acestep_triton.components on a device and dtype."""
+
+    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.spec, self.module, self.device, self.dtype = spec, module, device, dtype
+
+    @classmethod
+    def load(cls, name: str, ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TorchEngine:
+        return cls(component_spec(name, ckpt), load_component(name, ckpt, device, dtype), torch.device(device), dtype)
+
+    @torch.inference_mode()
+    def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = []
+        for t in self.spec.inputs:
+            value = batch[t.name].to(self.device, non_blocking=True)
+            args.append(value.to(self.dtype) if value.is_floating_point() else value)
+        outputs = self.module(*args)
+        return {t.name: out.float() for t, out in zip(self.spec.outputs, outputs)}

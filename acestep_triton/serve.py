@@ -1,0 +1,142 @@
+"""`make serve`: checkpoint -> model repository -> tritonserver -> REST gateway, in the foreground.
+
+    python -m acestep_triton.serve --profile cpu --checkpoint "" --port 8000 --outputs outputs \
+        --triton-http-port 8010 --triton-grpc-port 8011 --triton-metrics-port 8012
+
+An empty --checkpoint serves the tiny random checkpoint (built once into the
+cache, ACESTEP_CACHE or ~/.cache/acestep_triton). The model repository for the
+profile is generated into --repository-dir. Triton listens on loopback; the
+gateway (uvicorn, `gateway.app.create_app`) talks gRPC to it. Ctrl-C or SIGTERM
+stops the gateway, then Triton; if Triton dies, the gateway is stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from acestep_triton.tritonserver import REPO_ROOT, TritonServer, TritonServerError
+
+PROFILES = ("cpu", "gpu", "tensorrt")
+PROFILE_PRECISION = {"cpu": "fp32", "gpu": "bf16", "tensorrt": "bf16"}
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """The checkpoint directory to serve: the given one (validated) or the cached tiny one."""
+    from acestep_triton.checkpoint import validate_checkpoint
+
+    if checkpoint:
+        return validate_checkpoint(checkpoint).root
+    from acestep_triton.tiny import tiny_checkpoint
+
+    return tiny_checkpoint().root
+
+
+def gateway_environment(
+    checkpoint: Path, triton: TritonServer, outputs: Path, host: str, port: int, profile: str
+) -> dict[str, str]:
+    """ACESTEP_* variables for `gateway.settings.Settings.from_env`; the precision follows the profile
+    unless ACESTEP_PRECISION is already set."""
+    env = dict(os.environ)
+    env.setdefault("ACESTEP_PRECISION", PROFILE_PRECISION[profile])
+    env.update(
+        ACESTEP_CHECKPOINT_PATH=str(checkpoint),
+        ACESTEP_TRITON_URL=triton.grpc_url,
+        ACESTEP_TRITON_PROTOCOL="grpc",
+        ACESTEP_OUTPUTS_DIR=str(outputs),
+        ACESTEP_HOST=host,
+        ACESTEP_PORT=str(port),
+    )
+    return env
+
+
+def _stop_gateway_when_triton_exits(triton: TritonServer, gateway, died: threading.Event) -> None:
+    process = triton.process
+    while process is not None and not gateway.should_exit:
+        try:
+            process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            continue
+        if not gateway.should_exit:
+            died.set()
+            gateway.should_exit = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the REST API backed by a real tritonserver until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m acestep_triton.serve", description=main.__doc__)
+    parser.add_argument("--profile", choices=PROFILES, default="cpu")
+    parser.add_argument("--checkpoint", default="", help="checkpoint directory; empty: the tiny random checkpoint")
+    parser.add_argument("--host", default="0.0.0.0", help="gateway bind address")
+    parser.add_argument("--port", type=int, default=8000, help="gateway port")
+    parser.add_argument("--outputs", type=Path, default=Path("outputs"))
+    parser.add_argument("--repository-dir", type=Path, default=None,
+                        help="where the model repository is generated (default: build/model_repository/<profile>)")
+    parser.add_argument("--triton-http-port", type=int, default=8010)
+    parser.add_argument("--triton-grpc-port", type=int, default=8011)
+    parser.add_argument("--triton-metrics-port", type=int, default=8012)
+    parser.add_argument("--triton-log", type=Path, default=None, help="tritonserver log file (default: a temp file)")
+    parser.add_argument("--triton-log-verbose", type=int, default=0)
+    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for Triton to load all models")
+    args = parser.parse_args(argv)
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    print(f"checkpoint: {checkpoint}", flush=True)
+
+    from export.build_repository import build_repository
+
+    repository_dir = args.repository_dir or REPO_ROOT / "build" / "model_repository" / args.profile
+    repository = build_repository(args.profile, checkpoint, repository_dir)
+    print(f"model repository ({args.profile}): {repository}", flush=True)
+
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import Settings
+
+    triton = TritonServer(
+        repository,
+        http_port=args.triton_http_port,
+        grpc_port=args.triton_grpc_port,
+        metrics_port=args.triton_metrics_port,
+        log_path=args.triton_log,
+        log_verbose=args.triton_log_verbose,
+        startup_timeout_s=args.startup_timeout,
+    )
+    triton_died = threading.Event()
+    try:
+        print(f"starting tritonserver (log: {triton.log_path}) ...", flush=True)
+        triton.start()
+        print(f"tritonserver ready: http {triton.http_url}, grpc {triton.grpc_url}, metrics {triton.metrics_url}")
+        settings = Settings.from_env(
+            gateway_environment(checkpoint, triton, args.outputs, args.host, args.port, args.profile)
+        )
+        gateway = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port))
+        threading.Thread(
+            target=_stop_gateway_when_triton_exits, args=(triton, gateway, triton_died), daemon=True
+        ).start()
+        shown_host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+        print(f"ACE-Step API: http://{shown_host}:{args.port} (POST /generate, docs at /docs)", flush=True)
+        gateway.run()
+    except TritonServerError as error:
+        print(error, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        triton.stop()
+    if triton_died.is_set():
+        print(f"tritonserver exited unexpectedly:\n{triton.log_tail()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
