@@ -1,4 +1,4 @@
-"""Request -> the token rows every guidance branch is encoded from (torch-free: runs in `preprocess`).
+"""Request -> the token rows every guidance branch is encoded from (the `preprocess` stage).
 
 Upstream encodes up to three condition branches with different inputs:
   cond      text states,                          lyric ids,          no ERG
@@ -14,13 +14,13 @@ switches instead of hooks.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from acestep_triton.contract import GenerationParams
+from acestep_triton.sampling.seeds import latent_frames, resolve_duration, resolve_seeds
 from acestep_triton.specs import ERG_Q_SCALE
 
 BRANCHES = ("cond", "null", "no_lyric")
@@ -44,12 +44,12 @@ class PreparedRequest:
     lyric_ids: np.ndarray  # [K, Ll] int64
     lyric_mask: np.ndarray  # [K, Ll] int64
     lyric_q_scale: np.ndarray  # [K, 1] float32: ERG-lyric
-    seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # one per batch item
+    duration: float  # seconds actually generated (-1 resolved from the first seed)
 
-
-def resolve_seeds(params: GenerationParams) -> tuple[int, ...]:
-    """One batch item per given seed; without seeds one item with a fresh random seed (reported back)."""
-    return params.actual_seeds or (secrets.randbelow(2**32),)
+    @property
+    def frames(self) -> int:
+        return latent_frames(self.duration)
 
 
 def prepare_request(
@@ -58,6 +58,7 @@ def prepare_request(
     tokenize_lyrics: Callable[[str], Sequence[int]],
 ) -> PreparedRequest:
     """Tokenize once and lay out one row per guidance branch."""
+    seeds = resolve_seeds(params.actual_seeds)
     text_ids, text_mask = tokenize_text(params.prompt)
     if params.lyrics:
         lyric_ids = list(tokenize_lyrics(params.lyrics))
@@ -92,5 +93,6 @@ def prepare_request(
         lyric_ids=np.asarray([rows[b][2] for b in branches], dtype=np.int64),
         lyric_mask=np.tile(np.asarray(lyric_mask, dtype=np.int64), (k, 1)),
         lyric_q_scale=column([rows[b][3] for b in branches]),
-        seeds=resolve_seeds(params),
+        seeds=seeds,
+        duration=resolve_duration(params.audio_duration, seeds[0]),
     )

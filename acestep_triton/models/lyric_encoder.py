@@ -124,7 +124,9 @@ class ConformerLayer(nn.Module):
 class LyricConformerEncoder(nn.Module):
     """Lyric token embeddings [B, L, input_dim] -> contextual states [B, L, output_dim]."""
 
-    def __init__(self, input_dim: int, output_dim: int, attention_heads: int, linear_units: int, num_blocks: int) -> None:
+    def __init__(
+        self, input_dim: int, output_dim: int, attention_heads: int, linear_units: int, num_blocks: int
+    ) -> None:
         super().__init__()
         self.embed = LyricInputEmbedding(input_dim, output_dim)
         self.after_norm = nn.LayerNorm(output_dim, eps=LAYER_NORM_EPS)
@@ -132,7 +134,9 @@ class LyricConformerEncoder(nn.Module):
             ConformerLayer(output_dim, attention_heads, linear_units) for _ in range(num_blocks)
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, layer_q_scales: Sequence[float] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, layer_q_scales: Sequence[float] | None = None
+    ) -> torch.Tensor:
         """x [B, L, input_dim], mask [B, L] (nonzero = valid token) -> [B, L, output_dim].
 
         `layer_q_scales` gives one query factor per layer (None: all 1.0). Outputs at padded

@@ -164,9 +164,10 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
 
     Config keys are those of the published config.json (defaults: the full-size model). The lyric
     Conformer sizes are not in that file (upstream hard-codes them); the published tiny test
-    checkpoint gives them under `_tiny_lyric_encoder`, honoured here. `max_position`, `max_width`
-    and `ssl_names` are accepted for loading and not used: rotary tables are built for the lengths
-    at hand. `projectors.*` (training-only SSL heads) exist only so checkpoints load.
+    checkpoint gives them under `_tiny_lyric_encoder`, honoured here. `max_position`, `max_width`,
+    `ssl_names` and `ssl_encoder_depths` are accepted for loading and not used (rotary tables are
+    built for the lengths at hand); `projectors.*` (training-only SSL heads) exist only so
+    checkpoints load.
     """
 
     @register_to_config
@@ -305,7 +306,9 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
         if tuple(latents.shape[1:3]) != expected:
             raise ValueError(f"latents: expected shape [B, {expected[0]}, {expected[1]}, T], got {list(latents.shape)}")
         if q_scale is not None and len(self.transformer_blocks) < ERG_DIFFUSION_BLOCKS.stop:
-            raise ValueError(f"q_scale: ERG needs {ERG_DIFFUSION_BLOCKS.stop} blocks, model has {len(self.transformer_blocks)}")
+            raise ValueError(
+                f"q_scale: ERG needs {ERG_DIFFUSION_BLOCKS.stop} blocks, model has {len(self.transformer_blocks)}"
+            )
         dtype = latents.dtype
         frame_mask = attention_mask.to(dtype)
 
