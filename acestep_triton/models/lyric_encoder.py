@@ -66,14 +66,18 @@ class RelPositionSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, q_scale: float) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, q_scale: float | torch.Tensor
+    ) -> torch.Tensor:
         """x [B, L, C], key_mask [B, L] bool (True = valid), positions [1, 2L-1, C] -> [B, L, C].
 
-        `q_scale` multiplies the query projection output (ERG-lyric uses 0.01).
+        `q_scale` (a float, or [B] per row) multiplies the query projection output (ERG-lyric uses 0.01).
         """
         batch, length, _ = x.shape
         query = self.linear_q(x)
-        if q_scale != 1.0:
+        if isinstance(q_scale, torch.Tensor):
+            query = query * q_scale.to(query.dtype).reshape(-1, 1, 1)
+        elif q_scale != 1.0:
             query = query * q_scale
         query = query.unflatten(-1, (self.heads, self.head_dim))  # [B, L, H, D]
         key = self.linear_k(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
@@ -116,7 +120,9 @@ class ConformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.norm_mha = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, q_scale: float) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, q_scale: float | torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.norm_mha(x), key_mask, positions, q_scale)
         return x + self.feed_forward(self.norm_ff(x))
 
@@ -135,7 +141,7 @@ class LyricConformerEncoder(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, layer_q_scales: Sequence[float] | None = None
+        self, x: torch.Tensor, mask: torch.Tensor, layer_q_scales: Sequence[float | torch.Tensor] | None = None
     ) -> torch.Tensor:
         """x [B, L, input_dim], mask [B, L] (nonzero = valid token) -> [B, L, output_dim].
 

@@ -265,12 +265,12 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
         speaker_embeds: torch.Tensor,
         lyric_ids: torch.Tensor,
         lyric_mask: torch.Tensor,
-        lyric_q_scale: float = 1.0,
+        lyric_q_scale: float | torch.Tensor = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition tokens: [speaker | text | lyrics].
 
         text_states [B, Lt, text_embedding_dim], text_mask [B, Lt], speaker_embeds [B, 512],
-        lyric_ids [B, Ll] int64, lyric_mask [B, Ll]; `lyric_q_scale` scales the Conformer query
+        lyric_ids [B, Ll] int64, lyric_mask [B, Ll]; `lyric_q_scale` (float or [B] per row) scales the Conformer query
         projections of `ERG_LYRIC_LAYERS` (ERG-lyric: `ERG_Q_SCALE`).
         Returns encoder_states [B, 1+Lt+Ll, inner_dim] and encoder_mask [B, 1+Lt+Ll] float32.
         """
