@@ -27,9 +27,12 @@ class TextEncoderComponent(nn.Module):
     def __init__(self, text_encoder: TextEncoder) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        # registered so .to(device, dtype) moves the weights and the ERG view's scale buffers
+        self.umt5 = text_encoder.model
+        self.umt5_erg = text_encoder.erg_model
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, text_q_scale: torch.Tensor):
-        return (self.text_encoder.encode(text_ids, text_mask, q_scale=text_q_scale[:, 0]),)
+        return (self.text_encoder.encode_rows(text_ids, text_mask, text_q_scale[:, 0]),)
 
 
 class ConditionEncoderComponent(nn.Module):

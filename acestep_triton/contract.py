@@ -157,11 +157,18 @@ ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = (
 
 # WAVEFORM holds one 48 kHz stereo item per seed (one item when no seed is given),
 # SEEDS the seed each item was drawn with, DURATION the seconds actually generated.
+# TIME_<STAGE> is one row per row of that stage's batch, all equal (engines that cannot
+# time themselves, TensorRT plans, leave theirs out).
 # Stage names, in pipeline order; each stage reports its seconds as TIME_<STAGE>.
 STAGES = ("preprocess", "text_encoder", "condition_encoder", "diffusion", "dcae_decoder", "vocoder")
+
+
+def stage_time_name(stage: str) -> str:
+    return f"TIME_{stage.upper()}"
+
 
 ENSEMBLE_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("WAVEFORM", "TYPE_FP32", (-1, 2, -1)),
     TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
     TensorSpec("DURATION", "TYPE_FP32", (1,)),
-) + tuple(TensorSpec(f"TIME_{s.upper()}", "TYPE_FP32", (1,)) for s in STAGES)
+) + tuple(TensorSpec(stage_time_name(s), "TYPE_FP32", (-1, 1)) for s in STAGES)

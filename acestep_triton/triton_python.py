@@ -99,3 +99,56 @@ def request_params(request, fields: Iterable[str] | None = None) -> GenerationPa
     kwargs.setdefault("prompt", "")
     kwargs.setdefault("lyrics", "")
     return GenerationParams(**kwargs)
+
+
+def _engine(name: str, params: Mapping[str, str]):
+    """The engine a component model's config parameters ask for."""
+    from acestep_triton.checkpoint import validate_checkpoint
+    from acestep_triton.specs import component_spec
+
+    ckpt = validate_checkpoint(params["CHECKPOINT"])
+    if params.get("ENGINE", "pytorch") == "onnx":
+        from acestep_triton.onnx_engine import OnnxEngine
+
+        return OnnxEngine.load(params["ONNX_PATH"], component_spec(name, ckpt), device=params.get("DEVICE", "cpu"))
+    from acestep_triton.engines import TorchEngine
+
+    dtype = getattr(torch, params.get("DTYPE", "float32"))
+    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype)
+
+
+class ComponentModel:
+    """A neural component under dynamic batching: the requests of one execute() run as one batch.
+
+    Subclasses name the component; everything else comes from the config parameters
+    (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH).
+    """
+
+    component = ""
+
+    def initialize(self, args: Mapping[str, str]) -> None:
+        from acestep_triton.contract import stage_time_name
+
+        self.engine = _engine(self.component, model_parameters(args))
+        self.spec = self.engine.spec
+        self.time_name = stage_time_name(self.component)
+
+    def execute(self, requests):
+        import time
+
+        from acestep_triton.batching import collate, split
+
+        try:
+            inputs = [input_tensors(r, [t.name for t in self.spec.inputs]) for r in requests]
+            start = time.perf_counter()
+            outputs = self.engine.run(collate(self.spec, inputs))
+            parts = split(self.spec, inputs, outputs)
+            elapsed = np.float32(time.perf_counter() - start)
+        except Exception as exc:  # one failed batch fails each of its requests, the server stays up
+            return [error_response(exc) for _ in requests]
+        responses = []
+        for part in parts:
+            rows = next(iter(part.values())).shape[0]
+            part[self.time_name] = np.full((rows, 1), elapsed, dtype=np.float32)
+            responses.append(response(part))
+        return responses

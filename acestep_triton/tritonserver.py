@@ -15,6 +15,7 @@ import torch and `acestep_triton`.
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import os
 import re
 import shutil
@@ -145,6 +146,11 @@ def server_environment(
     python_lib = _python_library_dir()
     if python_lib is not None:
         lib_dirs.insert(0, python_lib)
+    elif ctypes.util.find_library(f"python{PYTHON_VERSION}") is None:
+        raise TritonServerError(
+            f"the python backend stub needs libpython{PYTHON_VERSION}.so.1.0: install it "
+            f"(Debian: libpython{PYTHON_VERSION}) or use a Python built with --enable-shared"
+        )
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         [str(p) for p in lib_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     )

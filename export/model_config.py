@@ -79,7 +79,7 @@ class ModelSpec:
         if unknown:
             raise ValueError(f"{self.name}: ragged_inputs names unknown inputs {sorted(unknown)}")
         if (self.platform == ENSEMBLE_PLATFORM) != bool(self.ensemble_steps):
-            raise ValueError(f"{self.name}: ensemble_steps go with platform '{ENSEMBLE_PLATFORM}' only, and it needs them")
+            raise ValueError(f"{self.name}: platform '{ENSEMBLE_PLATFORM}' and ensemble_steps go together")
         if self.instance_group is not None and self.instance_group.kind not in INSTANCE_KINDS:
             raise ValueError(f"{self.name}: instance_group.kind must be one of {INSTANCE_KINDS}")
         for name in ("inputs", "outputs"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import time
 from contextlib import asynccontextmanager
@@ -56,7 +57,7 @@ def check_deployment(request: GenerateRequest, settings: Settings) -> None:
     ):
         value = getattr(request, field)
         if value is not None and value != served_value:
-            raise ParameterError(field, f"this deployment serves {field}={served_value}, got {value}")
+            raise ParameterError(field, f"this deployment serves {field}={json.dumps(served_value)}, got {json.dumps(value)}")
 
 
 def _timings(result: GenerationResult, gateway_prep_s: float, triton_s: float, write_s: float, total_s: float):

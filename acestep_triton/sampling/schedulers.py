@@ -173,8 +173,10 @@ class PingPongScheduler:
         sample = sample.float()
         denoised = sample - sigma * velocity
         noise = torch.empty(sample.shape, dtype=sample.dtype).normal_(generator=self.generator)
+        if sample.is_cuda:  # pinned memory lets the copy overlap instead of waiting for the device
+            noise = noise.pin_memory().to(sample.device, non_blocking=True)
         self.index += 1
-        return ((1 - sigma_next) * denoised + sigma_next * noise.to(sample.device)).to(velocity.dtype)
+        return ((1 - sigma_next) * denoised + sigma_next * noise).to(velocity.dtype)
 
 
 FlowMatchScheduler = EulerScheduler | HeunScheduler | PingPongScheduler

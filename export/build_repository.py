@@ -1,0 +1,184 @@
+"""Generate a Triton model repository for a profile: every config.pbtxt from Python, model.py copied.
+
+    python -m export.build_repository --profile cpu|gpu|onnx --checkpoint DIR --out DIR
+
+Profiles (where each component runs; the ensemble wiring is the same for all):
+  cpu   python backend, PyTorch float32 on the CPU (the embedded default and CI)
+  gpu   python backend, PyTorch bfloat16 on CUDA
+  onnx  python backend running the exported ONNX graphs with ONNX Runtime
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
+from acestep_triton.contract import ENSEMBLE_INPUTS, ENSEMBLE_NAME, ENSEMBLE_OUTPUTS, TensorSpec, stage_time_name
+from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT, ComponentSpec, component_spec
+from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
+
+MODEL_SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
+NEURAL = ("text_encoder", "condition_encoder", "dcae_decoder", "vocoder", "dit_step")
+DIFFUSION_PARAMS = (
+    "infer_step", "guidance_scale", "scheduler_type", "cfg_type", "omega_scale", "guidance_interval",
+    "guidance_interval_decay", "min_guidance_scale", "use_erg_diffusion", "oss_steps",
+    "guidance_scale_text", "guidance_scale_lyric",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    engine: str  # "pytorch" | "onnx"
+    device: str
+    dtype: str
+    instance_kind: str
+    dit_queue_delay_us: int
+
+
+PROFILES = {
+    "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000),
+    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000),
+    "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000),
+}
+
+
+def _time(stage: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
+    return TensorSpec(stage_time_name(stage), "TYPE_FP32", dims)
+
+
+def _ensemble_input(name: str) -> TensorSpec:
+    return next(t for t in ENSEMBLE_INPUTS if t.name == name)
+
+
+def _unbatched(spec: TensorSpec) -> TensorSpec:
+    """A batched tensor as seen by a model without a batch axis."""
+    return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
+
+
+def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path) -> ModelSpec:
+    text = component_spec("text_encoder", ckpt)
+    cond = component_spec("condition_encoder", ckpt)
+    branch_rows = [text.input("TEXT_IDS"), text.input("TEXT_MASK"), text.input("TEXT_Q_SCALE"),
+                   cond.input("TEXT_SCALE"), cond.input("LYRIC_IDS"), cond.input("LYRIC_MASK"),
+                   cond.input("LYRIC_Q_SCALE")]
+    return ModelSpec(
+        name="preprocess",
+        backend="python",
+        inputs=ENSEMBLE_INPUTS,
+        outputs=(*map(_unbatched, branch_rows),
+                 TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
+                 TensorSpec("DURATION", "TYPE_FP32", (1,)),
+                 _time("preprocess", (1, 1))),
+        instance_group=InstanceGroup("KIND_CPU", 1),
+        parameters={"CHECKPOINT": str(ckpt.root), "LYRIC_VOCAB": str(lyric_vocab)},
+    )
+
+
+def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onnx_dir: Path | None) -> ModelSpec:
+    """A neural component behind the python backend; dynamic batching, ragged inputs padded."""
+    parameters = {"CHECKPOINT": str(ckpt.root), "DEVICE": profile.device, "DTYPE": profile.dtype,
+                  "ENGINE": profile.engine}
+    if onnx_dir is not None:
+        parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
+    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else 1000
+    return ModelSpec(
+        name=spec.name,
+        backend="python",
+        inputs=spec.inputs,
+        outputs=(*spec.outputs, _time(spec.name)),
+        max_batch_size=spec.max_batch_size,
+        dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
+        ragged_inputs=frozenset(spec.ragged_inputs),
+        instance_group=InstanceGroup(profile.instance_kind, 1),
+        parameters=parameters,
+    )
+
+
+def diffusion_model(ckpt: Checkpoint) -> ModelSpec:
+    """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched."""
+    cond = component_spec("condition_encoder", ckpt)
+    params = tuple(t for t in ENSEMBLE_INPUTS if t.param in DIFFUSION_PARAMS)
+    return ModelSpec(
+        name="diffusion",
+        backend="python",
+        inputs=(*map(_unbatched, cond.outputs), TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
+                TensorSpec("DURATION", "TYPE_FP32", (1,)), *params),
+        outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, LATENT_CHANNELS, LATENT_HEIGHT, -1)),
+                 _time("diffusion", (1, 1))),
+        instance_group=InstanceGroup("KIND_CPU", 1),
+        parameters={"DIT_MODEL": "dit_step"},
+    )
+
+
+def _identity(tensors) -> dict[str, str]:
+    return {t.name: t.name for t in tensors}
+
+
+def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
+    """preprocess -> text_encoder -> condition_encoder -> diffusion -> dcae_decoder -> vocoder.
+
+    Tensor names are shared end to end, so every map is the identity.
+    """
+    order = ("preprocess", "text_encoder", "condition_encoder", "diffusion", "dcae_decoder", "vocoder")
+    steps = tuple(
+        EnsembleStep(name, _identity(models[name].inputs), _identity(models[name].outputs)) for name in order
+    )
+    produced = {t.name for name in order for t in models[name].outputs}
+    return ModelSpec(
+        name=ENSEMBLE_NAME,
+        platform="ensemble",
+        inputs=ENSEMBLE_INPUTS,
+        outputs=tuple(t for t in ENSEMBLE_OUTPUTS if t.name in produced),
+        ensemble_steps=steps,
+    )
+
+
+def build_repository(
+    profile: str,
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    lyric_vocab: str | os.PathLike | None = None,
+    onnx_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write the whole repository for `profile` into `out_dir` and return it."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    ckpt = validate_checkpoint(checkpoint)
+    vocab = find_lyric_vocab(ckpt, lyric_vocab)
+    chosen = PROFILES[profile]
+    out = Path(out_dir).resolve()
+    onnx_path = None
+    if chosen.engine == "onnx":
+        from export.onnx_export import export_component
+
+        onnx_path = Path(onnx_dir) if onnx_dir else out / "onnx"
+        for name in NEURAL:
+            export_component(name, ckpt, onnx_path)
+
+    models = {"preprocess": preprocess_model(ckpt, vocab), "diffusion": diffusion_model(ckpt)}
+    for name in NEURAL:
+        models[name] = component_model(component_spec(name, ckpt), ckpt, chosen, onnx_path)
+    models[ENSEMBLE_NAME] = ensemble_model(models)
+    for name, spec in models.items():
+        source = MODEL_SOURCES / name / "1" / "model.py"
+        write_model(spec, out, source if spec.backend == "python" else None)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (published layout)")
+    parser.add_argument("--out", required=True, help="model repository to write")
+    parser.add_argument("--lyric-vocab", help="lyric vocabulary (default: <checkpoint>/lyric_vocab.json)")
+    parser.add_argument("--onnx-dir", help="ONNX graphs for the onnx profile (default: <out>/onnx)")
+    args = parser.parse_args(argv)
+    out = build_repository(args.profile, args.checkpoint, args.out, args.lyric_vocab, args.onnx_dir)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

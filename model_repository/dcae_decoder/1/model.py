@@ -1,0 +1,7 @@
+"""Triton python model `dcae_decoder`: the component spec in acestep_triton.specs, run by acestep_triton.triton_python."""
+
+from acestep_triton.triton_python import ComponentModel
+
+
+class TritonPythonModel(ComponentModel):
+    component = "dcae_decoder"

@@ -1,0 +1,7 @@
+"""Triton python model `dit_step`: the component spec in acestep_triton.specs, run by acestep_triton.triton_python."""
+
+from acestep_triton.triton_python import ComponentModel
+
+
+class TritonPythonModel(ComponentModel):
+    component = "dit_step"

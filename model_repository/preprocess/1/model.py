@@ -1,0 +1,48 @@
+"""Triton python model `preprocess`: validate the request, tokenize, lay out one row per guidance branch.
+
+Inputs: the `acestep` ensemble inputs (acestep_triton.contract.ENSEMBLE_INPUTS).
+Outputs: TEXT_IDS/TEXT_MASK [K, Lt], TEXT_Q_SCALE/TEXT_SCALE/LYRIC_Q_SCALE [K, 1],
+LYRIC_IDS/LYRIC_MASK [K, Ll] (K guidance branches), SEEDS [B], DURATION [1], TIME_PREPROCESS [1, 1].
+"""
+
+import time
+
+import numpy as np
+
+from acestep_triton.checkpoint import validate_checkpoint
+from acestep_triton.lyrics import LyricTokenizer
+from acestep_triton.preprocess import prepare_request
+from acestep_triton.text_tokenizer import TextTokenizer
+from acestep_triton.triton_python import error_response, model_parameters, request_params, response
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        ckpt = validate_checkpoint(params["CHECKPOINT"])
+        self.text_tokenizer = TextTokenizer.from_pretrained(ckpt.text_encoder)
+        self.lyric_tokenizer = LyricTokenizer.from_file(params["LYRIC_VOCAB"])
+
+    def execute(self, requests):
+        return [self._one(request) for request in requests]
+
+    def _one(self, request):
+        start = time.perf_counter()
+        try:
+            prepared = prepare_request(
+                request_params(request), self.text_tokenizer.tokenize_one, self.lyric_tokenizer.tokenize
+            )
+        except Exception as exc:
+            return error_response(exc)
+        return response({
+            "TEXT_IDS": prepared.text_ids,
+            "TEXT_MASK": prepared.text_mask,
+            "TEXT_Q_SCALE": prepared.text_q_scale,
+            "TEXT_SCALE": prepared.text_scale,
+            "LYRIC_IDS": prepared.lyric_ids,
+            "LYRIC_MASK": prepared.lyric_mask,
+            "LYRIC_Q_SCALE": prepared.lyric_q_scale,
+            "SEEDS": np.asarray(prepared.seeds, dtype=np.int64),
+            "DURATION": np.asarray([prepared.duration], dtype=np.float32),
+            "TIME_PREPROCESS": np.asarray([[time.perf_counter() - start]], dtype=np.float32),
+        })
