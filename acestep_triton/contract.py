@@ -119,6 +119,8 @@ def validate(p: GenerationParams) -> None:
             raise ParameterError("oss_steps", f"steps must be <= {MAX_INFER_STEP}")
         if len(set(p.oss_steps)) != len(p.oss_steps):
             raise ParameterError("oss_steps", "steps must be distinct")
+        if p.scheduler_type == "heun":
+            raise ParameterError("oss_steps", "not supported with scheduler_type 'heun' (as upstream)")
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,6 @@ from pathlib import Path
 
 from acestep_triton.tritonserver import REPO_ROOT, TritonServer, TritonServerError
 
-PROFILES = ("cpu", "gpu", "tensorrt")
-PROFILE_PRECISION = {"cpu": "fp32", "gpu": "bf16", "tensorrt": "bf16"}
-
 
 def resolve_checkpoint(checkpoint: str) -> Path:
     """The checkpoint directory to serve: the given one (validated) or the cached tiny one."""
@@ -39,12 +36,12 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 
 
 def gateway_environment(
-    checkpoint: Path, triton: TritonServer, outputs: Path, host: str, port: int, profile: str
+    checkpoint: Path, triton: TritonServer, outputs: Path, host: str, port: int, precision: str
 ) -> dict[str, str]:
-    """ACESTEP_* variables for `gateway.settings.Settings.from_env`; the precision follows the profile
+    """ACESTEP_* variables for `gateway.settings.Settings.from_env`; the profile's precision
     unless ACESTEP_PRECISION is already set."""
     env = dict(os.environ)
-    env.setdefault("ACESTEP_PRECISION", PROFILE_PRECISION[profile])
+    env.setdefault("ACESTEP_PRECISION", precision)
     env.update(
         ACESTEP_CHECKPOINT_PATH=str(checkpoint),
         ACESTEP_TRITON_URL=triton.grpc_url,
@@ -71,7 +68,7 @@ def _stop_gateway_when_triton_exits(triton: TritonServer, gateway, died: threadi
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve the REST API backed by a real tritonserver until interrupted."""
     parser = argparse.ArgumentParser(prog="python -m acestep_triton.serve", description=main.__doc__)
-    parser.add_argument("--profile", choices=PROFILES, default="cpu")
+    parser.add_argument("--profile", default="cpu", help="export.build_repository profile: cpu, gpu, onnx")
     parser.add_argument("--checkpoint", default="", help="checkpoint directory; empty: the tiny random checkpoint")
     parser.add_argument("--host", default="0.0.0.0", help="gateway bind address")
     parser.add_argument("--port", type=int, default=8000, help="gateway port")
@@ -90,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {checkpoint}", flush=True)
 
-    from export.build_repository import build_repository
+    from export.build_repository import PROFILES, build_repository
 
+    if args.profile not in PROFILES:
+        parser.error(f"--profile must be one of {sorted(PROFILES)}, got {args.profile!r}")
+    precision = "bf16" if PROFILES[args.profile].dtype == "bfloat16" else "fp32"
     repository_dir = args.repository_dir or REPO_ROOT / "build" / "model_repository" / args.profile
     repository = build_repository(args.profile, checkpoint, repository_dir)
     print(f"model repository ({args.profile}): {repository}", flush=True)
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         triton.start()
         print(f"tritonserver ready: http {triton.http_url}, grpc {triton.grpc_url}, metrics {triton.metrics_url}")
         settings = Settings.from_env(
-            gateway_environment(checkpoint, triton, args.outputs, args.host, args.port, args.profile)
+            gateway_environment(checkpoint, triton, args.outputs, args.host, args.port, precision)
         )
         gateway = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port))
         threading.Thread(

@@ -69,12 +69,8 @@ class GenerationEngine(abc.ABC):
         """Release connections; the engine may be used again afterwards."""
 
 
-def _numpy_dtype(spec: TensorSpec) -> type:
-    return triton_to_np_dtype(_wire_dtype(spec))
-
-
-def _wire_dtype(spec: TensorSpec) -> str:
-    """Config spelling (TYPE_STRING) to wire spelling (BYTES)."""
+def wire_dtype(spec: TensorSpec) -> str:
+    """Config spelling (TYPE_STRING, TYPE_FP32) to wire spelling (BYTES, FP32)."""
     name = spec.dtype.removeprefix("TYPE_")
     return "BYTES" if name == "STRING" else name
 
@@ -88,7 +84,7 @@ def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
         if spec.dtype == "TYPE_STRING":
             arrays[spec.name] = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
         else:
-            arrays[spec.name] = np.array(values, dtype=_numpy_dtype(spec))
+            arrays[spec.name] = np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
     return arrays
 
 
@@ -98,12 +94,16 @@ _UNAVAILABLE_GRPC = {
     "StatusCode.NOT_FOUND",
     "StatusCode.CANCELLED",
 }
-# Triton's HTTP front end answers 400 for INVALID_ARG (and a few other client-side codes).
-_UNAVAILABLE_HTTP = {"404", "503", "504"}
+# Triton's HTTP front end answers 404 for NOT_FOUND and 503 for UNAVAILABLE, but folds UNKNOWN and
+# CANCELLED into 400 along with INVALID_ARG; gRPC (the default protocol) keeps them apart.
+_UNAVAILABLE_HTTP = {"404", "503"}
+
+
+TritonClient = grpcclient.InferenceServerClient | httpclient.InferenceServerClient
 
 
 class TritonEngine(GenerationEngine):
-    """The `acestep` ensemble on a Triton server at `url` (host:port)."""
+    """The `acestep` ensemble on a Triton server at `url` (host:port), over "grpc" or "http"."""
 
     def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 600.0, probe_timeout_s: float = 2.0) -> None:
         if protocol not in ("grpc", "http"):
@@ -112,10 +112,10 @@ class TritonEngine(GenerationEngine):
         self.protocol = protocol
         self.timeout_s = timeout_s
         self.probe_timeout_s = probe_timeout_s
-        self._client: grpcclient.InferenceServerClient | httpclient.InferenceServerClient | None = None
+        self._client: TritonClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _new_client(self):
+    def _new_client(self) -> TritonClient:
         if self.protocol == "grpc":
             options = [
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
@@ -127,7 +127,7 @@ class TritonEngine(GenerationEngine):
             return grpcclient.InferenceServerClient(self.url, channel_args=options)
         return httpclient.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
 
-    def _connected(self) -> tuple[object, float]:
+    def _connected(self) -> tuple[TritonClient, float]:
         """The client for the running loop, and the seconds spent building it (0 when reused)."""
         loop = asyncio.get_running_loop()
         if self._client is not None and self._loop is loop:
@@ -137,13 +137,13 @@ class TritonEngine(GenerationEngine):
         self._client, self._loop = self._new_client(), loop
         return self._client, time.perf_counter() - start
 
-    async def _disconnect(self, client: object) -> None:
-        """Drop `client` (if still current) so the next call connects afresh."""
+    async def _disconnect(self, client: TritonClient) -> None:
+        """Drop `client` (if still current) so that the next call connects afresh."""
         if client is self._client:
             self._client = self._loop = None
             try:
                 await client.close()
-            except Exception:  # closing a broken connection may itself fail; it is gone either way
+            except Exception:  # closing a broken connection may fail too; it is dropped either way
                 log.debug("closing the Triton client failed", exc_info=True)
 
     async def aclose(self) -> None:
@@ -153,43 +153,36 @@ class TritonEngine(GenerationEngine):
 
     async def ready(self) -> tuple[bool, str]:
         client, _ = self._connected()
+        probes = (
+            (client.is_server_live, (), "Triton at {url} is not live"),
+            (client.is_server_ready, (), "Triton at {url} is not ready"),
+            (client.is_model_ready, (ENSEMBLE_NAME,), f"model '{ENSEMBLE_NAME}' on Triton at {{url}} is not ready"),
+        )
         try:
-            if not await self._probe(client.is_server_live):
-                return False, f"Triton at {self.url} is not live"
-            if not await self._probe(client.is_server_ready):
-                return False, f"Triton at {self.url} is not ready"
-            if not await self._probe(client.is_model_ready, ENSEMBLE_NAME):
-                return False, f"model '{ENSEMBLE_NAME}' on Triton at {self.url} is not ready"
+            for probe, args, failure in probes:
+                if not await asyncio.wait_for(probe(*args), self.probe_timeout_s):
+                    return False, failure.format(url=self.url)
         except (InferenceServerException, aiohttp.ClientError, OSError, asyncio.TimeoutError):
             await self._disconnect(client)
             return False, f"Triton at {self.url} is unreachable"
         return True, ""
 
-    async def _probe(self, method, *args) -> bool:
-        if self.protocol == "grpc":
-            return await method(*args, client_timeout=self.probe_timeout_s)
-        return await asyncio.wait_for(method(*args), self.probe_timeout_s)
+    def _tensors(self, params: GenerationParams) -> tuple[list, list]:
+        """tritonclient inputs and requested outputs for the ensemble (binary tensors over HTTP)."""
+        module = grpcclient if self.protocol == "grpc" else httpclient
+        binary = {} if self.protocol == "grpc" else {"binary_data": True}
+        inputs = []
+        for spec, array in zip(ENSEMBLE_INPUTS, input_arrays(params).values(), strict=True):
+            tensor = module.InferInput(spec.name, list(array.shape), wire_dtype(spec))
+            tensor.set_data_from_numpy(array, **binary)
+            inputs.append(tensor)
+        return inputs, [module.InferRequestedOutput(s.name, **binary) for s in ENSEMBLE_OUTPUTS]
 
     async def generate(self, params: GenerationParams) -> GenerationResult:
         client, connect_seconds = self._connected()
-        module = grpcclient if self.protocol == "grpc" else httpclient
-        inputs = []
-        for name, array in input_arrays(params).items():
-            tensor = module.InferInput(name, list(array.shape), _wire_dtype(_spec(name)))
-            if self.protocol == "grpc":
-                tensor.set_data_from_numpy(array)
-            else:
-                tensor.set_data_from_numpy(array, binary_data=True)
-            inputs.append(tensor)
-        if self.protocol == "grpc":
-            outputs = [module.InferRequestedOutput(s.name) for s in ENSEMBLE_OUTPUTS]
-        else:
-            outputs = [module.InferRequestedOutput(s.name, binary_data=True) for s in ENSEMBLE_OUTPUTS]
+        inputs, outputs = self._tensors(params)
         try:
-            if self.protocol == "grpc":
-                result = await client.infer(ENSEMBLE_NAME, inputs, outputs=outputs, client_timeout=self.timeout_s)
-            else:
-                result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs, outputs=outputs), self.timeout_s)
+            result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs, outputs=outputs), self.timeout_s)
         except InferenceServerException as exc:
             await self._raise_for(client, exc)
         except asyncio.TimeoutError:
@@ -199,21 +192,15 @@ class TritonEngine(GenerationEngine):
             raise EngineUnavailable(f"Triton at {self.url} is unreachable") from None
         return _parse_result(result, connect_seconds)
 
-    async def _raise_for(self, client: object, exc: InferenceServerException) -> None:
+    async def _raise_for(self, client: TritonClient, exc: InferenceServerException) -> None:
         status = str(exc.status())
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
             raise EngineRejected(exc.message()) from None
-        if status == "StatusCode.DEADLINE_EXCEEDED":
-            raise EngineUnavailable(f"Triton at {self.url} did not answer within {self.timeout_s:g} s") from None
         if status in _UNAVAILABLE_GRPC or status in _UNAVAILABLE_HTTP:
             log.warning("Triton unavailable (%s): %s", status, exc.message())
             await self._disconnect(client)
             raise EngineUnavailable(f"Triton at {self.url} is unreachable or '{ENSEMBLE_NAME}' is not loaded") from None
         raise EngineFailed(f"Triton failed ({status}): {exc.message()}") from exc
-
-
-def _spec(name: str) -> TensorSpec:
-    return next(s for s in ENSEMBLE_INPUTS if s.name == name)
 
 
 def _parse_result(result, connect_seconds: float) -> GenerationResult:

@@ -75,10 +75,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     """Pydantic's 422 becomes the contract's 400, naming each offending field."""
     problems = []
     for err in exc.errors():
+        if err["type"] == "json_invalid":
+            problems.append(f"body: invalid JSON ({err.get('ctx', {}).get('error', 'unparsable')})")
+            continue
         loc = [str(p) for p in err["loc"] if p != "body"]
         where = loc[0] + "".join(f"[{p}]" for p in loc[1:]) if loc else "body"
-        message = "invalid JSON" if err["type"] == "json_invalid" else err["msg"]
-        problems.append(f"{where}: {message}")
+        problems.append(f"{where}: {err['msg']}")
     return _error_response(400, "; ".join(problems))
 
 

@@ -6,6 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+Number = TypeVar("Number", int, float)
 
 PROTOCOLS = ("grpc", "http")
 PRECISIONS = ("bf16", "fp32")
@@ -39,6 +42,7 @@ class Settings:
     api_key: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "outputs_dir", Path(self.outputs_dir))
         if self.triton_protocol not in PROTOCOLS:
             raise SettingsError(f"triton_protocol must be one of {list(PROTOCOLS)}, got {self.triton_protocol!r}")
         if "://" in self.triton_url:
@@ -87,7 +91,7 @@ def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be one of {list(_TRUE + _FALSE)}, got {raw!r}")
 
 
-def _number(environ: Mapping[str, str], name: str, default, kind):
+def _number(environ: Mapping[str, str], name: str, default: Number, kind: type[Number]) -> Number:
     raw = environ.get(name)
     if raw is None:
         return default

@@ -143,7 +143,8 @@ def test_oss_steps_schedule(scheduler_type):
 
 def test_heun_schedule_repeats_timesteps():
     euler, heun = flow_match_schedule("euler", 5), flow_match_schedule("heun", 5)
-    assert heun.timesteps.tolist() == [euler.timesteps[0].item()] + [t for t in euler.timesteps[1:].tolist() for _ in "ab"]
+    repeated = [t for t in euler.timesteps[1:].tolist() for _ in range(2)]
+    assert heun.timesteps.tolist() == [euler.timesteps[0].item()] + repeated
     assert len(heun.sigmas) == len(heun.timesteps) + 1 and heun.num_inference_steps == 5
 
 
@@ -260,7 +261,8 @@ def test_apg_momentum_and_norm_clamp():
     assert_within(out1, cond + 14.0 * d1 * torch.clamp(APG_NORM_THRESHOLD / norms, max=1.0))
     out2 = apg(cond, cond - d1, 15.0, momentum)  # same diff again: running average = d1 - 0.75 d1
     avg = 0.25 * d1
-    assert_within(out2, cond + 14.0 * avg * torch.clamp(APG_NORM_THRESHOLD / avg.norm(dim=(-1, -2), keepdim=True), max=1.0))
+    avg_clamp = torch.clamp(APG_NORM_THRESHOLD / avg.norm(dim=(-1, -2), keepdim=True), max=1.0)
+    assert_within(out2, cond + 14.0 * avg * avg_clamp)
     parallel = apg(cond, cond - 0.1 * cond, 15.0, MomentumBuffer())
     assert_within(parallel, cond)  # a diff along cond is projected away (eta = 0)
 
@@ -288,7 +290,9 @@ def test_cfg_star_zero_init():
 
 @pytest.mark.parametrize("cfg_type", ["apg", "cfg", "cfg_star"])
 def test_double_condition_overrides_cfg_type(cfg_type):
-    p = params(cfg_type=cfg_type, guidance_scale_text=2.0, guidance_scale_lyric=3.0, guidance_interval=1.0, infer_step=4)
+    p = params(
+        cfg_type=cfg_type, guidance_scale_text=2.0, guidance_scale_lyric=3.0, guidance_interval=1.0, infer_step=4
+    )
     g = Guidance(p, 4)
     assert g.branches(0) == (COND, NO_LYRIC, NULL)
     assert required_branches(p) == (COND, NULL, NO_LYRIC)
@@ -339,7 +343,7 @@ def test_denoise_teacher_forced(golden_dir, name):
     noise = initial_noise(make_generators(p.actual_seeds), latent_frames(p.audio_duration))
     progress: list[tuple[int, int]] = []
     try:
-        final = denoise(step_fn, p, noise, make_generators(p.actual_seeds), callback=lambda i, n: progress.append((i, n)))
+        final = denoise(step_fn, p, noise, make_generators(p.actual_seeds), callback=lambda *a: progress.append(a))
     except _Stop:
         assert p.cfg_type == "apg"
         assert checked == [0, 1, 2, 3]  # inputs of steps 0-3 = golden latents after steps 0-2
