@@ -83,15 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for Triton to load all models")
     args = parser.parse_args(argv)
 
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    print(f"checkpoint: {checkpoint}", flush=True)
-
     from export.build_repository import PROFILES, build_repository
 
     if args.profile not in PROFILES:
         parser.error(f"--profile must be one of {sorted(PROFILES)}, got {args.profile!r}")
     precision = "bf16" if PROFILES[args.profile].dtype == "bfloat16" else "fp32"
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    print(f"checkpoint: {checkpoint}", flush=True)
     repository_dir = args.repository_dir or REPO_ROOT / "build" / "model_repository" / args.profile
     repository = build_repository(args.profile, checkpoint, repository_dir)
     print(f"model repository ({args.profile}): {repository}", flush=True)

@@ -354,13 +354,12 @@ def test_denoise_teacher_forced(golden_dir, name):
 
 
 def test_pingpong_noise_order():
-    """Pingpong re-noises at every step, the last included, from the first item's generator
-    over the whole batch, continuing after the initial noise; other generators stay untouched."""
+    """Pingpong re-noises at every step, the last included, each item from its own generator,
+    continuing after the initial noise (upstream's order for one item)."""
     seeds, frames = (11, 22), 3
     p = params(scheduler_type="pingpong", infer_step=4, guidance_scale=1.0, actual_seeds=seeds)
     generators = make_generators(seeds)
     noise = initial_noise(generators, frames)
-    state_after_init = [g.get_state() for g in generators]
     final = denoise(lambda x, t, b: torch.zeros_like(x), p, noise, generators)
 
     replay = make_generators(seeds)
@@ -368,12 +367,22 @@ def test_pingpong_noise_order():
     sigmas = flow_match_schedule("pingpong", 4).sigmas
     expected = noise
     for i in range(4):
-        draw = torch.empty(noise.shape).normal_(generator=replay[0])
+        draw = torch.cat([torch.empty((1, *noise.shape[1:])).normal_(generator=g) for g in replay])
         expected = (1 - sigmas[i + 1]) * (expected - sigmas[i] * 0.0) + sigmas[i + 1] * draw
     assert torch.equal(final, expected)
-    assert torch.equal(generators[0].get_state(), replay[0].get_state())
-    assert not torch.equal(generators[0].get_state(), state_after_init[0])
-    assert torch.equal(generators[1].get_state(), state_after_init[1])
+    for g, r in zip(generators, replay):
+        assert torch.equal(g.get_state(), r.get_state())
+
+
+def test_items_do_not_depend_on_each_other():
+    """A seed gives the same latents alone or batched with other seeds (euler mean-rescale, pingpong noise)."""
+    for scheduler in ("euler", "pingpong"):
+        p = params(scheduler_type=scheduler, infer_step=3, guidance_scale=1.0, actual_seeds=(3, 4))
+        step = lambda x, t, b: torch.sin(x) * 0.5  # noqa: E731
+        both = denoise(step, p, initial_noise(make_generators((3, 4)), 3), make_generators((3, 4)))
+        solo_p = params(scheduler_type=scheduler, infer_step=3, guidance_scale=1.0, actual_seeds=(4,))
+        solo = denoise(step, solo_p, initial_noise(make_generators((4,)), 3), make_generators((4,)))
+        assert torch.allclose(both[1:], solo, atol=1e-6), scheduler
 
 
 def test_denoise_rejects_wrong_step_fn_output():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN_CASES
+from tests.conftest import GOLDEN_CASES
 from safetensors.torch import load_file
 
 from acestep_triton.models.transformer import ERG_Q_SCALE, TINY_LYRIC_ENCODER_KEY, ACEStepTransformer

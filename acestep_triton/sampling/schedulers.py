@@ -9,13 +9,16 @@ bit for bit on CPU float32:
   between sigma_max and that sigma_min is shifted again (float64, then cast).
 - `oss_steps` picks timesteps of a max(oss_steps)-step schedule and shifts
   those a third time (float32), which is what upstream does.
-- Euler and Heun rescale each update around its mean over the whole batch
-  tensor by omega = 0.9 + 0.2 / (1 + exp(-0.1 * omega_scale)).
+- Euler and Heun rescale each update around its mean by
+  omega = 0.9 + 0.2 / (1 + exp(-0.1 * omega_scale)). Upstream takes the mean over
+  the whole batch tensor; here it is taken per item, so an item does not depend
+  on the other seeds of its request (identical for one item, upstream's only case).
 - Heun needs 2N - 1 model evaluations for N steps (each timestep but the first
   is evaluated twice); the last evaluation is a plain first-order step to 0.
-- Pingpong re-noises every step, the last one included, with draws from the
-  first item's generator over the whole batch tensor (upstream passes
-  `generators[0]` to `scheduler.step`).
+- Pingpong re-noises every step, the last one included. Upstream draws the whole
+  batch from the first item's generator; here each item draws from its own, again
+  so that a seed gives the same music whatever it is batched with (identical for
+  one item).
 
 Sigmas stay on the CPU as 0-d tensors: they enter device math as scalars, so a
 step never waits on the device.
@@ -109,7 +112,7 @@ def omega_weight(omega_scale: float) -> float:
 
 
 def _mean_rescaled(sample: torch.Tensor, update: torch.Tensor, omega: float) -> torch.Tensor:
-    mean = update.mean()
+    mean = torch.stack([item.mean() for item in update]).reshape(-1, *([1] * (update.dim() - 1)))
     return sample + ((update - mean) * omega + mean)
 
 
@@ -162,17 +165,21 @@ class HeunScheduler:
 class PingPongScheduler:
     """Jump to the predicted x_0, then re-noise to the next sigma with fresh noise."""
 
-    def __init__(self, schedule: Schedule, generator: torch.Generator) -> None:
+    def __init__(self, schedule: Schedule, generators: Sequence[torch.Generator]) -> None:
         self.sigmas = schedule.sigmas
-        self.generator = generator
+        self.generators = list(generators)
         self.index = 0
 
     def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """velocity, sample [B, C, H, T] -> sample at the next sigma; draws one normal tensor of that shape."""
+        """velocity, sample [B, C, H, T] -> sample at the next sigma; item b draws its noise from generators[b]."""
         sigma, sigma_next = self.sigmas[self.index], self.sigmas[self.index + 1]
         sample = sample.float()
         denoised = sample - sigma * velocity
-        noise = torch.empty(sample.shape, dtype=sample.dtype).normal_(generator=self.generator)
+        if len(self.generators) != sample.shape[0]:
+            raise ValueError(f"pingpong: {len(self.generators)} generators for {sample.shape[0]} items")
+        noise = torch.cat([
+            torch.empty((1, *sample.shape[1:]), dtype=sample.dtype).normal_(generator=g) for g in self.generators
+        ])
         if sample.is_cuda:  # pinned memory lets the copy overlap instead of waiting for the device
             noise = noise.pin_memory().to(sample.device, non_blocking=True)
         self.index += 1
@@ -185,7 +192,7 @@ FlowMatchScheduler = EulerScheduler | HeunScheduler | PingPongScheduler
 def make_scheduler(
     scheduler_type: str, schedule: Schedule, omega_scale: float, generators: Sequence[torch.Generator]
 ) -> FlowMatchScheduler:
-    """The stepper for `scheduler_type`; pingpong draws from `generators[0]` (upstream's choice)."""
+    """The stepper for `scheduler_type`; pingpong draws item b's noise from generators[b]."""
     if scheduler_type == "euler":
         return EulerScheduler(schedule, omega_scale)
     if scheduler_type == "heun":
@@ -193,5 +200,5 @@ def make_scheduler(
     if scheduler_type == "pingpong":
         if not generators:
             raise ParameterError("actual_seeds", "pingpong needs at least one generator")
-        return PingPongScheduler(schedule, generators[0])
+        return PingPongScheduler(schedule, generators)
     raise ParameterError("scheduler_type", f"must be one of {list(SCHEDULERS)}, got {scheduler_type!r}")
