@@ -87,7 +87,7 @@ def _read_config(path: Path) -> dict:
 
 def validate_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Check every component folder, weights file and config key a loader needs."""
-    root = Path(path).expanduser()
+    root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
     problems = []

@@ -61,3 +61,23 @@ def triton_server_factory(tmp_path_factory: pytest.TempPathFactory):
     yield start
     for server in servers.values():
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(golden_ckpt: Path) -> Path:
+    """The checkpoint the session's Triton server serves: the official tiny one, unchanged."""
+    return golden_ckpt
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, lyric_vocab: Path) -> Path:
+    """The cpu-profile repository, generated the way `make serve` generates it."""
+    from export.build_repository import build_repository
+
+    return build_repository("cpu", tiny_checkpoint, tmp_path_factory.mktemp("model_repository"), lyric_vocab)
+
+
+@pytest.fixture(scope="session")
+def acestep_triton_server(triton_server_factory, model_repository: Path):
+    """One real tritonserver per session serving the whole `acestep` ensemble on the tiny checkpoint."""
+    return triton_server_factory(model_repository)
