@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, STAGES, ParameterError
+from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, ParameterError
 from gateway.engine import GenerationEngine, GenerationResult, TritonEngine
 from gateway.errors import NotAuthorized, install_error_handlers
 from gateway.outputs import OutputStore, encode_wav
@@ -183,7 +183,10 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         "/health",
         response_model=HealthBody,
         summary="Ready to generate: gateway, Triton and the acestep model",
-        responses={503: {"model": UnhealthyBody, "description": "Not ready; the detail says why."}},
+        responses={
+            200: {"description": "The gateway, Triton and the acestep model are ready."},
+            503: {"model": UnhealthyBody, "description": "Not ready; the detail says why."},
+        },
     )
     async def health():
         if not os.access(store.root, os.W_OK):
@@ -230,7 +233,6 @@ def _write_sidecars(
                 "audio_duration": result.duration_s,
                 "sample_rate": OUTPUT_SAMPLE_RATE,
                 "timings": timings,
-                "stages": list(STAGES),
                 "triton": {"url": settings.triton_url, "protocol": settings.triton_protocol, "model": ENSEMBLE_NAME},
             },
         )

@@ -235,3 +235,16 @@ def test_stop_leaves_no_process(add_offset_repo: Path, tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not server.is_ready()
+
+
+def test_serve_points_gateway_settings_at_triton(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from acestep_triton.serve import gateway_environment
+    from gateway.settings import Settings
+
+    monkeypatch.delenv("ACESTEP_PRECISION", raising=False)
+    triton = TritonServer(tmp_path, grpc_port=18911, log_path=tmp_path / "server.log")
+    env = gateway_environment(tmp_path / "ckpt", triton, tmp_path / "out", "127.0.0.1", 18900, "bf16")
+    settings = Settings.from_env(env)
+    assert settings.triton_url == "127.0.0.1:18911" and settings.triton_protocol == "grpc"
+    assert settings.checkpoint_path == str(tmp_path / "ckpt")
+    assert settings.outputs_dir == tmp_path / "out" and settings.port == 18900 and settings.bf16
