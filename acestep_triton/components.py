@@ -55,14 +55,18 @@ class ConditionEncoderComponent(nn.Module):
 
 
 class DiTStepComponent(nn.Module):
-    """One denoising decode: LATENTS [B,8,16,T] ... -> VELOCITY [B,8,16,T]."""
+    """One denoising decode: LATENTS [B,8,16,T] ... -> VELOCITY [B,8,16,T].
+
+    `decode` is `transformer.decode`; the gpu profile replaces it by a CUDA-graph replay of it.
+    """
 
     def __init__(self, transformer: ACEStepTransformer) -> None:
         super().__init__()
         self.transformer = transformer
+        self.decode = transformer.decode
 
     def forward(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale):
-        velocity = self.transformer.decode(
+        velocity = self.decode(
             latents, attention_mask, encoder_states, encoder_mask, timestep[:, 0], q_scale=q_scale[:, 0]
         )
         return (velocity,)
@@ -80,29 +84,92 @@ class DcaeDecoderComponent(nn.Module):
 
 
 class VocoderComponent(nn.Module):
-    """MEL [B,2,128,F] -> WAVEFORM [B,2,N] at 48 kHz; both channels in one vocoder call."""
+    """MEL [B,2,128,F] -> WAVEFORM [B,2,N] at 48 kHz; both channels in one vocoder call.
 
-    def __init__(self, vocoder: ADaMoSHiFiGAN) -> None:
+    With `window_frames` set, long mels are decoded in overlapping windows of that many frames
+    (ADaMoSHiFiGAN.decode_windowed: same result, bounded memory, one window shape), each window
+    through `decode_window`, which the gpu profile replaces by a CUDA-graph replay. The resampling
+    to 48 kHz runs in float32 whatever the vocoder's dtype.
+    """
+
+    def __init__(self, vocoder: ADaMoSHiFiGAN, window_frames: int | None = None) -> None:
         super().__init__()
         self.vocoder = vocoder
+        self.window_frames = window_frames
+        self.decode_window = vocoder.decode
 
     def forward(self, mel: torch.Tensor):
-        wave = self.vocoder.decode_channels(mel)
+        batch, channels = mel.shape[:2]
+        flat = mel.flatten(0, 1)
+        if self.window_frames is None:
+            wave = self.vocoder.decode(flat)
+        else:
+            wave = self.vocoder.decode_windowed(flat, self.window_frames, self.decode_window)
+        wave = wave.reshape(batch, channels, -1).float()
         return (resample(wave, self.vocoder.config.sampling_rate, OUTPUT_SAMPLE_RATE),)
+
+
+# The ACEStepTransformer submodules each transformer component runs. Loading keeps only those,
+# so a process serving one of them holds only its weights on the device (`projectors`, the
+# training-only SSL heads, are never kept).
+TRANSFORMER_PARTS = {
+    "condition_encoder": ("speaker_embedder", "genre_embedder", "lyric_embs", "lyric_encoder", "lyric_proj"),
+    "dit_step": ("transformer_blocks", "time_proj", "timestep_embedder", "t_block", "proj_in", "final_layer"),
+}
+COMPONENT_NAMES = ("text_encoder", "condition_encoder", "dit_step", "dcae_decoder", "vocoder")
+
+
+def keep_transformer_parts(transformer: ACEStepTransformer, components) -> ACEStepTransformer:
+    """Drop (in place) every submodule that none of `components` runs."""
+    kept = {part for name in components for part in TRANSFORMER_PARTS[name]}
+    for child, _ in list(transformer.named_children()):
+        if child not in kept:
+            setattr(transformer, child, None)
+    return transformer
+
+
+def component_module(name: str, model: nn.Module) -> nn.Module:
+    """The component `name` around its loaded model (the transformer for both transformer components)."""
+    if name == "text_encoder":
+        return TextEncoderComponent(model)
+    if name == "condition_encoder":
+        return ConditionEncoderComponent(model)
+    if name == "dit_step":
+        return DiTStepComponent(model)
+    if name == "dcae_decoder":
+        return DcaeDecoderComponent(model)
+    if name == "vocoder":
+        return VocoderComponent(model)
+    raise KeyError(f"unknown component {name!r}; known: {list(COMPONENT_NAMES)}")
+
+
+def load_components(names, ckpt: Checkpoint, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """Load components from their published folders, in eval mode on `device`.
+
+    condition_encoder and dit_step share one transformer, pruned to what they run.
+    """
+    unknown = [name for name in names if name not in COMPONENT_NAMES]
+    if unknown:
+        raise KeyError(f"unknown components {unknown}; known: {list(COMPONENT_NAMES)}")
+    transformer_users = [name for name in names if name in TRANSFORMER_PARTS]
+    models = {}
+    if transformer_users:
+        transformer = keep_transformer_parts(ACEStepTransformer.from_pretrained(ckpt.transformer), transformer_users)
+        models.update(dict.fromkeys(transformer_users, transformer))
+    if "text_encoder" in names:
+        models["text_encoder"] = TextEncoder.from_pretrained(ckpt.text_encoder)
+    if "dcae_decoder" in names:
+        models["dcae_decoder"] = load_dcae(ckpt.dcae)
+    if "vocoder" in names:
+        models["vocoder"] = ADaMoSHiFiGAN.from_pretrained(ckpt.vocoder)
+    return {
+        name: component_module(name, models[name]).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        for name in names
+    }
 
 
 def load_component(name: str, ckpt: Checkpoint, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load one component from its published folder, in eval mode on `device`."""
-    if name == "text_encoder":
-        module = TextEncoderComponent(TextEncoder.from_pretrained(ckpt.text_encoder))
-    elif name in ("condition_encoder", "dit_step"):
-        transformer = ACEStepTransformer.from_pretrained(ckpt.transformer)
-        module = ConditionEncoderComponent(transformer) if name == "condition_encoder" else DiTStepComponent(transformer)
-    elif name == "dcae_decoder":
-        module = DcaeDecoderComponent(load_dcae(ckpt.dcae))
-    elif name == "vocoder":
-        module = VocoderComponent(ADaMoSHiFiGAN.from_pretrained(ckpt.vocoder))
-    else:
-        raise KeyError(f"unknown component {name!r}")
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return load_components([name], ckpt, device, dtype)[name]

@@ -6,12 +6,12 @@ pipeline) does not care which one runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from acestep_triton.checkpoint import Checkpoint
-from acestep_triton.components import load_component
+from acestep_triton.components import load_components
 from acestep_triton.specs import ComponentSpec, component_spec
 
 
@@ -22,8 +22,9 @@ class TorchEngine:
         self.spec, self.module, self.device, self.dtype = spec, module, device, dtype
 
     @classmethod
-    def load(cls, name: str, ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TorchEngine:
-        return cls(component_spec(name, ckpt), load_component(name, ckpt, device, dtype), torch.device(device), dtype)
+    def load(cls, name: str, ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             accelerate: bool = False) -> TorchEngine:
+        return load_engines([name], ckpt, device, dtype, accelerate)[name]
 
     @torch.inference_mode()
     def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -33,3 +34,21 @@ class TorchEngine:
             args.append(value.to(self.dtype) if value.is_floating_point() else value)
         outputs = self.module(*args)
         return {t.name: out.float() for t, out in zip(self.spec.outputs, outputs)}
+
+
+def load_engines(names: Sequence[str], ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 accelerate: bool = False) -> dict[str, TorchEngine]:
+    """Engines for `names`, loaded together (the transformer components share one transformer).
+
+    `accelerate` applies the gpu profile's speed-ups (acestep_triton.acceleration) and warms them
+    up, so the first request does not pay for compilation.
+    """
+    modules = load_components(names, ckpt, device, dtype)
+    engines = {name: TorchEngine(component_spec(name, ckpt), module, torch.device(device), dtype)
+               for name, module in modules.items()}
+    if accelerate:
+        from acestep_triton.acceleration import accelerate_engine
+
+        for name, engine in engines.items():
+            accelerate_engine(name, engine)
+    return engines

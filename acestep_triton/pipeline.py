@@ -16,7 +16,7 @@ import torch
 
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE, GenerationParams
-from acestep_triton.engines import TorchEngine
+from acestep_triton.engines import load_engines
 from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.preprocess import PreparedRequest, prepare_request
 from acestep_triton.sampling.loop import ProgressFn, denoise
@@ -37,6 +37,28 @@ class Conditions:
     mask: torch.Tensor
 
 
+def branch_inputs(
+    conditions: Conditions, branches: Sequence[str], items: int, frames: int, use_erg_diffusion: bool
+) -> dict[str, torch.Tensor]:
+    """The `dit_step` inputs that depend only on the branches of a step (rows branch-major,
+    N = len(branches) * items), on the conditions' device: the same for every step with these branches.
+
+    ERG-diffusion weakens only the "null" rows, as upstream's hooks do on the uncond pass.
+    """
+    device = conditions.states.device
+    rows = torch.tensor([conditions.branches.index(b) for b in branches]).repeat_interleave(items)
+    q_scale = torch.tensor(
+        [ERG_Q_SCALE if (b == "null" and use_erg_diffusion) else 1.0 for b in branches]
+    ).repeat_interleave(items)
+    rows = rows.to(device)
+    return {
+        "ATTENTION_MASK": torch.ones(rows.shape[0], frames, device=device),
+        "ENCODER_STATES": conditions.states[rows],
+        "ENCODER_MASK": conditions.mask[rows],
+        "Q_SCALE": q_scale.reshape(-1, 1).to(device),
+    }
+
+
 def dit_inputs(
     conditions: Conditions,
     latents: torch.Tensor,
@@ -44,24 +66,12 @@ def dit_inputs(
     branches: Sequence[str],
     use_erg_diffusion: bool,
 ) -> dict[str, torch.Tensor]:
-    """The `dit_step` batch for one loop step (see sampling.loop: rows branch-major, N = len(branches)*B).
-
-    ERG-diffusion weakens only the "null" rows, as upstream's hooks do on the uncond pass.
-    """
+    """The `dit_step` batch for one loop step (see sampling.loop: rows branch-major, N = len(branches)*B)."""
     items = latents.shape[0] // len(branches)
-    rows = torch.tensor([conditions.branches.index(b) for b in branches]).repeat_interleave(items)
-    q_scale = torch.tensor(
-        [ERG_Q_SCALE if (b == "null" and use_erg_diffusion) else 1.0 for b in branches]
-    ).repeat_interleave(items)
-    rows = rows.to(conditions.states.device)
-    return {
-        "LATENTS": latents,
-        "ATTENTION_MASK": latents.new_ones(latents.shape[0], latents.shape[-1]),
-        "ENCODER_STATES": conditions.states[rows],
-        "ENCODER_MASK": conditions.mask[rows],
-        "TIMESTEP": timestep.reshape(-1, 1).to(latents.dtype),
-        "Q_SCALE": q_scale.reshape(-1, 1).to(latents),
-    }
+    batch = branch_inputs(conditions, branches, items, latents.shape[-1], use_erg_diffusion)
+    batch["ATTENTION_MASK"] = batch["ATTENTION_MASK"].to(latents)
+    batch["Q_SCALE"] = batch["Q_SCALE"].to(latents)
+    return {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1).to(latents.dtype), **batch}
 
 
 def text_encoder_inputs(prepared: PreparedRequest) -> dict[str, torch.Tensor]:
@@ -114,9 +124,13 @@ class Text2MusicPipeline:
         lyric_vocab: str | os.PathLike | None = None,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        accelerate: bool = False,
     ) -> Text2MusicPipeline:
+        """Load every component (one shared transformer); `accelerate` applies the gpu profile's
+        speed-ups (CUDA only, see acestep_triton.acceleration)."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else validate_checkpoint(checkpoint)
-        engines = {name: TorchEngine.load(name, ckpt, device, dtype).run for name in NEURAL_COMPONENTS}
+        engines = {name: engine.run
+                   for name, engine in load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate).items()}
         return cls(
             TextTokenizer.from_pretrained(ckpt.text_encoder),
             LyricTokenizer.from_file(find_lyric_vocab(ckpt, lyric_vocab)),
@@ -150,8 +164,14 @@ class Text2MusicPipeline:
             generators = make_generators(prepared.seeds)
             noise = initial_noise(generators, prepared.frames, device=self.device)
 
+            per_branches: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
             def step_fn(latents, timestep, branches):
-                batch = dit_inputs(conditions, latents, timestep, branches, params.use_erg_diffusion)
+                key = tuple(branches)
+                if key not in per_branches:
+                    per_branches[key] = branch_inputs(conditions, key, noise.shape[0], noise.shape[-1],
+                                                      params.use_erg_diffusion)
+                batch = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1), **per_branches[key]}
                 return self.engines["dit_step"](batch)["VELOCITY"].to(latents)
 
             latents = denoise(step_fn, params, noise, generators, callback)

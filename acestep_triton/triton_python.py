@@ -114,14 +114,15 @@ def _engine(name: str, params: Mapping[str, str]):
     from acestep_triton.engines import TorchEngine
 
     dtype = getattr(torch, params.get("DTYPE", "float32"))
-    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype)
+    accelerate = params.get("ACCELERATE", "0") == "1"
+    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype, accelerate)
 
 
 class ComponentModel:
     """A neural component under dynamic batching: the requests of one execute() run as one batch.
 
     Subclasses name the component; everything else comes from the config parameters
-    (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH).
+    (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE).
     """
 
     component = ""

@@ -4,7 +4,8 @@
 
 Profiles (where each component runs; the ensemble wiring is the same for all):
   cpu   python backend, PyTorch float32 on the CPU (the embedded default and CI)
-  gpu   python backend, PyTorch bfloat16 on CUDA
+  gpu   python backend, PyTorch bfloat16 on CUDA, with acestep_triton.acceleration's speed-ups
+        (compiled blocks, CUDA-graph decode and vocoder windows, warmed up at load)
   onnx  python backend running the exported ONNX graphs with ONNX Runtime
 """
 
@@ -36,11 +37,12 @@ class Profile:
     dtype: str
     instance_kind: str
     dit_queue_delay_us: int
+    accelerate: bool = False
 
 
 PROFILES = {
     "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000),
-    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000),
+    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000, accelerate=True),
     "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000),
 }
 
@@ -83,6 +85,8 @@ def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onn
                   "ENGINE": profile.engine}
     if onnx_dir is not None:
         parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
+    if profile.accelerate:
+        parameters["ACCELERATE"] = "1"
     delay = profile.dit_queue_delay_us if spec.name == "dit_step" else 1000
     return ModelSpec(
         name=spec.name,

@@ -22,9 +22,8 @@ re-implements only the part of that segmenter one line with that fixed configura
    hold punctuation or digits take the previous piece's language. A piece still waiting for a
    zh/ja decision at the end of the line is dropped. No piece at all means zh.
 
-Deliberate gap: the four SSML tags (`<number>`, `<telephone>`, `<currency>`, `<date>`), which
-upstream rewrites into Chinese numerals before counting them as zh, are treated like any other
-unknown tag (not counted). Lyrics do not use them.
+Tags other than language codes are dropped, except upstream's four SSML tags (`<number>`,
+`<telephone>`, `<currency>`, `<date>`), whose content is read out in Chinese and counted as zh.
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
+
+from acestep_triton.lyrics.numbers_zh import SSML_READINGS, UnreadableNumberError
 
 # The py3langid language set; upstream passes it (in this order) as LangSegment's filters.
 LANGID_LANGUAGES: tuple[str, ...] = (
@@ -60,7 +61,7 @@ _CJK_PRIORITY_THRESHOLD = 0.89
 _PREFERRED_CJK = JA if _LANGUAGES_JOINED.find(JA) < _LANGUAGES_JOINED.find(ZH) else ZH
 _CJK_CONFIDENT = 0.90
 _CJK_SHORT = 5  # CJK pieces up to this many cleaned characters get the zh/ja rules
-_MIN_CLASSIFIED = 2  # pieces this short are glued onto the next one when possible
+_SHORT_PIECE = 2  # cleaned pieces this short are glued onto the next one when possible
 
 _PLACEHOLDER = re.compile(r"(⑥\$*\d+[\d]{6,}⑥)")
 _PUNCTUATION_RUN = re.compile(r"([^\w\s]+)")
@@ -77,12 +78,26 @@ def _script_run(letters: str) -> re.Pattern[str]:
     return re.compile(rf"(([【《（(“‘\"']*[{letters}]+[\W\s]*)+)")
 
 
+# Masked spans, in masking order. Placeholder kinds are upstream's, so placeholders have the
+# same characters (and lengths) wherever a later pattern sees them.
+_TAGGED = re.compile(r"(<([a-zA-Z|-]*)>(.*?)<\/*[a-zA-Z|-]*>)")
+_HANGUL = _script_run("\uac00-\ud7a3")
+_THAI = _script_run("\u0e00-\u0e7f")
+_CYRILLIC = _script_run("А-Яа-яЁё")
+_NUMBER = re.compile(r"(\W*\d+\W+\d*\W*\d*)")
+_LATIN = _script_run("a-zA-Z" + _FRENCH_LETTERS + _VIETNAMESE_LETTERS)
+_QUOTED = re.compile(r"([\"'])(.*?)(\1)")
+_BRACKETED = re.compile(r"([\n]*[【《（(“‘])([^【《（(“‘’”)）》】]{3,})([’”)）》】][\W\s]*[\n]{,1})")
+
+Match = str | tuple[str, ...]  # what `findall` gives: the text, or the groups
+
+
 @dataclass
 class _Piece:
     language: str
     text: str
     score: float
-    symbol: object = None  # None for plain text, True for a language tag, the tag name otherwise
+    tagged: bool = False  # came from a `<tag>`: never merged with its neighbours
 
 
 def _cjk(char: str) -> bool:
@@ -128,22 +143,21 @@ class _LineSegmenter:
         self.pieces: list[_Piece] = []
         self.waiting: list[_Piece] = []
         self.counts: dict[str, int] = {}
-        self.masked: dict[str, tuple[Callable[[object], None], object]] = {}
+        self.masked: dict[str, tuple[Callable[[Match], None], Match]] = {}
         self.at_line_end = False
 
     # -- masking ---------------------------------------------------------------------------
     def mask(self, text: str) -> str:
-        maskers: tuple[tuple[str, re.Pattern[str], Callable[[object], None]], ...] = (
-            ("$1", re.compile(r"(<([a-zA-Z|-]*)>(.*?)<\/*[a-zA-Z|-]*>)"), self._tagged),
-            ("$6", _script_run("\uac00-\ud7a3"), self._fixed("ko")),
-            ("$8", _script_run("\u0e00-\u0e7f"), self._fixed("th")),
-            ("$7", _script_run("А-Яа-яЁё"), self._fixed("ru")),
-            ("00", re.compile(r"(\W*\d+\W+\d*\W*\d*)"), self._number),
-            ("$5", _script_run("a-zA-Z" + _FRENCH_LETTERS + _VIETNAMESE_LETTERS), self._latin),
-            ("$3", re.compile(r"([\"'])(.*?)(\1)"), self._quoted),
-            ("$4", re.compile(r"([\n]*[【《（(“‘])([^【《（(“‘’”)）》】]{3,})([’”)）》】][\W\s]*[\n]{,1})"),
-             self._quoted),
-        )  # fmt: skip
+        maskers: tuple[tuple[str, re.Pattern[str], Callable[[Match], None]], ...] = (
+            ("$1", _TAGGED, self._tagged),
+            ("$6", _HANGUL, partial(self._fixed, "ko")),
+            ("$8", _THAI, partial(self._fixed, "th")),
+            ("$7", _CYRILLIC, partial(self._fixed, "ru")),
+            ("00", _NUMBER, self._number),
+            ("$5", _LATIN, self._latin),
+            ("$3", _QUOTED, self._quoted),
+            ("$4", _BRACKETED, self._quoted),
+        )
         for kind, pattern, handler in maskers:
             matches = pattern.findall(text)
             if len(matches) == 1 and _joined(matches[0]) == text:
@@ -178,7 +192,7 @@ class _LineSegmenter:
                 parts[index + 1] = text + following
                 continue
             cleaned = _clean_for_langid(re.sub(r"\d+", "", re.sub(r"(⑥\d{6,}⑥)", "", text)))
-            if not is_last and len(cleaned) <= _MIN_CLASSIFIED:
+            if not is_last and len(cleaned) <= _SHORT_PIECE:
                 parts[index + 1] = text + following
                 continue
             language, score = _classify(cleaned)
@@ -193,14 +207,14 @@ class _LineSegmenter:
             language = _PREFERRED_CJK
         if _KANA.search(cleaned):
             return JA
-        if len(cleaned) > _MIN_CLASSIFIED and score > _CJK_CONFIDENT:
+        if len(cleaned) > _SHORT_PIECE and score > _CJK_CONFIDENT:
             return language
         if is_last and self.at_line_end:
             return ZH if len(cleaned) <= 1 else language
         previous = self.pieces[-1].language if self.pieces else None
         undecided = (
             _ZH_THEN_JA
-            if language == ZH or (len(cleaned) <= _MIN_CLASSIFIED and previous == ZH)
+            if language == ZH or (len(cleaned) <= _SHORT_PIECE and previous == ZH)
             else _JA_THEN_ZH
         )
         # `text` holds a CJK character, so it is never blank here.
@@ -210,32 +224,32 @@ class _LineSegmenter:
         return f"{undecided}|{_UNDECIDED_MARK}"
 
     # -- handlers for masked spans ---------------------------------------------------------
-    def _tagged(self, match: object) -> None:
-        _, tag, content = match  # type: ignore[misc]
-        self._add(tag, content, 1.0, True if tag in _LANGUAGES_JOINED else tag)
+    def _tagged(self, match: Match) -> None:
+        _, tag, content = match
+        if tag in SSML_READINGS and tag not in _LANGUAGES_JOINED:
+            self._add(ZH, SSML_READINGS[tag](content), 1.0, tagged=True)
+        else:
+            self._add(tag, content, 1.0, tagged=True)
 
-    def _fixed(self, language: str) -> Callable[[object], None]:
-        def handler(match: object) -> None:
-            self._add(language, match[0], 1.0)  # type: ignore[index]
+    def _fixed(self, language: str, match: Match) -> None:
+        self._add(language, match[0], 1.0)
 
-        return handler
-
-    def _number(self, match: object) -> None:
+    def _number(self, match: Match) -> None:
         language = self.pieces[0].language if self.pieces else ZH
-        self._add(language, match, 0.0)  # type: ignore[arg-type]
+        self._add(language, _joined(match), 0.0)
 
-    def _latin(self, match: object) -> None:
-        for sentence in _SENTENCE.split(match[0]):  # type: ignore[index]
+    def _latin(self, match: Match) -> None:
+        for sentence in _SENTENCE.split(match[0]):
             if sentence.strip():
                 language, score = _classify(_clean_for_langid(sentence))
                 self._add(language, sentence, score)
 
-    def _quoted(self, match: object) -> None:
-        text = "".join(match)  # type: ignore[arg-type]
+    def _quoted(self, match: Match) -> None:
+        text = _joined(match)
         if _PLACEHOLDER.findall(text):
             self.walk(text, is_root=False)
             return
-        cleaned = _clean_for_langid(match[1])  # type: ignore[index]
+        cleaned = _clean_for_langid(match[1])
         if len(cleaned) <= _CJK_SHORT:
             self._plain(text)
         else:
@@ -243,7 +257,7 @@ class _LineSegmenter:
             self._add(language, text, score)
 
     # -- keeping pieces --------------------------------------------------------------------
-    def _add(self, language: str, text: str, score: float, symbol: object = None) -> None:
+    def _add(self, language: str, text: str, score: float, tagged: bool = False) -> None:
         if not text.strip():
             return
         language = language.lower()
@@ -257,7 +271,7 @@ class _LineSegmenter:
                 resolved = language
             else:
                 resolved = undecided.language.split("|")[0]
-            previous_language = self._keep(resolved, undecided.text, undecided.score, undecided.symbol)
+            previous_language = self._keep(resolved, undecided.text, undecided.score, undecided.tagged)
         else:
             previous_language = self.pieces[-1].language if self.pieces else None
         if (
@@ -268,14 +282,14 @@ class _LineSegmenter:
         ):
             language = language.split("|")[0]
         if "|" in language:
-            self.waiting.append(_Piece(language, text, score, symbol))
+            self.waiting.append(_Piece(language, text, score, tagged))
         else:
-            self._keep(language, text, score, symbol)
+            self._keep(language, text, score, tagged)
 
-    def _keep(self, language: str, text: str, score: float, symbol: object) -> str:
+    def _keep(self, language: str, text: str, score: float, tagged: bool) -> str:
         """Store a decided piece (merging it into the previous one when allowed); returns its language."""
         last = self.pieces[-1] if self.pieces else None
-        if symbol is None and last is not None and last.symbol is None:
+        if not tagged and last is not None and not last.tagged:
             if _only_digits(text):
                 language = last.language
             if last.language == language:
@@ -286,7 +300,7 @@ class _LineSegmenter:
                 text = last.text + text
                 self.pieces.pop()
         if language in LANGID_LANGUAGES or "?" in language or language in _FIRST_LANGUAGE:
-            self.pieces.append(_Piece(language, text, score, symbol))
+            self.pieces.append(_Piece(language, text, score, tagged))
             self._count(language, text)
         return language
 
@@ -296,8 +310,8 @@ class _LineSegmenter:
             self.counts[language] = self.counts.get(language, 0) + weight * len(text)
 
 
-def _joined(match: object) -> str:
-    return match if isinstance(match, str) else "".join(match)  # type: ignore[arg-type]
+def _joined(match: Match) -> str:
+    return match if isinstance(match, str) else "".join(match)
 
 
 def language_counts(line: str) -> list[tuple[str, int]]:
@@ -314,8 +328,12 @@ def detect_language(line: str) -> str:
     """Upstream `get_lang`: the most used language of a stripped, non-empty line.
 
     English only wins when it is the only language seen; otherwise the runner-up is taken.
+    Lines upstream's segmenter crashes on (non-ASCII digits in an SSML tag) are en, as upstream.
     """
-    counts = language_counts(line)
+    try:
+        counts = language_counts(line)
+    except UnreadableNumberError:
+        return EN
     if len(counts) > 1 and counts[0][0] == EN:
         return counts[1][0]
     return counts[0][0]

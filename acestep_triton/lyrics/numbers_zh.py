@@ -60,7 +60,7 @@ _PUNCTUATION_TO_COMMA = str.maketrans({char: "," for char in _CJK_PUNCTUATION + 
 _HEAD, _TAIL = "^", "$"
 
 
-def _spell_with_units(value: str) -> list[str]:
+def _spell_with_units(value: str, units: tuple[tuple[int, str], ...] = UNITS) -> list[str]:
     """Characters of an integer string read with units: "1050" -> 一 千 零 五 十 (no 两 yet)."""
     significant = value.lstrip("0")
     if not significant:
@@ -68,8 +68,8 @@ def _spell_with_units(value: str) -> list[str]:
     if len(significant) == 1:
         digit = DIGITS[int(significant)]
         return [DIGITS[0], digit] if len(significant) != len(value) else [digit]
-    power, unit = next((p, u) for p, u in UNITS if p < len(significant))
-    return _spell_with_units(value[:-power]) + [unit] + _spell_with_units(significant[-power:])
+    power, unit = next((p, u) for p, u in units if p < len(significant))
+    return _spell_with_units(value[:-power], units) + [unit] + _spell_with_units(significant[-power:], units)
 
 
 def read_number(number: str, *, with_units: bool = True, two_as_liang: bool = True) -> str:
@@ -182,3 +182,83 @@ def normalize_chinese_numbers(text: str) -> str:
     for letters in _LETTERS_TWO_LETTERS.finditer(text):
         text = text.replace(letters.group(0), letters.group(1) + "2" + letters.group(2), 1)
     return text.lstrip(_HEAD).rstrip(_TAIL).translate(_PUNCTUATION_TO_COMMA)
+
+
+# -- Readings of the SSML tags of upstream's language segmenter ------------------------------------
+# `<number>`, `<telephone>`, `<currency>` and `<date>` contents are rewritten in Chinese (with a
+# different, older verbaliser: units up to 亿, no 两, only ASCII digits) before being counted as zh.
+_ASCII_DIGITS = dict(zip("0123456789", DIGITS))
+_SSML_UNITS: tuple[tuple[int, str], ...] = ((8, "亿"), (4, "万"), (3, "千"), (2, "百"), (1, "十"))
+
+
+class UnreadableNumberError(ValueError):
+    """Digits other than 0-9 in a `<currency>`/`<date>` tag, which upstream's segmenter crashes on."""
+
+
+def _each_digit(text: str) -> str:
+    spelled = re.sub(r"\d+", lambda m: "".join(_ASCII_DIGITS.get(c, "") for c in m.group(0)), text)
+    return spelled.replace(".", POINT)
+
+
+def _amount(digits: str) -> str:
+    if any(c not in _ASCII_DIGITS for c in digits):
+        raise UnreadableNumberError(f"non-ASCII digits in {digits!r}")
+    significant = digits.lstrip("0")
+    if not significant:
+        return DIGITS[0]
+    chars = _spell_with_units(significant, _SSML_UNITS)
+    return "".join(chars[1:] if chars[:2] == [DIGITS[1], TEN] else chars)
+
+
+def _amounts(text: str) -> str:
+    return re.sub(r"\d+", lambda m: _amount(m.group(0)), text).replace(".", POINT)
+
+
+def _with_unit(reading: str, unit: str) -> str:
+    return f"{reading}{unit}" if reading not in ("", "0") else ""
+
+
+def _ssml_date(text: str) -> str:
+    """"2024/8/24 10:30" -> 二零二四年八月二十四日十点三十分 (year digit by digit)."""
+    if not text.strip():
+        return ""
+    fields = re.sub(r"[\/\._|年|月]", "-", text).replace("日", "").split(" ")
+    has_date = not (len(fields) == 1 and ":" in fields[0])
+    time_text = fields[0] if not has_date else (fields[1] if len(fields) >= 2 else "")
+    date = ""
+    if has_date:
+        year = month = day = ""
+        parts = fields[0].split("-")
+        if len(parts) == 3:
+            year, month, day = parts
+        elif len(parts) == 2 and len(parts[0]) == 4:
+            year, month = parts
+        elif len(parts) == 2:
+            month, day = parts
+        elif len(parts[0]) == 4:
+            year = parts[0]
+        else:
+            day = parts[0]
+        date = _with_unit(_each_digit(year), "年") + _with_unit(_amounts(month), "月") + _with_unit(_amounts(day), "日")
+        date = re.sub(r"([年|月|日])+", r"\1", date)
+    clock = re.sub(r"[\/\.\-：_]", ":", time_text).split(":")
+    hours = minutes = seconds = ""
+    if len(clock) == 3:
+        hours, minutes, seconds = clock
+    elif len(clock) == 2:
+        hours, minutes = clock
+    elif clock[0]:
+        hours = f"{clock[0]}点"
+    if len(clock) > 1:
+        hours = _with_unit(_amounts(hours), "点")
+        minutes = _with_unit(_amounts(minutes), "分")
+        seconds = _with_unit(_amounts(seconds), "秒")
+    return date + re.sub(r"([点|分|秒])+", r"\1", hours + minutes + seconds)
+
+
+SSML_READINGS = {
+    "number": _each_digit,
+    "telephone": lambda text: _each_digit(text.replace("+86", "")).replace(DIGITS[1], "幺"),
+    "currency": _amounts,
+    "date": _ssml_date,
+}

@@ -87,8 +87,26 @@ class ConvLayer(nn.Module):
         return self.conv(x)
 
 
+def _depthwise_conv_frames(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """`conv` (depthwise, odd kernel, 'same' zero padding) applied along T of x [B, T, C], as a sum
+    of shifted products. Frames-last, it needs no transposes, and torch.compile fuses it with the
+    SiLU and gate around it into one pass over x."""
+    kernel = conv.kernel_size[0]
+    half = kernel // 2
+    padded = F.pad(x, (0, 0, half, half))
+    frames = x.shape[1]
+    weight = conv.weight[:, 0, :]  # [C, k]
+    out = padded[:, :frames] * weight[:, 0]
+    for tap in range(1, kernel):
+        out = out + padded[:, tap : tap + frames] * weight[:, tap]
+    return out + conv.bias
+
+
 class GLUMBConv(nn.Module):
-    """Feed-forward over frames: 1x1 expand + SiLU, depthwise conv (k=3), SiLU-gated GLU, 1x1 project."""
+    """Feed-forward over frames: 1x1 expand + SiLU, depthwise conv (k=3), SiLU-gated GLU, 1x1 project.
+
+    The checkpoint stores Conv1d weights; the 1x1 convs run as linear layers on [B, T, C].
+    """
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -99,9 +117,10 @@ class GLUMBConv(nn.Module):
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], frame_mask [B, T] -> [B, T, D]. Padded frames are zeroed before the
         depthwise conv so they look like the conv's own zero padding to their valid neighbours."""
-        x = F.silu(self.inverted_conv(x.transpose(1, 2))) * frame_mask[:, None, :].to(x.dtype)
-        x, gate = self.depth_conv(x).chunk(2, dim=1)
-        return self.point_conv(x * F.silu(gate)).transpose(1, 2)
+        expand, project = self.inverted_conv.conv, self.point_conv.conv
+        x = F.silu(F.linear(x, expand.weight[..., 0], expand.bias)) * frame_mask[:, :, None].to(x.dtype)
+        x, gate = _depthwise_conv_frames(x, self.depth_conv.conv).chunk(2, dim=-1)
+        return F.linear(x * F.silu(gate), project.weight[..., 0])
 
 
 class LinearTransformerBlock(nn.Module):

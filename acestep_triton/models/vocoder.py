@@ -10,7 +10,7 @@ shapes equal the published checkpoint, including the `weight_g`/`weight_v` pairs
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -351,6 +351,56 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
         """Multichannel log-mel [B, C, n_mels, F] -> waveform [B, C, F*hop_length], all channels in one batch."""
         batch, channels = mel.shape[:2]
         return self(mel.flatten(0, 1)).reshape(batch, channels, -1)
+
+    def context_frames(self) -> int:
+        """Mel frames on each side of a frame that can change its output samples.
+
+        An upper bound on the half-width of the network's receptive field, from the config: the
+        backbone's convolutions reach whole frames, each head stage reaches samples at its own rate.
+        """
+        cfg = self.config
+        reach = STEM_KERNEL_SIZE // 2 + sum(cfg.depths) * (cfg.kernel_sizes[0] // 2) + cfg.pre_conv_kernel_size // 2
+        resblock_reach = max(
+            sum((d + 1) * (k // 2) for d in dilations)
+            for k, dilations in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
+        )
+        samples_per_frame = 1
+        for rate, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
+            reach += math.ceil(kernel / rate) / samples_per_frame
+            samples_per_frame *= rate
+            reach += resblock_reach / samples_per_frame
+        reach += (cfg.post_conv_kernel_size // 2) / samples_per_frame
+        return math.ceil(reach)
+
+    @torch.no_grad()
+    def decode_windowed(
+        self, mel: torch.Tensor, window_frames: int, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`decode(mel)` for log-mel [B, n_mels, F], computed over windows of `window_frames` frames.
+
+        Windows overlap by `context_frames()` on each side and only their centres are kept, so every
+        output sample sees the same inputs as in one whole decode: the result equals `decode` up to
+        rounding, with memory bounded by the window and one window shape for any F. `decode` runs one
+        window ([B, n_mels, window_frames] -> [B, 1, window_frames * hop_length]); default `self.decode`.
+        """
+        run = decode if decode is not None else self.decode
+        context = self.context_frames()
+        if window_frames <= 2 * context:
+            raise ValueError(f"window_frames: {window_frames} must exceed twice the context ({context} frames)")
+        hop = self.config.hop_length
+        total = mel.shape[-1]
+        if total <= window_frames:
+            return self.decode(mel)
+        pieces = []
+        kept = 0
+        while kept < total:
+            start = min(max(0, kept - context), total - window_frames)
+            stop = start + window_frames
+            keep_to = total if stop == total else stop - context
+            wave = run(mel[..., start:stop])
+            pieces.append(wave[..., (kept - start) * hop : (keep_to - start) * hop])
+            kept = keep_to
+        return torch.cat(pieces, dim=-1)
 
     @torch.no_grad()
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
