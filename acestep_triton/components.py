@@ -66,9 +66,7 @@ class DiTStepComponent(nn.Module):
         self.decode = transformer.decode
 
     def forward(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale):
-        velocity = self.decode(
-            latents, attention_mask, encoder_states, encoder_mask, timestep[:, 0], q_scale=q_scale[:, 0]
-        )
+        velocity = self.decode(latents, attention_mask, encoder_states, encoder_mask, timestep[:, 0], q_scale[:, 0])
         return (velocity,)
 
 

@@ -18,6 +18,8 @@ from acestep_triton.specs import ComponentSpec
 
 NUMPY_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64,
                 "TYPE_INT32": np.int32, "TYPE_BOOL": np.bool_}
+# ONNX Runtime's warnings at load (constant folding it skipped) say nothing about the results.
+ORT_LOG_ERRORS_ONLY = 3
 
 
 def providers_for(device: str) -> list:
@@ -50,7 +52,9 @@ class OnnxEngine:
                 f"{spec.name}: no ONNX graph at {path}; export it with "
                 f"`python -m export.onnx_export --checkpoint DIR --out DIR --components {spec.name}`"
             )
-        session = ort.InferenceSession(os.fspath(path), providers=providers_for(device))
+        options = ort.SessionOptions()
+        options.log_severity_level = ORT_LOG_ERRORS_ONLY
+        session = ort.InferenceSession(os.fspath(path), options, providers=providers_for(device))
         graph_inputs = [i.name for i in session.get_inputs()]
         graph_outputs = [o.name for o in session.get_outputs()]
         wanted_inputs, wanted_outputs = [t.name for t in spec.inputs], [t.name for t in spec.outputs]

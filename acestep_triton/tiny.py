@@ -76,7 +76,7 @@ TINY_VOCODER = {
     "kernel_sizes": [7],
     "n_fft": 2048,
     "n_mels": 128,
-    "num_mels": 32,
+    "num_mels": 16,
     "post_conv_kernel_size": 13,
     "pre_conv_kernel_size": 13,
     "resblock_dilation_sizes": [[1, 3, 5]],
@@ -147,7 +147,7 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     from diffusers import AutoencoderDC
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from acestep_triton.lyrics import build_tiny_lyric_vocab
+    from acestep_triton.lyrics import LyricTokenizer, build_tiny_lyric_vocab
     from acestep_triton.models.transformer import ACEStepTransformer
     from acestep_triton.models.vocoder import ADaMoSHiFiGAN
 
@@ -158,7 +158,7 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         vocab_path = build_tiny_lyric_vocab(tmp / LYRIC_VOCAB_FILENAME)
-        lyric_vocab_size = len(json.loads(vocab_path.read_text())["model"]["vocab"])
+        lyric_vocab_size = LyricTokenizer.from_file(vocab_path).vocab_size
 
         torch.manual_seed(seed)
         _save_component(ACEStepTransformer(lyric_encoder_vocab_size=lyric_vocab_size, **TINY_TRANSFORMER),

@@ -412,6 +412,73 @@ class Bench:
             print_pipeline_row("accel", row)
         return {"settings": settings.__dict__, "accelerate_s": accelerate_s, "rows": rows}
 
+    # -- where the time goes inside one decode, the DCAE and the vocoder
+    def profile(self) -> dict:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.ensure_models()
+        engines = self.engines
+        config = self.models["transformer"].config
+        tokens = 1 + self.results["env"]["prompt_tokens"] + self.results["env"]["lyric_tokens"]
+        from acestep_triton.acceleration import compile_blocks
+
+        compile_blocks(engines["dit_step"].module.transformer)
+        torch.backends.cudnn.benchmark = True
+        g = torch.Generator().manual_seed(3)
+        cases = {}
+        for seconds, rows in ((60.0, 1), (60.0, 2), (240.0, 2)):
+            batch = {k: v.to(self.device) for k, v in self.decode_inputs(rows, latent_frames(seconds), tokens).items()}
+            cases[f"decode_{seconds:.0f}s_rows{rows}"] = (engines["dit_step"], batch)
+        latents = torch.randn(1, config.out_channels, config.max_height, latent_frames(60.0), generator=g)
+        cases["dcae_60s"] = (engines["dcae_decoder"], {"LATENTS": latents})
+        cases["vocoder_60s"] = (engines["vocoder"], {"MEL": engines["dcae_decoder"].run({"LATENTS": latents})["MEL"]})
+        summary = {}
+        for name, (engine, batch) in cases.items():
+            for _ in range(3):
+                engine.run(batch)
+            sync(self.device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                for _ in range(2):
+                    engine.run(batch)
+                sync(self.device)
+            averages = prof.key_averages(group_by_input_shape=name.startswith(("vocoder", "dcae")))
+            table = averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70,
+                                   max_shapes_column_width=90)
+            (self.out / f"profile_{name}.txt").write_text(table)
+            kernels = sorted(((e.key, e.self_device_time_total / 2) for e in prof.key_averages()
+                              if e.self_device_time_total > 0), key=lambda kv: -kv[1])
+            total = sum(t for _, t in kernels)
+            summary[name] = {"device_ms_per_call": total / 1e3,
+                             "top": [(k[:90], round(t / 1e3, 3)) for k, t in kernels[:12]]}
+            print(f"  {name}: {total / 1e3:.2f} ms device time per call; top: "
+                  + "; ".join(f"{k[:60]} {t / 1e3:.2f}" for k, t in kernels[:8]), flush=True)
+        return summary
+
+    # -- cross-attention kernels: which SDPA path the masks take
+    def attention(self) -> dict:
+        config = ACEStepTransformer.load_config(self.config_dir / TRANSFORMER_DIR)
+        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+        rows_out = []
+        for rows, frames in ((1, latent_frames(60.0)), (2, latent_frames(240.0))):
+            for tokens in (503, 512):
+                q = torch.randn(rows, heads, frames, head_dim, device=self.device, dtype=self.dtype)
+                k = torch.randn(rows, heads, tokens, head_dim, device=self.device, dtype=self.dtype)
+                v = torch.randn_like(k)
+                valid = torch.ones(rows, tokens, device=self.device)
+                valid[:, -7:] = 0
+                masks = {"bool": valid[:, None, None, :] > 0, "none": None,
+                         "additive": torch.zeros(rows, 1, 1, tokens, device=self.device, dtype=self.dtype)
+                         .masked_fill(valid[:, None, None, :] == 0, float("-inf"))}
+                for label, mask in masks.items():
+                    call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+                    timing = time_call(call, self.device, runs=20, warmup=3)
+                    row = {"rows": rows, "frames": frames, "tokens": tokens, "mask": label,
+                           "us": timing["median_s"] * 1e6}
+                    rows_out.append(row)
+                    print(f"  sdpa rows {rows} frames {frames} tokens {tokens} mask {label:>8}: {row['us']:8.1f} us",
+                          flush=True)
+        return {"rows": rows_out}
+
     # -- numerics: bf16 vs float32
     def numerics(self) -> dict:
         self.models = self.engines = self.pipe = None

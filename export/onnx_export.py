@@ -18,7 +18,10 @@ TorchScript exporter (`dynamo=False`) was tried first and fails four of them: dc
 (diffusers' `movedim(-1, 1)` becomes a Transpose with perm -1, which ONNX Runtime rejects),
 vocoder (the 44.1 -> 48 kHz output length is computed in Python, so tracing bakes it in: wrong
 length at any other input length), text_encoder (`torch.func.functional_call` is not traceable)
-and dit_step (no `aten::rms_norm` symbolic). The graph is written without onnxscript's optimiser
+and dit_step (no `aten::rms_norm` symbolic). torch.export runs in strict (Dynamo) mode: non-strict
+mode cannot keep the vocoder's length symbolic (it goes through `.item()`), and it runs the
+modules' Python on fake tensors, so a Python-side cache (the lru_cache of
+`audio.sinc_resample_kernel`) keeps a fake tensor that breaks every later eager call. The graph is written without onnxscript's optimiser
 (`optimize=False`): in onnxscript 0.7.2 it drops the `+ 1e-15` of the DCAE's linear attention
 denominator, turning 0/0 into NaN; ONNX Runtime and TensorRT optimise the graph at load anyway.
 """
@@ -81,7 +84,6 @@ class ExportReport:
     component: str
     onnx_bytes: int
     external_data: bool
-    strict_export: bool
     seconds: float
     parity: dict[str, float]
     parity_shapes: dict[str, list[int]]
@@ -136,25 +138,13 @@ def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
 
 
 def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: ComponentSpec,
-                  label: str) -> tuple[torch.export.ExportedProgram, bool]:
-    """Non-strict torch.export, then strict (Dynamo) if that fails, as torch.onnx itself tries them.
-
-    The vocoder needs strict: its resampled length goes through a tensor and `.item()`, which
-    only Dynamo keeps symbolic. Returns the program and whether strict mode made it.
-    """
+                  label: str) -> torch.export.ExportedProgram:
+    """torch.export in strict (Dynamo) mode; see the module docstring for why not non-strict."""
     try:
-        with stage(f"{label}: torch.export (non-strict)"):
-            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec), strict=False), False
-    except Exception as non_strict:  # noqa: BLE001 - any tracing failure means "try Dynamo"
-        print(f"{label}: non-strict export failed ({type(non_strict).__name__}); trying strict mode")
-        try:
-            with stage(f"{label}: torch.export (strict)"):
-                return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec), strict=True), True
-        except Exception as strict:
-            raise ExportError(
-                f"{spec.name}: torch.export failed in both modes: non-strict {type(non_strict).__name__}: "
-                f"{str(non_strict)[:300]}; strict {type(strict).__name__}: {str(strict)[:300]}"
-            ) from strict
+        with stage(f"{label}: torch.export"):
+            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec), strict=True)
+    except Exception as error:  # noqa: BLE001 - any tracing failure is reported the same way
+        raise ExportError(f"{spec.name}: torch.export failed: {type(error).__name__}: {str(error)[:2000]}") from error
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -185,7 +175,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, ckpt: Checkpoint, 
     label = f"onnx {spec.name}"
     start = time.perf_counter()
     args = tuple(sample_inputs(spec.name, ckpt, EXPORT_SIZES, seed=0).values())
-    program, strict = _torch_export(module, args, spec, label)
+    program = _torch_export(module, args, spec, label)
     with stage(f"{label}: translate to ONNX (opset {opset})"):
         onnx_program = torch.onnx.export(
             program, args, input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
@@ -206,7 +196,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, ckpt: Checkpoint, 
                           f"the graph is left at {path}")
     data = path.with_name(path.name + ".data")
     size = path.stat().st_size + (data.stat().st_size if external else 0)
-    return ExportReport(spec.name, size, external, strict, round(time.perf_counter() - start, 1),
+    return ExportReport(spec.name, size, external, round(time.perf_counter() - start, 1),
                         parity.errors, {k: list(v) for k, v in parity.shapes.items()})
 
 

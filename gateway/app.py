@@ -151,7 +151,7 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
             "Server-Timing": _server_timing(timings),
             "X-Actual-Seeds": ",".join(str(s) for s in result.seeds),
             "X-Output-Files": ",".join(names),
-            "X-Audio-Duration": f"{result.duration_s:.6f}",
+            "X-Audio-Duration": f"{result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE:.6f}",
         }
         return Response(content=wav_bytes, media_type="audio/wav", headers=headers)
 
@@ -230,7 +230,8 @@ def _write_sidecars(
                 "actual_seeds": list(result.seeds),
                 "audio_path": paths[index],
                 "audio_paths": paths,
-                "audio_duration": result.duration_s,
+                "audio_duration": result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE,
+                "target_duration": result.duration_s,
                 "sample_rate": OUTPUT_SAMPLE_RATE,
                 "timings": timings,
                 "triton": {"url": settings.triton_url, "protocol": settings.triton_protocol, "model": ENSEMBLE_NAME},

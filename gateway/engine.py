@@ -42,7 +42,8 @@ class GenerationResult:
 
     waveforms: [items, 2, samples] float32 at OUTPUT_SAMPLE_RATE, one item per seed.
     seeds: the seed each item was drawn with (len == items).
-    duration_s: seconds of audio actually generated (resolves a requested -1).
+    duration_s: the target duration in seconds (a requested -1 resolved); the waveform is that rounded
+        to whole latent frames.
     stage_seconds: seconds per pipeline stage, keyed by contract.STAGES.
     connect_seconds: seconds spent building a Triton client for this request (0 when reused).
     """

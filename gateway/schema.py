@@ -156,7 +156,10 @@ GENERATE_HEADERS = {
         "each has a JSON sidecar <stem>_input_params.json with the request, seeds and timings.",
         "string",
     ),
-    "X-Audio-Duration": _header("Seconds of audio generated (resolves audio_duration -1)."),
+    "X-Audio-Duration": _header(
+        "Seconds of audio in the file (the requested duration, or the random one for -1, "
+        "rounded to the model's latent frame)."
+    ),
 }
 
 DOWNLOAD_HEADERS = {

@@ -50,6 +50,7 @@ def triton_server_factory(tmp_path_factory: pytest.TempPathFactory):
         key = repr((str(Path(model_repository).resolve()), sorted(options.items())))
         if key not in servers:
             log_path = tmp_path_factory.mktemp("tritonserver") / "server.log"
+            options.setdefault("startup_timeout_s", 900)
             server = TritonServer(model_repository, log_path=log_path, **options)
             server.start()
             servers[key] = server

@@ -8,6 +8,7 @@ in requirements.txt; the golden files hold the pipeline's own output.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,11 @@ def test_empty_lyrics_and_lines(tokenizer: LyricTokenizer) -> None:
         ("It was the 21st of May", "en", "it was the twenty-first of may"),
         ("100,000 voices", "en", "one hundred thousand voices"),
         ("Mrs. Smith & Dr. Who at 50% #1", "en", "misess smith and doctor who at fifty percent hash one"),
-        ("Das macht 20,15€, Herr Dr. Müller", "de", "das macht zwanzig Euro und fünfzehn Cent, herr doktor müller"),
+        (
+            "Das macht 20,15€, Herr Dr. Müller",
+            "de",
+            "das macht zwanzig Euro und fünfzehn Cent, herr doktor müller",
+        ),
         ("Ceci est un 1er test à 12,5 °", "fr", "ceci est un premier test à douze virgule cinq degrés"),
         ("İSTANBUL ÖZEL ÜÇ 2.000 kişi", "tr", "istanbul özel üç ikibin kişi"),
         # num2words has no Czech ordinals: the whole number step is dropped, as upstream does.
@@ -157,7 +162,8 @@ def test_tiny_vocab_round_trips(tiny_tokenizer: LyricTokenizer, tokenizer: Lyric
     ids = tiny_tokenizer.tokenize(line)
     encoded = tiny_tokenizer.tokenize_line(line)
     assert max(ids) < tiny_tokenizer.vocab_size
-    assert tiny_tokenizer.decode(ids) == f"[START]{language_tag(encoded.language)}{normalize_line(line, encoded.language)} "
+    normalized = normalize_line(line, encoded.language)
+    assert tiny_tokenizer.decode(ids) == f"[START]{language_tag(encoded.language)}{normalized} "
     assert tiny_tokenizer.decode(ids) == tokenizer.decode(tokenizer.tokenize(line))
 
 
@@ -173,14 +179,14 @@ def test_tiny_vocab_is_small_and_complete(tiny_tokenizer: LyricTokenizer) -> Non
 
 def test_missing_vocab_names_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "vocab.json"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         LyricTokenizer.from_file(missing)
 
 
 def test_invalid_vocab_names_path(tmp_path: Path) -> None:
     broken = tmp_path / "vocab.json"
     broken.write_text("{not json", encoding="utf-8")
-    with pytest.raises(ValueError, match=str(broken)):
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
         LyricTokenizer.from_file(broken)
 
 

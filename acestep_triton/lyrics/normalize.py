@@ -47,7 +47,9 @@ ABBREVIATIONS: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
         "drs=doctors;rev=reverend;lt=lieutenant;hon=honorable;sgt=sergeant;capt=captain;"
         "esq=esquire;ltd=limited;col=colonel;ft=fort"
     ),
-    "es": _abbreviation_rules("sra=señora;sr=señor;dr=doctor;dra=doctora;st=santo;co=compañía;jr=junior;ltd=limitada"),
+    "es": _abbreviation_rules(
+        "sra=señora;sr=señor;dr=doctor;dra=doctora;st=santo;co=compañía;jr=junior;ltd=limitada"
+    ),
     "fr": _abbreviation_rules("mme=madame;mr=monsieur;dr=docteur;st=saint;co=compagnie;jr=junior;ltd=limitée"),
     "de": _abbreviation_rules("fr=frau;dr=doktor;st=sankt;co=firma;jr=junior"),
     "pt": _abbreviation_rules(

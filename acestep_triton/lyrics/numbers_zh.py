@@ -239,7 +239,9 @@ def _ssml_date(text: str) -> str:
             year = parts[0]
         else:
             day = parts[0]
-        date = _with_unit(_each_digit(year), "年") + _with_unit(_amounts(month), "月") + _with_unit(_amounts(day), "日")
+        date = "".join(
+            (_with_unit(_each_digit(year), "年"), _with_unit(_amounts(month), "月"), _with_unit(_amounts(day), "日"))
+        )
         date = re.sub(r"([年|月|日])+", r"\1", date)
     clock = re.sub(r"[\/\.\-：_]", ":", time_text).split(":")
     hours = minutes = seconds = ""

@@ -9,7 +9,7 @@ For each line of the lyrics (split at "\\n", stripped):
   `[zh-cn]`, ...), its spaces become `[SPACE]`, and the BPE vocabulary encodes it;
 - every line ends with the line-end id (the `[SPACE]` token).
 
-The sequence starts with `[START]`. A line whose normalisation fails is left out entirely (no
+The sequence starts with `[START]`. A line whose normalisation or encoding fails is left out (no
 line end either), as upstream does; it is logged.
 
 `tokenize("")` returns `[START, line end]` (one empty line), which is what upstream's
@@ -123,7 +123,8 @@ class LyricTokenizer:
             ids = self.encode(text, language)
         except Exception as error:  # noqa: BLE001 - upstream drops the line on any encode error
             logger.warning("lyric line %r (%s) left out: %s", text, language, error)
-            return TokenizedLine(text, detected, language, is_structure_tag, (), f"{type(error).__name__}: {error}")
+            reason = f"{type(error).__name__}: {error}"
+            return TokenizedLine(text, detected, language, is_structure_tag, (), reason)
         return TokenizedLine(text, detected, language, is_structure_tag, tuple(ids))
 
     def tokenize(self, lyrics: str) -> list[int]:
