@@ -9,7 +9,10 @@
 - vocoder: mels are decoded in fixed windows (ADaMoSHiFiGAN.decode_windowed, equal to a whole
   decode up to rounding), each window replayed from one CUDA graph: any length, bounded memory,
   one set of cuDNN algorithms.
-- cuDNN benchmark mode picks the fastest convolution algorithms for the shapes it sees.
+- vocoder head in channels-last layout (HiFiGANHead.channels_last): cuDNN convolves NHWC data
+  directly instead of transposing around every convolution.
+- cuDNN benchmark mode picks the fastest convolution algorithms for the shapes it sees; float32
+  matrix products (only the linear attention's) use TF32, as upstream's GPU pipeline sets.
 
 `accelerate_engine` also warms each component up, so compilation and capture happen at load.
 """
@@ -37,7 +40,9 @@ class Acceleration:
     max_graphs: int = 8
     vocoder_window_frames: int | None = 4096  # mel frames (~47.5 s of audio); None decodes whole
     vocoder_graphs: bool = True
+    vocoder_channels_last: bool = True
     cudnn_benchmark: bool = True
+    tf32_matmul: bool = True
     dcae_channels_last: bool = False
 
 
@@ -138,6 +143,7 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
     if engine.device.type != "cuda":
         raise ValueError(f"accelerate: the gpu speed-ups need a CUDA device, got {engine.device}")
     torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = settings.tf32_matmul
     module = engine.module
     if name == "dit_step":
         if settings.compile_blocks:
@@ -147,6 +153,7 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
         for rows in (1, 2):
             engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, 3 * settings.token_bucket))
     elif name == "vocoder":
+        module.vocoder.head.channels_last = settings.vocoder_channels_last
         module.window_frames = settings.vocoder_window_frames
         if settings.vocoder_window_frames is not None:
             if settings.vocoder_graphs:

@@ -257,6 +257,10 @@ class Bench:
         self.pipe: Text2MusicPipeline | None = None
         self.vocab_size = json.loads((self.config_dir / TEXT_ENCODER_DIR / "config.json").read_text())["vocab_size"]
 
+    def settings(self) -> Acceleration:
+        """The gpu profile, with the vocoder window from the command line (0: whole decode)."""
+        return Acceleration(vocoder_window_frames=self.args.vocoder_window or None)
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
@@ -333,6 +337,7 @@ class Bench:
                       f"{row['tflops_per_s']:6.1f} TFLOP/s", flush=True)
 
         measure("eager")
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the gpu profile (and upstream's GPU pipeline)
         start = time.perf_counter()
         from acestep_triton.acceleration import compile_blocks
 
@@ -371,26 +376,25 @@ class Bench:
             g = torch.Generator().manual_seed(3)
             latents = {"LATENTS": torch.randn(1, config.out_channels, config.max_height, frames, generator=g)}
             mel = {"MEL": dcae_engine.run(latents)["MEL"]}
-            for benchmark in (False, True):
-                torch.backends.cudnn.benchmark = benchmark
-                record("dcae", f"cudnn_benchmark={benchmark}", seconds, lambda: dcae_engine.run(latents))
-                record("vocoder", f"whole cudnn_benchmark={benchmark}", seconds, lambda: vocoder_engine.run(mel))
-            dcae_engine.module.to(memory_format=torch.channels_last)
-            record("dcae", "channels_last benchmark", seconds, lambda: dcae_engine.run(latents))
-            dcae_engine.module.to(memory_format=torch.contiguous_format)
             module = vocoder_engine.module
-            for window in (2048, 4096):
-                module.window_frames = window
-                module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
-                record("vocoder", f"window {window} + graph", seconds, lambda: vocoder_engine.run(mel))
-            module.window_frames, module.decode_window = None, module.vocoder.decode
-        torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.benchmark = True
+            record("dcae", "cudnn_benchmark", seconds, lambda: dcae_engine.run(latents))
+            for channels_last in (False, True):
+                module.vocoder.head.channels_last = channels_last
+                layout = "channels-last" if channels_last else "NCL"
+                record("vocoder", f"whole {layout}", seconds, lambda: vocoder_engine.run(mel))
+                for window in (1024, 2048):
+                    module.window_frames = window
+                    module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
+                    record("vocoder", f"window {window} + graph {layout}", seconds, lambda: vocoder_engine.run(mel))
+                module.window_frames, module.decode_window = None, module.vocoder.decode
+            module.vocoder.head.channels_last = False
         return {"rows": results}
 
     # -- the accelerated pipeline
     def pipeline(self) -> dict:
         self.ensure_models()
-        settings = Acceleration(vocoder_window_frames=self.args.vocoder_window)
+        settings = self.settings()
         reset_memory(self.device)
         accelerate_s = accelerate_all(self.engines, settings)
         print(f"  accelerate + warm-up: {json.dumps({k: round(v, 1) for k, v in accelerate_s.items()})}", flush=True)
@@ -483,8 +487,6 @@ class Bench:
     def numerics(self) -> dict:
         self.models = self.engines = self.pipe = None
         reset_memory(self.device)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         reference_models = build_models(self.config_dir, self.device)
         low_models = {k: copy.deepcopy(m).to(self.dtype) for k, m in reference_models.items()}
         variants = {
@@ -493,7 +495,7 @@ class Bench:
         }
         if self.device.type == "cuda":
             accelerated = make_engines(copy.deepcopy(low_models), self.config_dir, self.device, self.dtype)
-            accelerate_all(accelerated, Acceleration(vocoder_window_frames=self.args.vocoder_window))
+            accelerate_all(accelerated, self.settings())
             variants[f"{self.args.dtype} accelerated"] = accelerated
         self.models = low_models  # decode_inputs reads the config
         tokens = 1 + self.results["env"].get("prompt_tokens", 33) + self.results["env"].get("lyric_tokens", 400)
@@ -501,6 +503,8 @@ class Bench:
         params = request(self.args.numerics_duration, 27)
         outputs = {}
         for name, engines in variants.items():
+            # float32 products in float32 for the reference; TF32 for the rest, as upstream's GPU pipeline
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name != "float32"
             velocity = engines["dit_step"].run(decode_batch)["VELOCITY"].cpu()
             captured = {}
             dcae_run = engines["dcae_decoder"].run
@@ -610,7 +614,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eager-config", default="60:27", help="seconds:steps of the eager section")
     parser.add_argument("--decode-runs", type=int, default=10)
     parser.add_argument("--decoder-runs", type=int, default=3)
-    parser.add_argument("--vocoder-window", type=int, default=Acceleration().vocoder_window_frames)
+    parser.add_argument("--vocoder-window", type=int, default=Acceleration().vocoder_window_frames or 0,
+                        help="vocoder window in mel frames for the gpu profile; 0 decodes whole")
     parser.add_argument("--numerics-duration", type=float, default=20.0)
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip sections started after this")
     parser.add_argument("--device", default="cuda")

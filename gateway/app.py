@@ -60,7 +60,9 @@ def check_deployment(request: GenerateRequest, settings: Settings) -> None:
             raise ParameterError(field, f"this deployment serves {field}={json.dumps(served_value)}, got {json.dumps(value)}")
 
 
-def _timings(result: GenerationResult, gateway_prep_s: float, triton_s: float, write_s: float, total_s: float):
+def _timings(
+    result: GenerationResult, gateway_prep_s: float, triton_s: float, write_s: float, total_s: float
+) -> dict[str, Any]:
     """Per-request seconds: the contract's four headers' values plus every stage."""
     stages = result.stage_seconds
     return {

@@ -82,3 +82,15 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
 def acestep_triton_server(triton_server_factory, model_repository: Path):
     """One real tritonserver per session serving the whole `acestep` ensemble on the tiny checkpoint."""
     return triton_server_factory(model_repository)
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tmp_path_factory: pytest.TempPathFactory, golden_ckpt: Path) -> Path:
+    """The five components of the golden tiny checkpoint exported once (export.onnx_export), each
+    already checked against PyTorch by the export itself; `<dir>/<component>.onnx`."""
+    from export.onnx_export import COMPONENTS, export_component
+
+    out = tmp_path_factory.mktemp("onnx")
+    for name in COMPONENTS:
+        export_component(name, golden_ckpt, out)
+    return out

@@ -44,6 +44,12 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
+def _project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for x [B, L, C] as one [B*L, C] matrix product: under torch.compile with a dynamic
+    batch, a 3-D input becomes a batched product against a broadcast weight, several times slower."""
+    return layer(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
 def _scale_rows(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """Multiply batch item b of `x` [B, ...] by `scale[b]`; identity when `scale` is None."""
     if scale is None:
@@ -77,9 +83,9 @@ class LinearSelfAttention(nn.Module):
         """hidden_states [B, T, C], frame_mask [B, T] (1 valid, 0 padded), rotary cos/sin
         broadcastable to [B, H, T, D], q_scale [B] or None -> [B, T, C]."""
         dtype = hidden_states.dtype
-        query = _split_heads(_scale_rows(self.to_q(hidden_states), q_scale), self.heads)
-        key = _split_heads(self.to_k(hidden_states), self.heads)
-        value = _split_heads(self.to_v(hidden_states), self.heads)
+        query = _split_heads(_scale_rows(_project(self.to_q, hidden_states), q_scale), self.heads)
+        key = _split_heads(_project(self.to_k, hidden_states), self.heads)
+        value = _split_heads(_project(self.to_v, hidden_states), self.heads)
 
         query = apply_rotary(query, *rotary)
         key = apply_rotary(key, *rotary)
@@ -94,7 +100,7 @@ class LinearSelfAttention(nn.Module):
         summed = (value_rows @ key) @ query.transpose(-1, -2)  # [B, H, D+1, T]
         out = summed[:, :, :-1] / (summed[:, :, -1:] + LINEAR_ATTENTION_EPS)  # [B, H, D, T]
         out = out.flatten(1, 2).transpose(1, 2).to(dtype)  # [B, T, H*D]
-        return self.to_out[0](out)
+        return _project(self.to_out[0], out)
 
 
 class CrossAttention(nn.Module):
@@ -130,13 +136,13 @@ class CrossAttention(nn.Module):
         """hidden_states [B, T, C], encoder_states [B, S, C], encoder_mask [B, S] (1 valid),
         rotary cos/sin broadcastable to [B, H, T, D], encoder_rotary to [B, H, S, D],
         q_scale [B] or None -> [B, T, C]."""
-        query = _split_heads(_scale_rows(self.to_q(hidden_states), q_scale), self.heads)
-        key = _split_heads(self.to_k(encoder_states), self.heads)
-        value = _split_heads(self.to_v(encoder_states), self.heads)
+        query = _split_heads(_scale_rows(_project(self.to_q, hidden_states), q_scale), self.heads)
+        key = _split_heads(_project(self.to_k, encoder_states), self.heads)
+        value = _split_heads(_project(self.to_v, encoder_states), self.heads)
 
         query = apply_rotary(query, *rotary)
         key = apply_rotary(key, *encoder_rotary)
 
         attend = encoder_mask[:, None, None, :] > 0
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        return _project(self.to_out[0], out.transpose(1, 2).flatten(2))

@@ -105,7 +105,7 @@ def _depthwise_conv_frames(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 class GLUMBConv(nn.Module):
     """Feed-forward over frames: 1x1 expand + SiLU, depthwise conv (k=3), SiLU-gated GLU, 1x1 project.
 
-    The checkpoint stores Conv1d weights; the 1x1 convs run as linear layers on [B, T, C].
+    The checkpoint stores Conv1d weights; the 1x1 convs run as linear layers on [B*T, C] rows.
     """
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
@@ -117,10 +117,12 @@ class GLUMBConv(nn.Module):
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], frame_mask [B, T] -> [B, T, D]. Padded frames are zeroed before the
         depthwise conv so they look like the conv's own zero padding to their valid neighbours."""
+        rows = x.shape[:2]
         expand, project = self.inverted_conv.conv, self.point_conv.conv
-        x = F.silu(F.linear(x, expand.weight[..., 0], expand.bias)) * frame_mask[:, :, None].to(x.dtype)
+        x = F.linear(x.flatten(0, 1), expand.weight[..., 0], expand.bias).unflatten(0, rows)
+        x = F.silu(x) * frame_mask[:, :, None].to(x.dtype)
         x, gate = _depthwise_conv_frames(x, self.depth_conv.conv).chunk(2, dim=-1)
-        return F.linear(x * F.silu(gate), project.weight[..., 0])
+        return F.linear((x * F.silu(gate)).flatten(0, 1), project.weight[..., 0]).unflatten(0, rows)
 
 
 class LinearTransformerBlock(nn.Module):

@@ -46,14 +46,22 @@ def _split_weight(conv: nn.Module) -> None:
 
 
 class WeightNormConv1d(nn.Conv1d):
-    """Conv1d with weight `weight_g * weight_v / ||weight_v||` (norm per output channel)."""
+    """Conv1d with weight `weight_g * weight_v / ||weight_v||` (norm per output channel).
+
+    Also takes x [B, C, 1, L] (HiFiGANHead's channels-last mode): the same convolution as a
+    (1, k) Conv2d, which cuDNN runs on channels-last data without layout transposes.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _split_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, torch._weight_norm(self.weight_v, self.weight_g, 0), self.bias)
+        weight = torch._weight_norm(self.weight_v, self.weight_g, 0)
+        if x.dim() == 4:
+            return F.conv2d(x, weight[:, :, None], self.bias, (1, *self.stride), (0, *self.padding),
+                            (1, *self.dilation), self.groups)
+        return self._conv_forward(x, weight, self.bias)
 
 
 class WeightNormConvTranspose1d(nn.ConvTranspose1d):
@@ -64,7 +72,11 @@ class WeightNormConvTranspose1d(nn.ConvTranspose1d):
         _split_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, L], or [B, C, 1, L] as in WeightNormConv1d."""
         weight = torch._weight_norm(self.weight_v, self.weight_g, 0)
+        if x.dim() == 4:
+            return F.conv_transpose2d(x, weight[:, :, None], self.bias, (1, *self.stride), (0, *self.padding),
+                                      (0, *self.output_padding), self.groups, (1, *self.dilation))
         return F.conv_transpose1d(
             x, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
         )
@@ -155,7 +167,11 @@ class ResBlock(nn.Module):
 
 
 class HiFiGANHead(nn.Module):
-    """Features [B, in_channels, F] -> waveform [B, 1, F * prod(upsample_rates)] in [-1, 1]."""
+    """Features [B, in_channels, F] -> waveform [B, 1, F * prod(upsample_rates)] in [-1, 1].
+
+    With `channels_last` set (the gpu profile does), activations are held as [B, C, 1, L] in
+    channels-last memory: the same arithmetic, but cuDNN convolves without NCHW/NHWC transposes.
+    """
 
     def __init__(
         self,
@@ -186,8 +202,11 @@ class HiFiGANHead(nn.Module):
         self.conv_post = WeightNormConv1d(
             widths[-1], 1, post_conv_kernel_size, padding=_same_padding(post_conv_kernel_size)
         )
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x[:, :, None].contiguous(memory_format=torch.channels_last)
         x = self.conv_pre(x)
         for stage, upsample in enumerate(self.ups):
             x = upsample(F.silu(x))
@@ -197,7 +216,8 @@ class HiFiGANHead(nn.Module):
             for block in blocks[1:]:
                 summed = summed + block(x)
             x = summed / self.resblocks_per_stage
-        return torch.tanh(self.conv_post(F.silu(x)))
+        wave = torch.tanh(self.conv_post(F.silu(x)))
+        return wave[:, :, 0] if self.channels_last else wave
 
 
 def _hz_to_slaney_mel(hz: float) -> float:
