@@ -416,46 +416,71 @@ class Bench:
             print_pipeline_row("accel", row)
         return {"settings": settings.__dict__, "accelerate_s": accelerate_s, "rows": rows}
 
-    # -- where the time goes inside one decode, the DCAE and the vocoder
+    # -- where the time goes: profiler tables, matmul ceilings, cuDNN heuristics vs benchmark mode
     def profile(self) -> dict:
         from torch.profiler import ProfilerActivity, profile
+
+        from acestep_triton.acceleration import compile_blocks
 
         self.ensure_models()
         engines = self.engines
         config = self.models["transformer"].config
         tokens = 1 + self.results["env"]["prompt_tokens"] + self.results["env"]["lyric_tokens"]
-        from acestep_triton.acceleration import compile_blocks
-
+        torch.backends.cuda.matmul.allow_tf32 = True
         compile_blocks(engines["dit_step"].module.transformer)
-        torch.backends.cudnn.benchmark = True
-        g = torch.Generator().manual_seed(3)
-        cases = {}
-        for seconds, rows in ((60.0, 1), (60.0, 2), (240.0, 2)):
+        summary: dict = {"tables": {}, "matmul": [], "vocoder": []}
+        for seconds, rows in ((60.0, 1), (240.0, 2)):
             batch = {k: v.to(self.device) for k, v in self.decode_inputs(rows, latent_frames(seconds), tokens).items()}
-            cases[f"decode_{seconds:.0f}s_rows{rows}"] = (engines["dit_step"], batch)
-        latents = torch.randn(1, config.out_channels, config.max_height, latent_frames(60.0), generator=g)
-        cases["dcae_60s"] = (engines["dcae_decoder"], {"LATENTS": latents})
-        cases["vocoder_60s"] = (engines["vocoder"], {"MEL": engines["dcae_decoder"].run({"LATENTS": latents})["MEL"]})
-        summary = {}
-        for name, (engine, batch) in cases.items():
+            name = f"decode_{seconds:.0f}s_rows{rows}"
             for _ in range(3):
-                engine.run(batch)
+                engines["dit_step"].run(batch)
             sync(self.device)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-                for _ in range(2):
-                    engine.run(batch)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engines["dit_step"].run(batch)
                 sync(self.device)
-            averages = prof.key_averages(group_by_input_shape=name.startswith(("vocoder", "dcae")))
-            table = averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70,
-                                   max_shapes_column_width=90)
-            (self.out / f"profile_{name}.txt").write_text(table)
-            kernels = sorted(((e.key, e.self_device_time_total / 2) for e in prof.key_averages()
-                              if e.self_device_time_total > 0), key=lambda kv: -kv[1])
+            kernels = sorted(((e.key, e.self_device_time_total) for e in prof.key_averages()
+                              if e.self_device_time_total > 0 and not e.key.startswith(("## ", "aten::"))),
+                             key=lambda kv: -kv[1])
             total = sum(t for _, t in kernels)
-            summary[name] = {"device_ms_per_call": total / 1e3,
-                             "top": [(k[:90], round(t / 1e3, 3)) for k, t in kernels[:12]]}
-            print(f"  {name}: {total / 1e3:.2f} ms device time per call; top: "
-                  + "; ".join(f"{k[:60]} {t / 1e3:.2f}" for k, t in kernels[:8]), flush=True)
+            summary["tables"][name] = {"kernel_ms": total / 1e3, "top": [(k[:110], t / 1e3) for k, t in kernels[:25]]}
+            (self.out / f"profile_{name}.txt").write_text(
+                f"{total / 1e3:.2f} ms of kernels\n" + "\n".join(f"{t / 1e3:8.3f} ms  {k[:150]}" for k, t in kernels))
+            print(f"  {name}: {total / 1e3:.2f} ms of kernels; " + "; ".join(
+                f"{k[:50]} {t / 1e3:.2f}" for k, t in kernels[:6]), flush=True)
+        dim, ff = config.inner_dim, int(config.inner_dim * config.mlp_ratio)
+        for m in (latent_frames(60.0), 2 * latent_frames(240.0)):
+            for k, n in ((dim, dim), (dim, 2 * ff), (ff, dim), (dim, 3 * dim)):
+                a = torch.randn(m, k, device=self.device, dtype=self.dtype)
+                b = torch.randn(n, k, device=self.device, dtype=self.dtype)
+                timing = time_call(lambda: a @ b.T, self.device, runs=20, warmup=3)
+                row = {"m": m, "k": k, "n": n, "us": timing["median_s"] * 1e6,
+                       "tflops_per_s": 2 * m * k * n / timing["median_s"] / 1e12}
+                summary["matmul"].append(row)
+                print(f"  matmul {m}x{k}x{n}: {row['us']:.1f} us {row['tflops_per_s']:.0f} TFLOP/s", flush=True)
+        vocoder_engine, dcae_engine = engines["vocoder"], engines["dcae_decoder"]
+        module = vocoder_engine.module
+        module.vocoder.head.channels_last = True
+        torch.backends.cudnn.benchmark = False
+        for seconds in (60.0, 240.0, 100.0):
+            latents = torch.randn(1, config.out_channels, config.max_height, latent_frames(seconds))
+            mel = {"MEL": dcae_engine.run({"LATENTS": latents})["MEL"]}
+            for window in (None, 2048, 4096):
+                module.window_frames = window
+                module.decode_window = (module.vocoder.decode if window is None
+                                        else CudaGraphs(module.vocoder.decode, max_graphs=2))
+                sync(self.device)
+                first_start = time.perf_counter()
+                vocoder_engine.run(mel)
+                sync(self.device)
+                first = time.perf_counter() - first_start
+                timing = time_call(lambda: vocoder_engine.run(mel), self.device, runs=3, warmup=0)
+                row = {"audio_s": seconds, "window": window, "cudnn_benchmark": False, "first_call_s": first,
+                       "ms": timing["median_s"] * 1e3}
+                summary["vocoder"].append(row)
+                print(f"  vocoder channels-last benchmark off {seconds:.0f}s window {window}: {row['ms']:.1f} ms "
+                      f"(first {first * 1e3:.0f} ms)", flush=True)
+        module.window_frames, module.decode_window = None, module.vocoder.decode
+        module.vocoder.head.channels_last = False
         return summary
 
     # -- cross-attention kernels: which SDPA path the masks take
