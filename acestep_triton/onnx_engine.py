@@ -74,4 +74,5 @@ class OnnxEngine:
             value = batch[t.name].detach().to("cpu").numpy()
             feeds[t.name] = np.ascontiguousarray(value, dtype=NUMPY_DTYPES[t.dtype])
         outputs = self.session.run(self.output_names, feeds)
-        return {name: torch.from_numpy(np.asarray(out, dtype=np.float32)) for name, out in zip(self.output_names, outputs)}
+        return {name: torch.from_numpy(np.asarray(out, dtype=np.float32))
+                for name, out in zip(self.output_names, outputs)}

@@ -55,20 +55,22 @@ def triton_io(onnx_path: str | os.PathLike) -> tuple[tuple[TensorSpec, ...], tup
 
 
 def _mismatches(kind: str, wanted: tuple[TensorSpec, ...], graph_tensors: list[tuple[TensorSpec, bool]]) -> list[str]:
-    problems = []
+    """Differences of one side ("input" or "output") of the graph from the spec's tensors."""
     got_names = [t.name for t, _ in graph_tensors]
     if got_names != [t.name for t in wanted]:
-        return [f"{kind} are {got_names}, the spec wants {[t.name for t in wanted]}"]
+        return [f"{kind}s are {got_names}, the spec wants {[t.name for t in wanted]}"]
+    problems = []
     for want, (got, batch_symbolic) in zip(wanted, graph_tensors):
+        where = f"{kind} {want.name}"
         if got.dtype != want.dtype:
-            problems.append(f"{kind[:-1]} {want.name} is {got.dtype}, the spec wants {want.dtype}")
+            problems.append(f"{where} is {got.dtype}, the spec wants {want.dtype}")
         if not batch_symbolic:
-            problems.append(f"{kind[:-1]} {want.name} has a fixed batch axis")
+            problems.append(f"{where} has a fixed batch axis")
         if len(got.dims) != len(want.dims):
-            problems.append(f"{kind[:-1]} {want.name} has rank {1 + len(got.dims)}, the spec wants {1 + len(want.dims)}")
+            problems.append(f"{where} has rank {1 + len(got.dims)}, the spec wants {1 + len(want.dims)}")
         elif got.dims != want.dims:
-            problems.append(f"{kind[:-1]} {want.name} has dims [batch, {', '.join(map(str, got.dims))}], the spec "
-                            f"wants [batch, {', '.join(map(str, want.dims))}] (-1 = variable)")
+            problems.append(f"{where} has dims [batch, {', '.join(map(str, got.dims))}], the spec wants "
+                            f"[batch, {', '.join(map(str, want.dims))}] (-1 = variable)")
     return problems
 
 
@@ -76,5 +78,5 @@ def io_mismatches(spec: ComponentSpec, onnx_path: str | os.PathLike) -> list[str
     """Every way the graph's I/O differs from the spec: names and order, dtypes, ranks, and each
     axis that the spec has variable (-1) but the graph fixed, or the other way round. Empty if none."""
     graph, path = _graph(onnx_path)
-    return (_mismatches("inputs", spec.inputs, [_tensor(v, path) for v in graph.input])
-            + _mismatches("outputs", spec.outputs, [_tensor(v, path) for v in graph.output]))
+    return (_mismatches("input", spec.inputs, [_tensor(v, path) for v in graph.input])
+            + _mismatches("output", spec.outputs, [_tensor(v, path) for v in graph.output]))

@@ -4,8 +4,8 @@
 
 Artifacts, per component, in --out: `<name>.onnx` (plus `<name>.onnx.data` when the weights pass
 EXTERNAL_DATA_BYTES, the protobuf limit being 2 GB) and `<name>.json`, the manifest, written last.
-A component whose manifest matches the checkpoint folder, model code, opset and torch version is
-skipped ("cached"); anything else is rebuilt and `--force` rebuilds regardless.
+A component whose manifest matches the checkpoint folder, the code (GRAPH_CODE), opset and torch
+version is skipped ("cached"); anything else is rebuilt and `--force` rebuilds regardless.
 
 Each export: the component module (acestep_triton.components) in float32 on the CPU ->
 torch.export with every batch and -1 axis of the spec dynamic -> ONNX (I/O named as the spec) ->
@@ -13,7 +13,7 @@ saved -> graph I/O checked against the spec -> loaded by ONNX Runtime and run on
 inputs of other lengths than the export sample (a shape baked into the graph fails there), with
 PyTorch on the same inputs; the export fails if the relative error passes the bound.
 
-Exporter choice (torch 2.13): the torch.export-based exporter (`dynamo=True`), for all five. The
+Exporter choice (torch 2.13): the torch.export-based exporter (`dynamo=True`) for all five. The
 TorchScript exporter (`dynamo=False`) was tried first and fails four of them: dcae_decoder
 (diffusers' `movedim(-1, 1)` becomes a Transpose with perm -1, which ONNX Runtime rejects),
 vocoder (the 44.1 -> 48 kHz output length is computed in Python, so tracing bakes it in: wrong
@@ -21,9 +21,10 @@ length at any other input length), text_encoder (`torch.func.functional_call` is
 and dit_step (no `aten::rms_norm` symbolic). torch.export runs in strict (Dynamo) mode: non-strict
 mode cannot keep the vocoder's length symbolic (it goes through `.item()`), and it runs the
 modules' Python on fake tensors, so a Python-side cache (the lru_cache of
-`audio.sinc_resample_kernel`) keeps a fake tensor that breaks every later eager call. The graph is written without onnxscript's optimiser
-(`optimize=False`): in onnxscript 0.7.2 it drops the `+ 1e-15` of the DCAE's linear attention
-denominator, turning 0/0 into NaN; ONNX Runtime and TensorRT optimise the graph at load anyway.
+`audio.sinc_resample_kernel`) keeps a fake tensor that breaks every later eager call. The graph
+is written without onnxscript's optimiser (`optimize=False`): in onnxscript 0.7.2 it drops the
+`+ 1e-15` of the DCAE's linear attention denominator, turning 0/0 into NaN; ONNX Runtime and
+TensorRT optimise the graph at load anyway.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ SOURCE_FOLDERS = {
     "dcae_decoder": DCAE_DIR,
     "vocoder": VOCODER_DIR,
 }
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "acestep_triton"
-# The code that defines what a component computes; an edit there invalidates its exports.
-MODEL_CODE = ("components.py", "audio.py", "specs.py", "models")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The code that decides what a graph computes (the modules, and how they are exported); an edit
+# there invalidates the exports.
+GRAPH_CODE = ("acestep_triton/components.py", "acestep_triton/audio.py", "acestep_triton/specs.py",
+              "acestep_triton/models", "export/onnx_export.py", "export/samples.py")
 
 
 class ExportError(RuntimeError):
@@ -118,8 +121,8 @@ def fingerprint(name: str, ckpt: Checkpoint, opset: int) -> dict:
     """Everything an export depends on, cheap to compute (weights by size and mtime, not content)."""
     folder = ckpt.root / SOURCE_FOLDERS[name]
     weights = sorted(folder.glob("*.safetensors"))
-    code = sorted(p for entry in MODEL_CODE for p in
-                  ((PACKAGE_DIR / entry).glob("*.py") if (PACKAGE_DIR / entry).is_dir() else [PACKAGE_DIR / entry]))
+    code = sorted(p for entry in map(REPO_ROOT.joinpath, GRAPH_CODE)
+                  for p in (entry.glob("*.py") if entry.is_dir() else [entry]))
     return {
         "component": name,
         "opset": opset,
@@ -127,7 +130,7 @@ def fingerprint(name: str, ckpt: Checkpoint, opset: int) -> dict:
         "checkpoint": str(folder.resolve()),
         "config_sha256": _sha256_files([folder / "config.json"]),
         "weights": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in weights},
-        "model_code_sha256": _sha256_files(code),
+        "code_sha256": _sha256_files(code),
     }
 
 
@@ -254,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="directory for <component>.onnx and manifests")
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="NAME",
                         help=f"components to export (default: all of {', '.join(COMPONENTS)})")
-    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET}, versions.env)")
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET,
+                        help=f"ONNX opset (default {ONNX_OPSET}, from versions.env)")
     parser.add_argument("--rtol", type=float, default=PARITY_RTOL, help="bound on the ONNX Runtime vs PyTorch error")
     parser.add_argument("--force", action="store_true", help="rebuild even when a matching export exists")
     args = parser.parse_args(argv)

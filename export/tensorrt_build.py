@@ -135,7 +135,9 @@ def require_tensorrt():
     return trt
 
 
-def engine_path(out_dir: str | os.PathLike, name: str, trt_version: str, precision: str, profile: EngineProfile) -> Path:
+def engine_path(out_dir: str | os.PathLike, name: str, trt_version: str, precision: str,
+                profile: EngineProfile) -> Path:
+    """`<out>/<name>.trt<version>.<precision>.<profile tag>.plan`."""
     return Path(out_dir) / f"{name}.trt{trt_version}.{precision}.{profile.tag()}.plan"
 
 
@@ -221,9 +223,11 @@ def run_engine(trt, engine_bytes: bytes, inputs: dict) -> dict:
     stream = torch.cuda.Stream()
 
     def fits(index: int) -> bool:
-        return all(all(lo <= s <= hi for lo, s, hi in zip(engine.get_tensor_profile_shape(k, index)[0], v.shape,
-                                                           engine.get_tensor_profile_shape(k, index)[2]))
-                   for k, v in inputs.items())
+        for name, value in inputs.items():
+            low, _, high = engine.get_tensor_profile_shape(name, index)
+            if not all(lo <= size <= hi for lo, size, hi in zip(low, value.shape, high)):
+                return False
+        return True
 
     profile = next((i for i in range(engine.num_optimization_profiles) if fits(i)), None)
     if profile is None:

@@ -83,8 +83,8 @@ def test_io_mismatches_name_what_differs(onnx_exports: Path, ckpt: Checkpoint) -
     assert len(problems) == 1 and "LATENTS" in problems[0] and "13" in problems[0]
     renamed = dataclasses.replace(spec, outputs=(dataclasses.replace(spec.outputs[0], name="NOISE"),))
     assert any("NOISE" in p for p in io_mismatches(renamed, path))
-    int_timestep = dataclasses.replace(spec, inputs=(*spec.inputs[:4], dataclasses.replace(spec.inputs[4], dtype="TYPE_INT64"),
-                                                     spec.inputs[5]))
+    timestep = dataclasses.replace(spec.inputs[4], dtype="TYPE_INT64")
+    int_timestep = dataclasses.replace(spec, inputs=(*spec.inputs[:4], timestep, spec.inputs[5]))
     assert any("TIMESTEP is TYPE_FP32" in p for p in io_mismatches(int_timestep, path))
 
 

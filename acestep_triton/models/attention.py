@@ -143,6 +143,7 @@ class CrossAttention(nn.Module):
         query = apply_rotary(query, *rotary)
         key = apply_rotary(key, *encoder_rotary)
 
-        attend = encoder_mask[:, None, None, :] > 0
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
+        # masked tokens get -inf added to their scores (an additive mask takes faster kernels than a boolean one)
+        blocked = torch.zeros_like(encoder_mask, dtype=query.dtype).masked_fill(encoder_mask <= 0, float("-inf"))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=blocked[:, None, None, :])
         return _project(self.to_out[0], out.transpose(1, 2).flatten(2))

@@ -87,19 +87,18 @@ class ConvLayer(nn.Module):
         return self.conv(x)
 
 
-def _depthwise_conv_frames(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """`conv` (depthwise, odd kernel, 'same' zero padding) applied along T of x [B, T, C], as a sum
-    of shifted products. Frames-last, it needs no transposes, and torch.compile fuses it with the
-    SiLU and gate around it into one pass over x."""
-    kernel = conv.kernel_size[0]
+def _depthwise_conv_frames(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv along T of x [B, T, C] (weight [C, k], k odd, 'same' zero padding, bias [C]),
+    as a sum of shifted products: frames-last it needs no transposes, and torch.compile fuses it
+    with the pointwise work on both sides into one pass."""
+    kernel = weight.shape[1]
     half = kernel // 2
     padded = F.pad(x, (0, 0, half, half))
     frames = x.shape[1]
-    weight = conv.weight[:, 0, :]  # [C, k]
     out = padded[:, :frames] * weight[:, 0]
     for tap in range(1, kernel):
         out = out + padded[:, tap : tap + frames] * weight[:, tap]
-    return out + conv.bias
+    return out + bias
 
 
 class GLUMBConv(nn.Module):
@@ -121,8 +120,12 @@ class GLUMBConv(nn.Module):
         expand, project = self.inverted_conv.conv, self.point_conv.conv
         x = F.linear(x.flatten(0, 1), expand.weight[..., 0], expand.bias).unflatten(0, rows)
         x = F.silu(x) * frame_mask[:, :, None].to(x.dtype)
-        x, gate = _depthwise_conv_frames(x, self.depth_conv.conv).chunk(2, dim=-1)
-        return F.linear((x * F.silu(gate)).flatten(0, 1), project.weight[..., 0]).unflatten(0, rows)
+        # value and gate halves convolved separately, so the conv and the gating fuse into one pass
+        (value, gate), depthwise = x.chunk(2, dim=-1), self.depth_conv.conv
+        weights, biases = depthwise.weight[:, 0].chunk(2), depthwise.bias.chunk(2)
+        value = _depthwise_conv_frames(value, weights[0], biases[0])
+        gate = _depthwise_conv_frames(gate, weights[1], biases[1])
+        return F.linear((value * F.silu(gate)).flatten(0, 1), project.weight[..., 0]).unflatten(0, rows)
 
 
 class LinearTransformerBlock(nn.Module):
