@@ -67,6 +67,11 @@ class GenerationParams:
         return out
 
 
+def uses_double_condition(p: GenerationParams) -> bool:
+    """Upstream's double-condition guidance: both separate scales above 1 (it then overrides cfg_type)."""
+    return p.guidance_scale_text > 1.0 and p.guidance_scale_lyric > 1.0
+
+
 def _finite(name: str, value: float, low: float, high: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ParameterError(name, f"must be a number, got {type(value).__name__}")

@@ -19,17 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from acestep_triton.contract import GenerationParams
+from acestep_triton.contract import GenerationParams, uses_double_condition
 from acestep_triton.sampling.seeds import latent_frames, resolve_duration, resolve_seeds
 from acestep_triton.specs import ERG_Q_SCALE
 
 BRANCHES = ("cond", "null", "no_lyric")
 EMPTY_LYRICS = ([0], [0])
-
-
-def uses_double_condition(params: GenerationParams) -> bool:
-    """Upstream's double-condition guidance: both separate scales above 1 (it then overrides cfg_type)."""
-    return params.guidance_scale_text > 1.0 and params.guidance_scale_lyric > 1.0
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.contract import CFG_TYPES, GenerationParams, ParameterError
+from acestep_triton.contract import CFG_TYPES, GenerationParams, ParameterError, uses_double_condition
 
 COND = "cond"
 NULL = "null"
@@ -104,7 +104,7 @@ class Guidance:
             raise ParameterError("cfg_type", f"must be one of {list(CFG_TYPES)}, got {params.cfg_type!r}")
         self.params = params
         self.enabled = params.guidance_scale not in (0.0, 1.0)
-        self.double_condition = params.guidance_scale_text > 1.0 and params.guidance_scale_lyric > 1.0
+        self.double_condition = uses_double_condition(params)
         self.start, self.end = guidance_interval(num_inference_steps, params.guidance_interval)
         self.momentum = MomentumBuffer()
 
