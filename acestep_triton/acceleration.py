@@ -37,7 +37,9 @@ class Acceleration:
     decode_graphs: bool = True
     frame_bucket: int = 16  # latent frames (~0.19 s of audio)
     token_bucket: int = 32  # condition tokens
-    max_graphs: int = 8
+    # batch rows (guidance branches x requests) are padded up to one of these, repeating the first row
+    row_buckets: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    max_graphs: int = 24
     # mel frames (~23.8 s of audio); None decodes whole. Windows keep one shape, so cuDNN's algorithm
     # search (seconds to a minute for a new length) runs once at warm-up; the overlap costs 9-19 %.
     vocoder_window_frames: int | None = 2048
@@ -98,15 +100,18 @@ class CudaGraphs:
 
 class BucketedDecode:
     """`transformer.decode` with frames and condition tokens zero-padded up to bucket multiples
-    (masks zeroed there), run through CudaGraphs; returns the velocity of the real frames only."""
+    (masks zeroed there) and rows padded up to a row bucket (copies of the first row), run through
+    CudaGraphs; returns the velocity of the real rows and frames only. Buckets bound the number of
+    graphs a server needs whatever lengths and batch sizes its requests bring."""
 
     def __init__(self, decode: Callable[..., torch.Tensor], settings: Acceleration) -> None:
         self.frame_bucket = settings.frame_bucket
         self.token_bucket = settings.token_bucket
+        self.row_buckets = settings.row_buckets
         self.run = CudaGraphs(decode, settings.max_graphs) if settings.decode_graphs else decode
 
     def __call__(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale) -> torch.Tensor:
-        frames, tokens = latents.shape[-1], encoder_states.shape[1]
+        rows, frames, tokens = latents.shape[0], latents.shape[-1], encoder_states.shape[1]
         frame_pad, token_pad = -frames % self.frame_bucket, -tokens % self.token_bucket
         if frame_pad:
             latents = F.pad(latents, (0, frame_pad))
@@ -114,8 +119,11 @@ class BucketedDecode:
         if token_pad:
             encoder_states = F.pad(encoder_states, (0, 0, 0, token_pad))
             encoder_mask = F.pad(encoder_mask, (0, token_pad))
-        velocity = self.run(latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale)
-        return velocity[..., :frames]
+        inputs = (latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale)
+        row_pad = next((b for b in self.row_buckets if b >= rows), rows) - rows
+        if row_pad:
+            inputs = tuple(torch.cat([t, t[:1].expand(row_pad, *t.shape[1:])]) for t in inputs)
+        return self.run(*inputs)[:rows, ..., :frames]
 
 
 def compile_blocks(transformer: torch.nn.Module) -> None:

@@ -98,11 +98,11 @@ class VocoderComponent(nn.Module):
 
     def forward(self, mel: torch.Tensor):
         batch, channels = mel.shape[:2]
-        flat = mel.flatten(0, 1)
         if self.window_frames is None:
-            wave = self.vocoder.decode(flat)
-        else:
-            wave = self.vocoder.decode_windowed(flat, self.window_frames, self.decode_window)
+            wave = self.vocoder.decode(mel.flatten(0, 1))
+        else:  # item by item, so every window has the one shape [channels, n_mels, window_frames]
+            wave = torch.cat([self.vocoder.decode_windowed(item, self.window_frames, self.decode_window)
+                              for item in mel])
         wave = wave.reshape(batch, channels, -1).float()
         return (resample(wave, self.vocoder.config.sampling_rate, OUTPUT_SAMPLE_RATE),)
 

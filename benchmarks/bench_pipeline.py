@@ -117,8 +117,10 @@ class HashPromptTokenizer:
 # ----------------------------------------------------------------------------- models
 
 
-def build_models(config_dir: Path, device: torch.device, seed: int = WEIGHT_SEED) -> dict[str, torch.nn.Module]:
-    """Every neural model at its published size, float32, seeded random init on `device`."""
+def build_models(config_dir: Path, device: torch.device, seed: int = WEIGHT_SEED,
+                 prune: bool = True) -> dict[str, torch.nn.Module]:
+    """Every neural model at its published size, float32, seeded random init on `device`; `prune`
+    drops the transformer's training-only heads, as loading a component does."""
     from diffusers import AutoencoderDC
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -128,7 +130,8 @@ def build_models(config_dir: Path, device: torch.device, seed: int = WEIGHT_SEED
         umt5 = UMT5EncoderModel(UMT5Config.from_json_file(config_dir / TEXT_ENCODER_DIR / "config.json"))
         dcae = AutoencoderDC.from_config(AutoencoderDC.load_config(config_dir / DCAE_DIR))
         vocoder = ADaMoSHiFiGAN.from_config(ADaMoSHiFiGAN.load_config(config_dir / VOCODER_DIR))
-    keep_transformer_parts(transformer, ("condition_encoder", "dit_step"))
+    if prune:
+        keep_transformer_parts(transformer, ("condition_encoder", "dit_step"))
     return {"transformer": transformer, "umt5": umt5.eval(), "dcae": dcae.eval(), "vocoder": vocoder.eval()}
 
 

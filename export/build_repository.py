@@ -38,11 +38,16 @@ class Profile:
     instance_kind: str
     dit_queue_delay_us: int
     accelerate: bool = False
+    # concurrent sampling loops: each diffusion instance runs one request's loop at a time, and only
+    # loops running side by side give dit_step rows from several requests to batch
+    diffusion_instances: int = 1
+    loop_threads: int | None = None  # torch CPU threads per loop instance (None: torch's default)
 
 
 PROFILES = {
     "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000),
-    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000, accelerate=True),
+    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000, accelerate=True, diffusion_instances=16,
+                   loop_threads=1),
     "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000),
 }
 
@@ -101,7 +106,7 @@ def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onn
     )
 
 
-def diffusion_model(ckpt: Checkpoint) -> ModelSpec:
+def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched."""
     cond = component_spec("condition_encoder", ckpt)
     params = tuple(t for t in ENSEMBLE_INPUTS if t.param in DIFFUSION_PARAMS)
@@ -112,8 +117,9 @@ def diffusion_model(ckpt: Checkpoint) -> ModelSpec:
                 TensorSpec("DURATION", "TYPE_FP32", (1,)), *params),
         outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, LATENT_CHANNELS, LATENT_HEIGHT, -1)),
                  _time("diffusion", (1, 1))),
-        instance_group=InstanceGroup("KIND_CPU", 1),
-        parameters={"DIT_MODEL": "dit_step"},
+        instance_group=InstanceGroup("KIND_CPU", profile.diffusion_instances),
+        parameters={"DIT_MODEL": "dit_step",
+                    **({"TORCH_THREADS": str(profile.loop_threads)} if profile.loop_threads else {})},
     )
 
 
@@ -162,7 +168,7 @@ def build_repository(
         for name in NEURAL:
             export_component(name, ckpt, onnx_path)
 
-    models = {"preprocess": preprocess_model(ckpt, vocab), "diffusion": diffusion_model(ckpt)}
+    models = {"preprocess": preprocess_model(ckpt, vocab), "diffusion": diffusion_model(ckpt, chosen)}
     for name in NEURAL:
         models[name] = component_model(component_spec(name, ckpt), ckpt, chosen, onnx_path)
     models[ENSEMBLE_NAME] = ensemble_model(models)

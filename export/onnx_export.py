@@ -56,7 +56,7 @@ from acestep_triton.versions import ONNX_OPSET
 from export.graph_io import io_mismatches
 from export.parity import PARITY_RTOL, ParityResult, compare_outputs
 from export.progress import stage
-from export.samples import EXPORT_SIZES, PARITY_SIZES, sample_inputs
+from export.samples import EXPORT_SIZES, PARITY_SIZES, Sizes, sample_inputs
 
 COMPONENTS = tuple(COMPONENT_SPECS)
 # torch's own switch to external data is at 1.5 GiB: room under protobuf's 2 GiB for the graph itself.
@@ -157,7 +157,7 @@ def parameter_bytes(module: torch.nn.Module) -> int:
 
 
 def check_parity(module: torch.nn.Module, spec: ComponentSpec, ckpt: Checkpoint, path: str | os.PathLike,
-                 sizes=PARITY_SIZES, seed: int = 1) -> ParityResult:
+                 sizes: Sizes = PARITY_SIZES, seed: int = 1) -> ParityResult:
     """Load `path` in ONNX Runtime (CPU) and compare one inference with `module` on fresh inputs at `sizes`."""
     from acestep_triton.engines import TorchEngine
     from acestep_triton.onnx_engine import OnnxEngine

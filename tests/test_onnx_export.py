@@ -1,6 +1,6 @@
 """The export chain on the golden tiny checkpoint: ONNX graphs vs PyTorch, graph I/O vs spec, caching,
 engine profiles and the errors a user meets. CPU only; the five exports run once per session
-(`onnx_exports` fixture, about a minute on two cores), everything else reuses them."""
+(`onnx_exports` fixture: about 2.5 CPU-minutes, most of this file's time), the rest reuses them."""
 
 from __future__ import annotations
 
@@ -109,6 +109,21 @@ def test_stale_export_is_rebuilt(onnx_exports: Path, ckpt: Checkpoint, tmp_path:
     assert "dcae_decoder: rebuilding (changed: opset)" in out and "relative error MEL" in out
     assert json.loads(manifest.read_text())["fingerprint"]["opset"] == recorded["fingerprint"]["opset"] + 1
     assert not (tmp_path / ".dcae_decoder.partial").exists()
+
+
+def test_large_weights_go_to_external_data(onnx_exports: Path, ckpt: Checkpoint, tmp_path: Path,
+                                           monkeypatch) -> None:
+    """Past the size limit the weights go to `<name>.onnx.data` beside the graph, which still loads and runs."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    path = export_component("dcae_decoder", ckpt, tmp_path)
+    data = path.with_name(path.name + ".data")
+    inline_bytes = onnx_path(onnx_exports, "dcae_decoder").stat().st_size
+    assert data.is_file() and path.stat().st_size < inline_bytes < path.stat().st_size + data.stat().st_size
+    assert json.loads(manifest_path(tmp_path, "dcae_decoder").read_text())["report"]["external_data"] is True
+    spec = component_spec("dcae_decoder", ckpt)
+    inputs = sample_inputs("dcae_decoder", ckpt, OTHER_SIZES[0], seed=3)
+    inline = OnnxEngine.load(onnx_path(onnx_exports, "dcae_decoder"), spec).run(inputs)
+    assert torch.equal(OnnxEngine.load(path, spec).run(inputs)["MEL"], inline["MEL"])
 
 
 def test_unknown_component_is_refused(golden_ckpt: Path, tmp_path: Path) -> None:

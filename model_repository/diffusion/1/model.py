@@ -34,7 +34,10 @@ class Cancelled(Exception):
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.dit_model = model_parameters(args)["DIT_MODEL"]
+        params = model_parameters(args)
+        self.dit_model = params["DIT_MODEL"]
+        if "TORCH_THREADS" in params:  # many loop instances side by side: keep each one's CPU math small
+            torch.set_num_threads(int(params["TORCH_THREADS"]))
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
