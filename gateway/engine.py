@@ -26,10 +26,10 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
     ENSEMBLE_NAME,
-    ENSEMBLE_OUTPUTS,
     STAGES,
     GenerationParams,
     TensorSpec,
+    stage_time_name,
 )
 from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
 
@@ -168,8 +168,12 @@ class TritonEngine(GenerationEngine):
             return False, f"Triton at {self.url} is unreachable"
         return True, ""
 
-    def _tensors(self, params: GenerationParams) -> tuple[list, list]:
-        """tritonclient inputs and requested outputs for the ensemble (binary tensors over HTTP)."""
+    def _tensors(self, params: GenerationParams) -> list:
+        """tritonclient inputs for the ensemble (binary tensors over HTTP).
+
+        No outputs are named: Triton then returns every output the deployment has (binary over
+        HTTP too), which lets a TensorRT deployment leave out the stage timings it cannot measure.
+        """
         module = grpcclient if self.protocol == "grpc" else httpclient
         binary = {} if self.protocol == "grpc" else {"binary_data": True}
         inputs = []
@@ -177,13 +181,13 @@ class TritonEngine(GenerationEngine):
             tensor = module.InferInput(spec.name, list(array.shape), wire_dtype(spec))
             tensor.set_data_from_numpy(array, **binary)
             inputs.append(tensor)
-        return inputs, [module.InferRequestedOutput(s.name, **binary) for s in ENSEMBLE_OUTPUTS]
+        return inputs
 
     async def generate(self, params: GenerationParams) -> GenerationResult:
         client, connect_seconds = self._connected()
-        inputs, outputs = self._tensors(params)
+        inputs = self._tensors(params)
         try:
-            result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs, outputs=outputs), self.timeout_s)
+            result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs), self.timeout_s)
         except InferenceServerException as exc:
             await self._raise_for(client, exc)
         except asyncio.TimeoutError:
@@ -215,10 +219,11 @@ def _parse_result(result, connect_seconds: float) -> GenerationResult:
         raise EngineFailed(f"WAVEFORM {waveforms.shape} does not match [items, 2, samples] with {seeds.shape[0]} seeds")
     stage_seconds = {}
     for stage in STAGES:
-        seconds = result.as_numpy(f"TIME_{stage.upper()}")
-        if seconds is None:
-            raise EngineFailed(f"Triton's answer lacks TIME_{stage.upper()}")
-        stage_seconds[stage] = float(seconds.reshape(-1)[0])
+        seconds = result.as_numpy(stage_time_name(stage))
+        if seconds is not None:  # TensorRT plans cannot time themselves: their stages are left out
+            stage_seconds[stage] = float(seconds.reshape(-1)[0])
+    if "preprocess" not in stage_seconds:
+        raise EngineFailed("Triton's answer lacks TIME_PREPROCESS")
     return GenerationResult(
         waveforms=np.ascontiguousarray(waveforms, dtype=np.float32),
         seeds=tuple(int(s) for s in seeds.reshape(-1)),
