@@ -45,7 +45,7 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000),
+    "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000, accelerate=True, diffusion_instances=16,
                    loop_threads=1),
     "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000),
