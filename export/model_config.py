@@ -35,11 +35,16 @@ class DynamicBatching:
 
 @dataclass(frozen=True)
 class InstanceGroup:
-    """`count` instances of the model on `kind` (on each of `gpus` for KIND_GPU, all GPUs when empty)."""
+    """`count` instances of the model on `kind` (on each of `gpus` for KIND_GPU, all GPUs when empty).
+
+    `profiles` names the TensorRT optimisation profiles an instance may use (all of an engine's
+    profiles must be listed, or Triton uses the first only).
+    """
 
     kind: str = "KIND_CPU"
     count: int = 1
     gpus: tuple[int, ...] = ()
+    profiles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,8 @@ def to_config_dict(spec: ModelSpec) -> dict[str, Any]:
         group: dict[str, Any] = {"kind": spec.instance_group.kind, "count": spec.instance_group.count}
         if spec.instance_group.gpus:
             group["gpus"] = list(spec.instance_group.gpus)
+        if spec.instance_group.profiles:
+            group["profile"] = list(spec.instance_group.profiles)
         config["instance_group"] = [group]
     if spec.parameters:
         config["parameters"] = {k: {"string_value": str(v)} for k, v in spec.parameters.items()}
