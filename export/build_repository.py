@@ -1,18 +1,22 @@
 """Generate a Triton model repository for a profile: every config.pbtxt from Python, model.py copied.
 
-    python -m export.build_repository --profile cpu|gpu|onnx --checkpoint DIR --out DIR
+    python -m export.build_repository --profile cpu|gpu|onnx|tensorrt --checkpoint DIR --out DIR
 
 Profiles (where each component runs; the ensemble wiring is the same for all):
   cpu   python backend, PyTorch float32 on the CPU (the embedded default and CI)
   gpu   python backend, PyTorch bfloat16 on CUDA, with acestep_triton.acceleration's speed-ups
         (compiled blocks, CUDA-graph decode and vocoder windows, warmed up at load)
   onnx  python backend running the exported ONNX graphs with ONNX Runtime
+  tensorrt  the five neural components as `tensorrt_plan` models (engines from export.tensorrt_build,
+        --engine-dir; their I/O read from the ONNX graphs they were built from); preprocess and the
+        sampling loop stay python. Plans cannot time themselves: their TIME_<stage> outputs are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,7 @@ DIFFUSION_PARAMS = (
 
 @dataclass(frozen=True)
 class Profile:
-    engine: str  # "pytorch" | "onnx"
+    engine: str  # "pytorch" | "onnx" | "tensorrt"
     device: str
     dtype: str
     instance_kind: str
@@ -48,16 +52,13 @@ PROFILES = {
     "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000, accelerate=True, diffusion_instances=16,
                    loop_threads=1),
-    "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000),
+    "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
+    "tensorrt": Profile("tensorrt", "cuda", "bfloat16", "KIND_GPU", 2000, diffusion_instances=16, loop_threads=1),
 }
 
 
 def _time(stage: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
     return TensorSpec(stage_time_name(stage), "TYPE_FP32", dims)
-
-
-def _ensemble_input(name: str) -> TensorSpec:
-    return next(t for t in ENSEMBLE_INPUTS if t.name == name)
 
 
 def _unbatched(spec: TensorSpec) -> TensorSpec:
@@ -103,6 +104,36 @@ def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onn
         ragged_inputs=frozenset(spec.ragged_inputs),
         instance_group=InstanceGroup(profile.instance_kind, 1),
         parameters=parameters,
+    )
+
+
+def find_engine(engine_dir: Path, name: str) -> Path:
+    """The one `<name>.trt<version>.<precision>.<profile>.plan` export.tensorrt_build wrote."""
+    found = sorted(Path(engine_dir).glob(f"{name}.trt*.plan"))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"{engine_dir}: expected one {name}.trt*.plan engine, found {[p.name for p in found] or 'none'}; "
+            f"build them with `python -m export.tensorrt_build` (inside the NGC image, see docker/README.md)"
+        )
+    return found[0]
+
+
+def plan_model(spec: ComponentSpec, ckpt: Checkpoint, onnx_file: Path, profile: Profile) -> ModelSpec:
+    """A neural component as a TensorRT plan: I/O exactly as the ONNX graph it was built from declares."""
+    from export.graph_io import triton_io
+    from export.tensorrt_build import EngineProfile, optimisation_profiles
+
+    inputs, outputs = triton_io(onnx_file)
+    profiles = optimisation_profiles(spec.name, ckpt, EngineProfile())
+    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else 1000
+    return ModelSpec(
+        name=spec.name,
+        platform="tensorrt_plan",
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=spec.max_batch_size,
+        dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
+        instance_group=InstanceGroup("KIND_GPU", 1, profiles=tuple(str(i) for i in range(len(profiles)))),
     )
 
 
@@ -152,6 +183,7 @@ def build_repository(
     out_dir: str | os.PathLike,
     lyric_vocab: str | os.PathLike | None = None,
     onnx_dir: str | os.PathLike | None = None,
+    engine_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write the whole repository for `profile` into `out_dir` and return it."""
     if profile not in PROFILES:
@@ -160,8 +192,11 @@ def build_repository(
     vocab = find_lyric_vocab(ckpt, lyric_vocab)
     chosen = PROFILES[profile]
     out = Path(out_dir).resolve()
+    if chosen.engine == "tensorrt" and engine_dir is None:
+        raise ValueError("the tensorrt profile needs --engine-dir: engines built by `python -m export.tensorrt_build` "
+                         "(TensorRT runs inside the NGC image, see docker/README.md)")
     onnx_path = None
-    if chosen.engine == "onnx":
+    if chosen.engine in ("onnx", "tensorrt"):
         from export.onnx_export import export_component
 
         onnx_path = Path(onnx_dir) if onnx_dir else out / "onnx"
@@ -169,12 +204,20 @@ def build_repository(
             export_component(name, ckpt, onnx_path)
 
     models = {"preprocess": preprocess_model(ckpt, vocab), "diffusion": diffusion_model(ckpt, chosen)}
+    engines = {}
     for name in NEURAL:
-        models[name] = component_model(component_spec(name, ckpt), ckpt, chosen, onnx_path)
+        spec = component_spec(name, ckpt)
+        if chosen.engine == "tensorrt":
+            engines[name] = find_engine(Path(engine_dir), name)
+            models[name] = plan_model(spec, ckpt, onnx_path / f"{name}.onnx", chosen)
+        else:
+            models[name] = component_model(spec, ckpt, chosen, onnx_path)
     models[ENSEMBLE_NAME] = ensemble_model(models)
     for name, spec in models.items():
         source = MODEL_SOURCES / name / "1" / "model.py"
-        write_model(spec, out, source if spec.backend == "python" else None)
+        model_dir = write_model(spec, out, source if spec.backend == "python" else None)
+        if name in engines:
+            shutil.copyfile(engines[name], model_dir / "1" / "model.plan")
     return out
 
 
@@ -184,9 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (published layout)")
     parser.add_argument("--out", required=True, help="model repository to write")
     parser.add_argument("--lyric-vocab", help="lyric vocabulary (default: <checkpoint>/lyric_vocab.json)")
-    parser.add_argument("--onnx-dir", help="ONNX graphs for the onnx profile (default: <out>/onnx)")
+    parser.add_argument("--onnx-dir", help="ONNX graphs for the onnx/tensorrt profiles (default: <out>/onnx)")
+    parser.add_argument("--engine-dir", help="TensorRT engines for the tensorrt profile")
     args = parser.parse_args(argv)
-    out = build_repository(args.profile, args.checkpoint, args.out, args.lyric_vocab, args.onnx_dir)
+    out = build_repository(args.profile, args.checkpoint, args.out, args.lyric_vocab, args.onnx_dir,
+                           args.engine_dir)
     print(f"wrote {out}")
 
 
