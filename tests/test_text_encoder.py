@@ -118,3 +118,22 @@ def test_too_few_blocks_for_erg_raises(text_encoder):
         small.encode_rows(ids, mask, torch.ones(1))
     with pytest.raises(ValueError, match="use_erg_tag"):
         erg_view(small.model, ERG_TAG_BLOCKS, ERG_QUERY_SCALE)
+
+
+def test_full_size_state_dict_matches_published(golden_dir) -> None:
+    """UMT5 at full size (meta device): every name and shape equals the published umt5-base/."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config.from_json_file(str(golden_dir / "full-size-configs" / "umt5-base" / "config.json"))
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    ours = {name: "x".join(map(str, t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
+    published = {}
+    for line in (golden_dir / "state_dict_full_size.tsv").read_text().splitlines()[1:]:
+        component, name, shape, *_ = line.split("\t")
+        if component == "umt5-base":
+            published[name] = shape
+    assert len(published) == 123
+    assert ours == published
+    # ERG-tag needs blocks 8 and 9 of the published encoder
+    assert len(model.encoder.block) > max(ERG_TAG_BLOCKS)
