@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 result = run_perf_analyzer(model, server.grpc_url, data, args.concurrency, extra_args=extra,
                                            timeout_s=1800)
-                reports[model] = result.stdout.strip()
+                reports[model] = (result.stdout + result.stderr).strip()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     command = "python -m benchmarks.perf_triton " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
