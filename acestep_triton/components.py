@@ -16,7 +16,8 @@ from acestep_triton.contract import OUTPUT_SAMPLE_RATE
 from acestep_triton.models.dcae import latents_to_mel, load_dcae
 from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
-from acestep_triton.models.vocoder import ADaMoSHiFiGAN
+from acestep_triton.models.vocoder import ADaMoSHiFiGAN, load_vocoder
+from acestep_triton.specs import NEURAL_COMPONENTS
 
 SPEAKER_EMBEDDING_DIM = 512
 
@@ -97,13 +98,12 @@ class VocoderComponent(nn.Module):
         self.decode_window = vocoder.decode
 
     def forward(self, mel: torch.Tensor):
-        batch, channels = mel.shape[:2]
         if self.window_frames is None:
-            wave = self.vocoder.decode(mel.flatten(0, 1))
+            wave = self.vocoder.decode_channels(mel)
         else:  # item by item, so every window has the one shape [channels, n_mels, window_frames]
             wave = torch.cat([self.vocoder.decode_windowed(item, self.window_frames, self.decode_window)
-                              for item in mel])
-        wave = wave.reshape(batch, channels, -1).float()
+                              for item in mel]).reshape(*mel.shape[:2], -1)
+        wave = wave.float()
         return (resample(wave, self.vocoder.config.sampling_rate, OUTPUT_SAMPLE_RATE),)
 
 
@@ -114,7 +114,6 @@ TRANSFORMER_PARTS = {
     "condition_encoder": ("speaker_embedder", "genre_embedder", "lyric_embs", "lyric_encoder", "lyric_proj"),
     "dit_step": ("transformer_blocks", "time_proj", "timestep_embedder", "t_block", "proj_in", "final_layer"),
 }
-COMPONENT_NAMES = ("text_encoder", "condition_encoder", "dit_step", "dcae_decoder", "vocoder")
 
 
 def keep_transformer_parts(transformer: ACEStepTransformer, components) -> ACEStepTransformer:
@@ -138,7 +137,7 @@ def component_module(name: str, model: nn.Module) -> nn.Module:
         return DcaeDecoderComponent(model)
     if name == "vocoder":
         return VocoderComponent(model)
-    raise KeyError(f"unknown component {name!r}; known: {list(COMPONENT_NAMES)}")
+    raise KeyError(f"unknown component {name!r}; known: {list(NEURAL_COMPONENTS)}")
 
 
 def load_components(names, ckpt: Checkpoint, device: str | torch.device = "cpu",
@@ -147,9 +146,9 @@ def load_components(names, ckpt: Checkpoint, device: str | torch.device = "cpu",
 
     condition_encoder and dit_step share one transformer, pruned to what they run.
     """
-    unknown = [name for name in names if name not in COMPONENT_NAMES]
+    unknown = [name for name in names if name not in NEURAL_COMPONENTS]
     if unknown:
-        raise KeyError(f"unknown components {unknown}; known: {list(COMPONENT_NAMES)}")
+        raise KeyError(f"unknown components {unknown}; known: {list(NEURAL_COMPONENTS)}")
     transformer_users = [name for name in names if name in TRANSFORMER_PARTS]
     models = {}
     if transformer_users:
@@ -160,7 +159,7 @@ def load_components(names, ckpt: Checkpoint, device: str | torch.device = "cpu",
     if "dcae_decoder" in names:
         models["dcae_decoder"] = load_dcae(ckpt.dcae)
     if "vocoder" in names:
-        models["vocoder"] = ADaMoSHiFiGAN.from_pretrained(ckpt.vocoder)
+        models["vocoder"] = load_vocoder(ckpt.vocoder)
     return {
         name: component_module(name, models[name]).to(device=device, dtype=dtype).eval().requires_grad_(False)
         for name in names

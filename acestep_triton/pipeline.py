@@ -21,10 +21,9 @@ from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.preprocess import PreparedRequest, prepare_request
 from acestep_triton.sampling.loop import ProgressFn, denoise
 from acestep_triton.sampling.seeds import initial_noise, make_generators
-from acestep_triton.specs import ERG_Q_SCALE
+from acestep_triton.specs import ERG_Q_SCALE, NEURAL_COMPONENTS
 from acestep_triton.text_tokenizer import TextTokenizer
 
-NEURAL_COMPONENTS = ("text_encoder", "condition_encoder", "dit_step", "dcae_decoder", "vocoder")
 Engine = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 

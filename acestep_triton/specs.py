@@ -140,6 +140,10 @@ COMPONENT_SPECS = {
 }
 
 
+# The neural components, in pipeline order: one name per component everywhere.
+NEURAL_COMPONENTS = tuple(COMPONENT_SPECS)
+
+
 def component_spec(name: str, ckpt: Checkpoint) -> ComponentSpec:
     if name not in COMPONENT_SPECS:
         raise KeyError(f"unknown component {name!r}; known: {sorted(COMPONENT_SPECS)}")

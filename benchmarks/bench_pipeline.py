@@ -48,7 +48,7 @@ import torch
 
 from acestep_triton.acceleration import Acceleration, CudaGraphs, accelerate_engine
 from acestep_triton.checkpoint import DCAE_DIR, TEXT_ENCODER_DIR, TRANSFORMER_DIR, VOCODER_DIR, Checkpoint
-from acestep_triton.components import COMPONENT_NAMES, component_module, keep_transformer_parts
+from acestep_triton.components import component_module, keep_transformer_parts
 from acestep_triton.contract import GenerationParams
 from acestep_triton.engines import TorchEngine
 from acestep_triton.lyrics import LyricTokenizer
@@ -57,7 +57,7 @@ from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
 from acestep_triton.pipeline import Text2MusicPipeline
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import component_spec
+from acestep_triton.specs import NEURAL_COMPONENTS, component_spec
 
 HERE = Path(__file__).resolve().parent
 FULL_SIZE_CONFIGS = HERE / "full_size_configs"
@@ -154,7 +154,7 @@ def make_engines(models: dict[str, torch.nn.Module], config_dir: Path, device: t
     }
     ckpt = Checkpoint(config_dir)
     engines = {}
-    for name in COMPONENT_NAMES:
+    for name in NEURAL_COMPONENTS:
         module = component_module(name, per_component[name]).to(device=device, dtype=dtype).eval()
         engines[name] = TorchEngine(component_spec(name, ckpt), module.requires_grad_(False), device, dtype)
     return engines

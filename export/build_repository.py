@@ -22,11 +22,10 @@ from pathlib import Path
 
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.contract import ENSEMBLE_INPUTS, ENSEMBLE_NAME, ENSEMBLE_OUTPUTS, TensorSpec, stage_time_name
-from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT, ComponentSpec, component_spec
+from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT, NEURAL_COMPONENTS, ComponentSpec, component_spec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
 MODEL_SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
-NEURAL = ("text_encoder", "condition_encoder", "dcae_decoder", "vocoder", "dit_step")
 DIFFUSION_PARAMS = (
     "infer_step", "guidance_scale", "scheduler_type", "cfg_type", "omega_scale", "guidance_interval",
     "guidance_interval_decay", "min_guidance_scale", "use_erg_diffusion", "oss_steps",
@@ -200,12 +199,12 @@ def build_repository(
         from export.onnx_export import export_component
 
         onnx_path = Path(onnx_dir) if onnx_dir else out / "onnx"
-        for name in NEURAL:
+        for name in NEURAL_COMPONENTS:
             export_component(name, ckpt, onnx_path)
 
     models = {"preprocess": preprocess_model(ckpt, vocab), "diffusion": diffusion_model(ckpt, chosen)}
     engines = {}
-    for name in NEURAL:
+    for name in NEURAL_COMPONENTS:
         spec = component_spec(name, ckpt)
         if chosen.engine == "tensorrt":
             engines[name] = find_engine(Path(engine_dir), name)

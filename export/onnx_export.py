@@ -51,14 +51,14 @@ from acestep_triton.checkpoint import (
     CheckpointError,
     validate_checkpoint,
 )
-from acestep_triton.specs import COMPONENT_SPECS, ComponentSpec, component_spec
+from acestep_triton.specs import NEURAL_COMPONENTS, ComponentSpec, component_spec
 from acestep_triton.versions import ONNX_OPSET
 from export.graph_io import io_mismatches
 from export.parity import PARITY_RTOL, ParityResult, compare_outputs
 from export.progress import stage
 from export.samples import EXPORT_SIZES, PARITY_SIZES, Sizes, sample_inputs
 
-COMPONENTS = tuple(COMPONENT_SPECS)
+COMPONENTS = NEURAL_COMPONENTS
 # torch's own switch to external data is at 1.5 GiB: room under protobuf's 2 GiB for the graph itself.
 EXTERNAL_DATA_BYTES = 1536 * 1024**2
 # The checkpoint folder each component is loaded from (its config and weights key the cache).

@@ -14,8 +14,8 @@ import pytest
 
 from acestep_triton.checkpoint import validate_checkpoint
 from acestep_triton.contract import ENSEMBLE_NAME, stage_time_name
-from acestep_triton.specs import component_spec
-from export.build_repository import NEURAL, build_repository
+from acestep_triton.specs import NEURAL_COMPONENTS, component_spec
+from export.build_repository import build_repository
 from export.graph_io import triton_io
 from export.model_config import read_model_config
 
@@ -26,7 +26,7 @@ PLACEHOLDER = b"placeholder: engines are built inside the NGC image (TensorRT is
 def engine_dir(tmp_path: Path) -> Path:
     engines = tmp_path / "engines"
     engines.mkdir()
-    for name in NEURAL:
+    for name in NEURAL_COMPONENTS:
         (engines / f"{name}.trt10.5.0.bf16.d30-60-120-240_l4096.plan").write_bytes(PLACEHOLDER)
     return engines
 
@@ -41,7 +41,7 @@ def test_plan_configs_match_the_onnx_graphs(tmp_path, golden_ckpt, lyric_vocab, 
     repo = build_repository("tensorrt", golden_ckpt, tmp_path / "repo", lyric_vocab, onnx_dir=onnx_exports,
                             engine_dir=engine_dir)
     ckpt = validate_checkpoint(golden_ckpt)
-    for name in NEURAL:
+    for name in NEURAL_COMPONENTS:
         config = read_model_config(repo / name / "config.pbtxt")
         assert config.platform == "tensorrt_plan"
         inputs, outputs = triton_io(onnx_exports / f"{name}.onnx")

@@ -90,9 +90,6 @@ class TextEncoder:
     def device(self) -> torch.device:
         return self.model.device
 
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.d_model
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, both int64 [B, L], padded to the longest prompt."""
