@@ -1,12 +1,6 @@
 """Glue between Triton's python backend and the package, shared by every model.py.
 
 Only importable inside the python backend stub (it imports `triton_python_backend_utils`).
-
-Tensors leave a model through DLPack, and arrays that come in are re-strided: the python
-backend of nvidia-pytriton 0.7.0 builds numpy arrays through a pybind11 that predates numpy 2,
-and under numpy 2 it reads the element size from the wrong descriptor field (every stride 0,
-so every element reads as the first). Data pointers and shapes stay right; under numpy 1 both
-measures change nothing.
 """
 
 from __future__ import annotations
@@ -24,30 +18,6 @@ from acestep_triton.contract import ENSEMBLE_INPUTS, GenerationParams, Parameter
 log = logging.getLogger("acestep_triton")
 
 
-def c_contiguous(array: np.ndarray) -> np.ndarray:
-    """`array` viewed with C-contiguous strides (a no-op unless the stub mis-strided it)."""
-    strides, step = [], array.itemsize
-    for size in reversed(array.shape):
-        strides.append(step)
-        step *= size
-    strides = tuple(reversed(strides))
-    if array.ndim == 0 or array.strides == strides:
-        return array
-    return np.lib.stride_tricks.as_strided(array, array.shape, strides)
-
-
-_deserialize_bytes_tensor = pb_utils.deserialize_bytes_tensor
-
-
-def _deserialize_restrided(encoded):
-    """pb_utils' BYTES decoder, fed a correctly strided view of the serialized buffer."""
-    return _deserialize_bytes_tensor(c_contiguous(encoded) if isinstance(encoded, np.ndarray) else encoded)
-
-
-# The stub looks the decoder up on the module for every BYTES tensor it reads.
-pb_utils.deserialize_bytes_tensor = _deserialize_restrided
-
-
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
     """The string parameters of the model's config.pbtxt."""
     config = json.loads(args["model_config"])
@@ -56,7 +26,7 @@ def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
 
 def input_array(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else c_contiguous(tensor.as_numpy())
+    return None if tensor is None else tensor.as_numpy()
 
 
 def input_tensors(request, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -70,21 +40,15 @@ def input_tensors(request, names: Iterable[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def triton_tensor(name: str, value) -> object:
-    """A pb_utils.Tensor from a torch tensor or numeric array, handed over through DLPack."""
-    if not isinstance(value, torch.Tensor):
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.detach().contiguous()))
-
-
-def output_tensor(response_or_request, name: str) -> torch.Tensor:
-    """A BLS response's output as a torch tensor (DLPack, no numpy)."""
-    return torch.from_dlpack(pb_utils.get_output_tensor_by_name(response_or_request, name).to_dlpack())
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").numpy()
+    return np.asarray(value)
 
 
 def response(outputs: Mapping[str, object]):
     return pb_utils.InferenceResponse(
-        output_tensors=[triton_tensor(name, value) for name, value in outputs.items()]
+        output_tensors=[pb_utils.Tensor(name, _as_numpy(value)) for name, value in outputs.items()]
     )
 
 

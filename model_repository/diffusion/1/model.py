@@ -21,10 +21,8 @@ from acestep_triton.triton_python import (
     error_response,
     input_tensors,
     model_parameters,
-    output_tensor,
     request_params,
     response,
-    triton_tensor,
 )
 
 DIT_OUTPUT = "VELOCITY"
@@ -45,13 +43,13 @@ class TritonPythonModel:
         return [self._one(request) for request in requests]
 
     def _dit_step(self, batch):
-        inputs = [triton_tensor(name, value) for name, value in batch.items()]
+        inputs = [pb_utils.Tensor(name, value.numpy()) for name, value in batch.items()]
         result = pb_utils.InferenceRequest(
             model_name=self.dit_model, requested_output_names=[DIT_OUTPUT], inputs=inputs
         ).exec()
         if result.has_error():
             raise RuntimeError(f"{self.dit_model}: {result.error().message()}")
-        return output_tensor(result, DIT_OUTPUT)
+        return torch.from_numpy(pb_utils.get_output_tensor_by_name(result, DIT_OUTPUT).as_numpy())
 
     def _one(self, request):
         start = time.perf_counter()
