@@ -101,7 +101,7 @@ def manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
 
 
 def check_component_name(name: str) -> None:
-    if name not in COMPONENT_SPECS:
+    if name not in NEURAL_COMPONENTS:
         raise ValueError(f"unknown component {name!r}; the exportable components are {', '.join(COMPONENTS)}")
 
 

@@ -41,7 +41,6 @@ from acestep_triton.sampling.seeds import latent_frames
 from acestep_triton.specs import component_spec
 from acestep_triton.text_tokenizer import TEXT_MAX_TOKENS
 from acestep_triton.versions import TENSORRT_VERSION
-from export.graph_io import triton_io  # noqa: F401 - the I/O a `tensorrt_plan` config declares
 from export.onnx_export import (
     COMPONENTS,
     ExportError,

@@ -34,7 +34,7 @@ from acestep_triton.contract import (
     GenerationParams,
     ParameterError,
 )
-from gateway import GenerationEngine, GenerationResult, OutputStore, Settings, TritonEngine, create_app
+from gateway import GenerationEngine, GenerationResult, OutputStore, Settings, create_app
 from gateway.engine import input_arrays
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
