@@ -111,11 +111,11 @@ def dit_step_spec(ckpt: Checkpoint) -> ComponentSpec:
 
 def dcae_decoder_spec(ckpt: Checkpoint) -> ComponentSpec:
     """Latents -> ACE-Step log-mel (scale/shift and mel denormalisation included)."""
-    ckpt.config(DCAE_DIR)
+    cfg = ckpt.config(DCAE_DIR)
     return ComponentSpec(
         name="dcae_decoder",
-        inputs=(TensorSpec("LATENTS", "TYPE_FP32", (LATENT_CHANNELS, LATENT_HEIGHT, -1)),),
-        outputs=(TensorSpec("MEL", "TYPE_FP32", (AUDIO_CHANNELS, MEL_BINS, -1)),),
+        inputs=(TensorSpec("LATENTS", "TYPE_FP32", (cfg["latent_channels"], LATENT_HEIGHT, -1)),),
+        outputs=(TensorSpec("MEL", "TYPE_FP32", (cfg["in_channels"], MEL_BINS, -1)),),
         max_batch_size=8,
     )
 

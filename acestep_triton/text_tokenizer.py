@@ -22,6 +22,10 @@ class TextTokenizer:
     def from_pretrained(cls, path: str | os.PathLike) -> TextTokenizer:
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, int64 [B, L], padded to the longest, truncated to 256."""
         batch = self.tokenizer(

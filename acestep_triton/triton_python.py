@@ -74,17 +74,14 @@ def _scalar(array: np.ndarray):
     return item.item()
 
 
-def request_params(request, fields: Iterable[str] | None = None) -> GenerationParams:
+def request_params(request) -> GenerationParams:
     """GenerationParams from the ensemble inputs present on this request (validated).
 
-    Models that see only some inputs (the diffusion loop gets no prompt) pass `fields`;
-    the others keep their contract defaults.
+    A model that sees only some inputs (the diffusion loop gets no prompt) keeps the
+    contract defaults for the others.
     """
-    wanted = set(fields) if fields is not None else None
     kwargs = {}
     for spec in ENSEMBLE_INPUTS:
-        if wanted is not None and spec.param not in wanted:
-            continue
         array = input_array(request, spec.name)
         if array is None:
             continue

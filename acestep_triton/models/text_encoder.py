@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import UMT5EncoderModel
 
-TEXT_MAX_TOKENS = 256
+from acestep_triton.text_tokenizer import TEXT_MAX_TOKENS, TextTokenizer
+
+__all__ = ["ERG_QUERY_SCALE", "ERG_TAG_BLOCKS", "TEXT_MAX_TOKENS", "TextEncoder", "erg_view"]
 ERG_TAG_BLOCKS = (8, 9)
 ERG_QUERY_SCALE = 0.01
 
@@ -69,10 +71,9 @@ class TextEncoder:
     the ERG view (blocks `ERG_TAG_BLOCKS` with scaled queries) on the same weights.
     """
 
-    def __init__(self, model: UMT5EncoderModel, tokenizer, max_length: int = TEXT_MAX_TOKENS) -> None:
+    def __init__(self, model: UMT5EncoderModel, tokenizer: TextTokenizer) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_length = max_length
         self.num_blocks = len(model.encoder.block)
         has_erg_blocks = self.num_blocks > max(ERG_TAG_BLOCKS)
         self.erg_model = erg_view(model, ERG_TAG_BLOCKS, ERG_QUERY_SCALE) if has_erg_blocks else None
@@ -83,20 +84,15 @@ class TextEncoder:
     ) -> TextEncoder:
         """Load `umt5-base/` (config, weights and tokenizer.json) from a checkpoint folder."""
         model = UMT5EncoderModel.from_pretrained(str(path), dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return cls(model, tokenizer)
+        return cls(model, TextTokenizer.from_pretrained(path))
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, both int64 [B, L], padded to the longest prompt."""
-        batch = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
-        )
-        return batch["input_ids"], batch["attention_mask"]
+        return self.tokenizer.tokenize(prompts)
 
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, erg: bool = False) -> torch.Tensor:
