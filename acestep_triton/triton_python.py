@@ -25,40 +25,82 @@ def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
 
 
 def input_array(request, name: str) -> np.ndarray | None:
+    """A host input as numpy: for BYTES (strings) and BOOL tensors, which DLPack cannot carry.
+
+    The python backend refuses BYTES in DLPack, and it labels BOOL as 1-bit integers, which torch
+    does not read; both are small request parameters that always arrive in host memory.
+    """
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
 
 
+def input_tensor(request, name: str) -> torch.Tensor | None:
+    """A numeric input as a torch tensor through DLPack, zero-copy, on whichever device it arrived.
+
+    A model whose config sets FORCE_CPU_ONLY_INPUT_TENSORS=no gets GPU inputs as CUDA tensors, so
+    nothing crosses the host; otherwise (and on the cpu profile) the tensor views the request's
+    shared memory. Either way it is valid only until execute() returns: copy what must outlive it.
+    """
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else torch.from_dlpack(tensor.to_dlpack())
+
+
 def input_tensors(request, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Named inputs as CPU torch tensors (zero-copy where the dtype allows)."""
+    """Named numeric inputs as torch tensors (input_tensor); ParameterError when one is missing."""
     out = {}
     for name in names:
-        array = input_array(request, name)
-        if array is None:
+        value = input_tensor(request, name)
+        if value is None:
             raise ParameterError(name, "missing input tensor")
-        out[name] = torch.from_numpy(np.ascontiguousarray(array))
+        out[name] = value
     return out
 
 
-def _as_numpy(value) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu").numpy()
-    return np.asarray(value)
+def output_tensor(name: str, value: torch.Tensor | np.ndarray):
+    """A pb_utils.Tensor for a torch tensor (through DLPack, so a CUDA tensor stays on the GPU) or a
+    numpy array (strings and bools, which DLPack cannot carry).
+
+    The pb_utils.Tensor holds the DLPack capsule, which keeps the torch storage alive until the
+    python backend has copied it out (into the response's buffer, or through CUDA IPC for a BLS
+    input): the caller must not write to `value` afterwards.
+    """
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, value)
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.detach().contiguous()))
 
 
-def response(outputs: Mapping[str, object]):
-    return pb_utils.InferenceResponse(
-        output_tensors=[pb_utils.Tensor(name, _as_numpy(value)) for name, value in outputs.items()]
-    )
+def handoff(outputs: Mapping[str, torch.Tensor | np.ndarray]) -> list:
+    """pb_utils.Tensors for `outputs`, after the device finished writing them.
+
+    Another process (the server, or the model a BLS call reaches) reads CUDA outputs through its
+    own stream, which does not wait for ours: synchronise once before handing them over.
+    """
+    for device in {v.device for v in outputs.values() if isinstance(v, torch.Tensor) and v.is_cuda}:
+        torch.cuda.synchronize(device)
+    return [output_tensor(name, value) for name, value in outputs.items()]
+
+
+def response(outputs: Mapping[str, torch.Tensor | np.ndarray]):
+    return pb_utils.InferenceResponse(output_tensors=handoff(outputs))
 
 
 def error_response(exc: BaseException):
-    """Bad input -> INVALID_ARG with its message; anything else -> INTERNAL without internals."""
+    """The error response for `exc`: bad input -> INVALID_ARG with its message; a condition cache
+    miss -> NOT_FOUND (the loop re-sends); out of GPU memory -> UNAVAILABLE (a retry may fit);
+    anything else -> INTERNAL without internals (logged with its traceback)."""
+    from acestep_triton.condition_cache import ConditionMiss
+
+    if isinstance(exc, ConditionMiss):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.NOT_FOUND))
     if isinstance(exc, (ParameterError, ValueError)):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
         )
-    log.exception("request failed")
+    log.error("request failed", exc_info=exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError("out of GPU memory for this batch; retry", pb_utils.TritonError.UNAVAILABLE)
+        )
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(f"internal error ({type(exc).__name__}); see the server log")
     )
@@ -116,10 +158,13 @@ def _engine(name: str, params: Mapping[str, str]):
 
 
 class ComponentModel:
-    """A neural component under dynamic batching: the requests of one execute() run as one batch.
+    """A neural component under dynamic batching: the requests of one execute() run as one batch,
+    cut into sub-batches of at most MAX_ROW_FRAMES rows x frames when the config sets it
+    (acestep_triton.sub_batches).
 
-    Subclasses name the component; everything else comes from the config parameters
-    (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE).
+    Subclasses name the component and may override `request_inputs`; everything else comes from the
+    config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES).
+    A request that fails (bad input, out of memory in its sub-batch) gets its own error response.
     """
 
     component = ""
@@ -127,26 +172,44 @@ class ComponentModel:
     def initialize(self, args: Mapping[str, str]) -> None:
         from acestep_triton.contract import stage_time_name
 
-        self.engine = _engine(self.component, model_parameters(args))
+        params = model_parameters(args)
+        self.engine = _engine(self.component, params)
         self.spec = self.engine.spec
+        self.device = torch.device(params.get("DEVICE", "cpu"))
+        self.dtype = getattr(torch, params.get("DTYPE", "float32"))
+        self.max_row_frames = int(params["MAX_ROW_FRAMES"]) if "MAX_ROW_FRAMES" in params else None
         self.time_name = stage_time_name(self.component)
+
+    def request_inputs(self, request) -> dict[str, torch.Tensor]:
+        """The spec's inputs of one request, on the engine's device."""
+        return {name: value.to(self.device) for name, value in
+                input_tensors(request, [t.name for t in self.spec.inputs]).items()}
+
+    def request_failed(self, request, exc: Exception) -> None:
+        """Called for each request that failed after its inputs were read (a hook for subclasses)."""
 
     def execute(self, requests):
         import time
 
-        from acestep_triton.batching import collate, split
+        from acestep_triton.sub_batches import run_bounded
 
-        try:
-            inputs = [input_tensors(r, [t.name for t in self.spec.inputs]) for r in requests]
-            start = time.perf_counter()
-            outputs = self.engine.run(collate(self.spec, inputs))
-            parts = split(self.spec, inputs, outputs)
-            elapsed = np.float32(time.perf_counter() - start)
-        except Exception as exc:  # one failed batch fails each of its requests, the server stays up
-            return [error_response(exc) for _ in requests]
-        responses = []
-        for part in parts:
-            rows = next(iter(part.values())).shape[0]
-            part[self.time_name] = np.full((rows, 1), elapsed, dtype=np.float32)
-            responses.append(response(part))
+        responses: list = [None] * len(requests)
+        inputs: dict[int, dict[str, torch.Tensor]] = {}
+        for i, request in enumerate(requests):
+            try:
+                inputs[i] = self.request_inputs(request)
+            except Exception as exc:  # this request fails, the others run
+                responses[i] = error_response(exc)
+        start = time.perf_counter()
+        indices = list(inputs)
+        results = run_bounded(self.engine.run, self.spec, [inputs[i] for i in indices], self.max_row_frames)
+        elapsed = np.float32(time.perf_counter() - start)
+        for i, result in zip(indices, results):
+            if isinstance(result, Exception):
+                self.request_failed(requests[i], result)
+                responses[i] = error_response(result)
+                continue
+            rows = next(iter(result.values())).shape[0]
+            result[self.time_name] = np.full((rows, 1), elapsed, dtype=np.float32)
+            responses[i] = response(result)
         return responses

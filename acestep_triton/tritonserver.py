@@ -6,16 +6,23 @@ stub per Python version. Triton expects the stub next to `libtriton_python.so`, 
 `prepare_backend_directory` assembles `<dir>/python/` for the running Python, and
 `TritonServer` points the binary at it with `--backend-directory`.
 
-Python models run inside the stub's embedded interpreter: the environment puts the
-running interpreter's libpython first on LD_LIBRARY_PATH (same stdlib as this venv)
-and this venv's site-packages plus the repository root on PYTHONPATH, so models can
-import torch and `acestep_triton`.
+Python models run inside the stub's embedded interpreter. It runs isolated (PYTHONPATH is
+ignored) and takes its prefix, hence its site-packages, from the first `python3` on the server's
+PATH. So the server gets a stub environment (`stub_environment`) first on PATH: a virtual
+environment of the server's Python (`python`, default this interpreter; on the GPU machine a
+numpy-1 environment, see benchmarks/bench_triton.py) whose one `.pth` file puts this checkout
+and that Python's site-packages on the path. Models then import torch and `acestep_triton`
+wherever the server is started (it is started from `/`), and the environment they came from is
+left untouched (several checkouts may share one). The running interpreter's libpython goes first
+on LD_LIBRARY_PATH (the stub needs a libpython of its own version).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes.util
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -137,10 +144,51 @@ def _python_library_dir() -> Path | None:
     return libdir if (libdir / soname).is_file() else None
 
 
+def _site_dirs(python: Path) -> list[str]:
+    """purelib and platlib of the environment `python` belongs to."""
+    code = "import sysconfig, json; p = sysconfig.get_paths(); print(json.dumps(sorted({p['purelib'], p['platlib']})))"
+    result = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True, cwd="/")
+    if result.returncode != 0:
+        raise TritonServerError(f"cannot run {python}: {result.stderr.strip()[-500:]}")
+    return list(json.loads(result.stdout))
+
+
+def stub_environment(python: Path, root: Path | None = None) -> Path:
+    """The environment the python-backend stubs run in: returns its `bin/` directory.
+
+    A virtual environment made by `python` (so of its version) under `root` (default
+    build/stub-env/<name> of this checkout), whose site-packages holds `acestep-triton.pth`: this
+    checkout first, then `python`'s own site-packages (with their .pth files). Rebuilt when the
+    file is not what it should be; checked by importing nothing but locating `acestep_triton`
+    in isolated mode from `/`, as the stub will.
+    """
+    python = Path(python).absolute()
+    if root is None:
+        tag = hashlib.sha256(str(python).encode()).hexdigest()[:12]
+        root = REPO_ROOT / "build" / "stub-env" / f"{python.parent.parent.name.lstrip('.')}-{tag}"
+    root = Path(root)
+    pth_lines = [str(REPO_ROOT)] + [f"import site; site.addsitedir({d!r})" for d in _site_dirs(python)]
+    stub_python = root / "bin" / "python3"
+    if not stub_python.exists():
+        subprocess.run([str(python), "-m", "venv", "--without-pip", str(root)], check=True, capture_output=True)
+    site_dirs = _site_dirs(stub_python)
+    pth = Path(site_dirs[0]) / "acestep-triton.pth"
+    text = "\n".join(pth_lines) + "\n"
+    if not pth.is_file() or pth.read_text() != text:
+        pth.write_text(text)
+    code = "import importlib.util as u; print(u.find_spec('acestep_triton').origin)"
+    found = subprocess.run([str(stub_python), "-I", "-c", code], capture_output=True, text=True, cwd="/")
+    if found.returncode != 0 or not Path(found.stdout.strip()).is_relative_to(REPO_ROOT):
+        raise TritonServerError(f"the stub environment {root} does not import acestep_triton from {REPO_ROOT}: "
+                                f"{(found.stdout + found.stderr).strip()[-500:]}")
+    return stub_python.parent
+
+
 def server_environment(
-    install: ServerInstall, pythonpath: Sequence[Path] = (), base: Mapping[str, str] | None = None
+    install: ServerInstall, stub_bin: Path, base: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """Environment for the server: its libraries, this interpreter's libpython, importable venv + repo."""
+    """Environment for the server: its libraries, this interpreter's libpython, and the stub
+    environment's `python3` first on PATH (see `stub_environment`)."""
     env = dict(os.environ if base is None else base)
     lib_dirs = [install.libs_dir]
     python_lib = _python_library_dir()
@@ -154,10 +202,7 @@ def server_environment(
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         [str(p) for p in lib_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     )
-    paths = [str(p) for p in (*pythonpath, REPO_ROOT, *_site_packages())]
-    paths += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([str(stub_bin), env.get("PATH", "")])
     return env
 
 
@@ -190,7 +235,8 @@ class TritonServer:
     """One `tritonserver` process serving `model_repository`; a context manager.
 
     Ports left at 0 are picked free on `host`. Server stdout+stderr go to
-    `log_path` (a temporary file unless given). `start()` returns once
+    `log_path` (a temporary file unless given). The python models run in `stub_environment(python)`
+    (`python`: the interpreter whose packages they import, default this one). `start()` returns once
     `/v2/health/ready` answers 200, or raises TritonServerError with the log tail
     and the names of models that failed to load.
     """
@@ -212,7 +258,7 @@ class TritonServer:
         startup_timeout_s: float = 120.0,
         stop_grace_s: float = 20.0,
         backend_dir: Path | None = None,
-        pythonpath: Sequence[Path] = (),
+        python: Path | None = None,
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
@@ -242,7 +288,7 @@ class TritonServer:
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.backend_dir = backend_dir
-        self.pythonpath = tuple(Path(p) for p in pythonpath)
+        self.python = Path(python) if python is not None else Path(sys.executable)
         self.extra_env = dict(env or {})
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
@@ -287,12 +333,13 @@ class TritonServer:
         if self.process is not None:
             raise TritonServerError("server already started")
         install = locate_server()
-        backend_dir = prepare_backend_directory(self.backend_dir)
-        env = server_environment(install, self.pythonpath)
+        backend_dir = prepare_backend_directory(self.backend_dir).resolve()
+        env = server_environment(install, stub_environment(self.python))
         env.update(self.extra_env)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command(install, backend_dir),
+                cwd="/",  # nothing may depend on where the server was started
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -405,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none")
     parser.add_argument("--load-model", action="append", default=[])
     parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--python", type=Path, default=None,
+                        help="interpreter whose packages the python models import (default: this one)")
     args = parser.parse_args(argv)
     server = TritonServer(
         args.model_repository,
@@ -417,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_control_mode=args.model_control_mode,
         load_models=args.load_model,
         startup_timeout_s=args.startup_timeout,
+        python=args.python,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

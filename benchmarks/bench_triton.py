@@ -1,33 +1,59 @@
-"""Serving speed through Triton (gpu profile) on a full-size random checkpoint, against in-process.
+"""Serving speed through Triton (gpu profile) on a full-size random checkpoint, against in-process: one command.
 
-    python -m benchmarks.bench_triton --out DIR [--work DIR] [--duration 60] [--steps 27]
-        [--concurrency 1,2,4,8,16] [--requests-per-worker 3]
+    python3 -m benchmarks.bench_triton --out DIR --server-python /tmp/stubenv/bin/python3 \
+        [--work DIR] [--duration 60] [--steps 27] [--runs 5] [--gateway-runs 3] \
+        [--concurrency 1,2,4,8,16] [--requests-per-worker 2] [--set FIELD=VALUE ...] \
+        [--variant FIELD=VALUE[,FIELD=VALUE] ...] [--perf-analyzer-concurrency 1:4]
 
-1. Writes a full-size random checkpoint in the published layout (bf16 safetensors, seeded init
-   from benchmarks/full_size_configs/; a small trained prompt tokenizer, since the UMT5 one cannot
-   be downloaded; the lyric vocabulary from --lyric-vocab) unless --work already holds one.
-2. In-process: Text2MusicPipeline.from_checkpoint(..., accelerate=True) on that checkpoint, one
-   request repeated (median of --runs after a warm-up): the reference latency. Then freed.
-3. Builds the gpu-profile model repository (export.build_repository) and starts tritonserver on it.
-4. Single request through the `acestep` ensemble over gRPC (tritonclient.grpc.aio, the client the
-   gateway uses): median latency, and Triton's overhead over in-process.
-5. Throughput: for each concurrency c, c workers each send --requests-per-worker requests back to
-   back (after one untimed round, which captures the graphs of new batch shapes): audio seconds per
-   wall second, request latency percentiles, and the GPU memory all server processes hold (nvidia-smi).
-Prints a short table last; writes triton_results.json and triton_results.md into --out.
+--server-python (or ACESTEP_SERVER_PYTHON) is the interpreter whose packages the server's python
+models import (acestep_triton.tritonserver.stub_environment layers this checkout over it). On the
+GPU machine that is a numpy-1 environment: nvidia-pytriton's stub is built for numpy 1 (issue
+"Served speed" has the recipe: a `python3 -m venv --without-pip` whose site-packages links the
+image's packages, numpy 1.26.4 in place of numpy 2).
+
+Sections, in order; each one's numbers land in triton_results.json as it finishes:
+  checkpoint   a full-size random checkpoint in the published layout (bf16 safetensors, seeded init from
+               benchmarks/full_size_configs/, a small trained prompt tokenizer, the lyric vocabulary from
+               --lyric-vocab), written once into --work
+  in_process   Text2MusicPipeline (gpu profile speed-ups) on that checkpoint, one request repeated: median
+               wall time up to the waveform in host memory, after a warm-up; its waveform is the reference
+  triton       the gpu-profile repository (export.build_repository, --set overrides its settings) served
+               by tritonserver; one request over gRPC (tritonclient.grpc.aio, as the gateway): median of
+               --runs, overhead over in-process, per-stage TIME outputs
+  correctness  the same seed through Triton and in-process: relative L2 of the waveform; over
+               --max-rel-l2 (1e-2, the bf16 bound) the benchmark FAILS (exit status 1)
+  gateway      `python -m gateway` in front of that server: POST /generate (REST, WAV bytes back, file
+               written by the gateway), median of --gateway-runs, overhead over Triton
+  concurrency  for each level c, c workers send --requests-per-worker requests back to back (after one
+               untimed round): audio seconds per wall second, p50/p99 latency, and the GPU memory of
+               all server processes (NVML, sampled every 0.25 s; peak)
+  stats        Triton's /v2/models/stats per model: rows per execution, queue / input / infer / output
+               milliseconds per request (cumulative over everything above)
+  perf_analyzer  against `acestep` and `dit_step`, when the binary and its libraries (libb64, libcudart)
+               are there; otherwise a "skipped: why" line
+  variant      per --variant: another repository with those settings; single request, correctness,
+               one concurrency level (--variant-concurrency) with memory
+Prints a table last; writes triton_results.json and triton_results.md into --out. Exit status 1
+when the correctness check fails, 2 when a section raised (its error is in the results).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +76,13 @@ from benchmarks.bench_pipeline import (
     REQUEST_SEED,
     build_models,
     environment,
+    relative_error,
 )
 
 PROMPT_TOKENIZER_VOCAB = 256
+# Relative L2 of the waveform, Triton against in-process, same seed, bf16 (issue "Served speed").
+MAX_REL_L2 = 1e-2
+SERVER_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 def write_checkpoint(root: Path, lyric_vocab: Path) -> Path:
@@ -76,8 +106,9 @@ def write_checkpoint(root: Path, lyric_vocab: Path) -> Path:
     return root
 
 
-def in_process_latency(checkpoint: Path, params: GenerationParams, runs: int) -> dict:
-    """Median wall seconds of the accelerated in-process pipeline on `checkpoint` (after a warm-up)."""
+def in_process(checkpoint: Path, params: GenerationParams, runs: int) -> tuple[dict, np.ndarray]:
+    """Median wall seconds of the accelerated in-process pipeline up to the waveform in host memory
+    (the pipeline returns it on the CPU), after a warm-up; and that waveform [B, 2, N]."""
     from acestep_triton.pipeline import Text2MusicPipeline
 
     start = time.perf_counter()
@@ -90,36 +121,61 @@ def in_process_latency(checkpoint: Path, params: GenerationParams, runs: int) ->
         torch.cuda.synchronize()
         start = time.perf_counter()
         result = pipe(params)
-        torch.cuda.synchronize()
         totals.append(time.perf_counter() - start)
         stages.append(result.timings)
-    out = {"load_s": load_s, "median_s": statistics.median(totals), "runs": totals,
-           "stages": {k: statistics.median(s[k] for s in stages) for k in stages[0]},
+    out = {"load_s": load_s, "median_s": statistics.median(totals), "runs_s": totals,
+           "stages_median_s": {k: statistics.median(s[k] for s in stages) for k in stages[0]},
            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    wave = result.waveforms.numpy()
     del pipe, result
     torch.cuda.empty_cache()
-    return out
+    return out, wave
 
 
-def gpu_memory_used_mib() -> int:
-    """GPU memory held by every process but this one (the server's model instances), per nvidia-smi."""
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True).stdout
-    rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
-    return sum(int(used) for pid, used in rows if int(pid) != os.getpid())
+# ----------------------------------------------------------------------------- GPU memory (NVML)
+
+
+class ServerMemory:
+    """GPU memory of the server's processes (its process group) per NVML, summed over devices.
+
+    When NVML reports none of the group's pids (a PID namespace in a container hides them), every
+    process but this one is counted instead, and `pid_match` says so.
+    """
+
+    def __init__(self, pgid: int) -> None:
+        import pynvml
+
+        self.nvml, self.pgid = pynvml, pgid
+        pynvml.nvmlInit()
+        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+    def sample(self) -> dict:
+        from acestep_triton.tritonserver import process_group_pids
+
+        group = set(process_group_pids(self.pgid))
+        procs = [p for h in self.handles for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)]
+        used = {p.pid: (p.usedGpuMemory or 0) for p in procs}
+        mine = {pid: b for pid, b in used.items() if pid in group}
+        pid_match = bool(mine)
+        counted = mine if pid_match else {pid: b for pid, b in used.items() if pid != os.getpid()}
+        return {"mib": sum(counted.values()) / 2**20, "processes": len(counted), "pid_match": pid_match}
 
 
 class MemoryPeak:
-    """Samples nvidia-smi every `period_s` in a thread; `peak_mib` is the largest reading."""
+    """Samples `memory` every `period_s` in a thread; `peak` is the sample with the most MiB."""
 
-    def __init__(self, period_s: float = 0.25) -> None:
-        self.period_s, self.peak_mib, self._stop = period_s, 0, threading.Event()
+    def __init__(self, memory: ServerMemory, period_s: float = 0.25) -> None:
+        self.memory, self.period_s = memory, period_s
+        self.peak = {"mib": 0.0}
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, gpu_memory_used_mib())
+            sample = self.memory.sample()
+            if sample["mib"] > self.peak["mib"]:
+                self.peak = sample
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> MemoryPeak:
@@ -131,152 +187,472 @@ class MemoryPeak:
         self._thread.join()
 
 
+# ----------------------------------------------------------------------------- Triton clients
+
+
 def request_tensors(params: GenerationParams):
     """gRPC inputs and requested outputs of the `acestep` ensemble for `params`."""
     import tritonclient.grpc.aio as grpcclient
-    from tritonclient.utils import triton_to_np_dtype
 
+    from gateway.engine import input_arrays, wire_dtype
+
+    specs = {t.name: t for t in ENSEMBLE_INPUTS}
     inputs = []
-    for spec in ENSEMBLE_INPUTS:
-        value = getattr(params, spec.param)
-        values = list(value) if spec.dims == (-1,) else [value]
-        wire = "BYTES" if spec.dtype == "TYPE_STRING" else spec.dtype.removeprefix("TYPE_")
-        if wire == "BYTES":
-            array = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-        else:
-            array = np.array(values, dtype=triton_to_np_dtype(wire))
-        tensor = grpcclient.InferInput(spec.name, list(array.shape), wire)
+    for name, array in input_arrays(params).items():
+        tensor = grpcclient.InferInput(name, list(array.shape), wire_dtype(specs[name]))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs, [grpcclient.InferRequestedOutput(spec.name) for spec in ENSEMBLE_OUTPUTS]
 
 
-async def one_request(client, params: GenerationParams) -> dict:
-    inputs, outputs = request_tensors(params)
-    start = time.perf_counter()
-    result = await client.infer(ENSEMBLE_NAME, inputs, outputs=outputs, client_timeout=600)
-    latency = time.perf_counter() - start
-    wave = result.as_numpy("WAVEFORM")
-    stages = {stage: float(result.as_numpy(f"TIME_{stage.upper()}").reshape(-1)[0]) for stage in STAGES}
-    return {"latency_s": latency, "audio_s": float(result.as_numpy("DURATION").reshape(-1)[0]),
-            "samples": int(wave.shape[-1]), "stages": stages}
-
-
-async def load_level(url: str, params: GenerationParams, concurrency: int, per_worker: int) -> dict:
-    """`concurrency` workers, `per_worker` back-to-back requests each, after one untimed round."""
+def grpc_client(url: str):
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 
     options = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE)]
-    client = grpcclient.InferenceServerClient(url, channel_args=options)
+    return grpcclient.InferenceServerClient(url, channel_args=options)
+
+
+async def one_request(client, params: GenerationParams, keep_wave: bool = False) -> dict:
+    inputs, outputs = request_tensors(params)
+    start = time.perf_counter()
+    result = await client.infer(ENSEMBLE_NAME, inputs, outputs=outputs, client_timeout=600)
+    wave = result.as_numpy("WAVEFORM")
+    latency = time.perf_counter() - start
+    stages = {stage: float(result.as_numpy(f"TIME_{stage.upper()}").reshape(-1)[0]) for stage in STAGES}
+    out = {"latency_s": latency, "audio_s": float(result.as_numpy("DURATION").reshape(-1)[0]),
+           "samples": int(wave.shape[-1]), "stages": stages}
+    if keep_wave:
+        out["wave"] = wave
+    return out
+
+
+async def single(url: str, params: GenerationParams, runs: int) -> tuple[dict, np.ndarray]:
+    """One request at a time: a warm-up, then `runs` timed; median latency, stages, the last waveform."""
+    client = grpc_client(url)
+    try:
+        await one_request(client, params)
+        done = [await one_request(client, params, keep_wave=True) for _ in range(runs)]
+    finally:
+        await client.close()
+    latencies = [r["latency_s"] for r in done]
+    return ({"median_s": statistics.median(latencies), "runs_s": latencies,
+             "stages_median_s": {s: statistics.median(r["stages"][s] for r in done) for s in STAGES}},
+            done[-1]["wave"])
+
+
+async def load_level(url: str, params: GenerationParams, concurrency: int, per_worker: int,
+                     memory: ServerMemory | None) -> dict:
+    """`concurrency` workers, `per_worker` back-to-back requests each, after one untimed round."""
+    client = grpc_client(url)
     try:
         await asyncio.gather(*(one_request(client, params) for _ in range(concurrency)))
 
         async def worker() -> list[dict]:
             return [await one_request(client, params) for _ in range(per_worker)]
 
-        with MemoryPeak() as memory:
+        peak = MemoryPeak(memory) if memory is not None else None
+        if peak is not None:
+            peak.__enter__()
+        try:
             start = time.perf_counter()
             done = [r for rs in await asyncio.gather(*(worker() for _ in range(concurrency))) for r in rs]
             wall = time.perf_counter() - start
+        finally:
+            if peak is not None:
+                peak.__exit__()
     finally:
         await client.close()
-    latencies = sorted(r["latency_s"] for r in done)
+    latencies = np.array([r["latency_s"] for r in done])
     audio = sum(r["audio_s"] for r in done)
     return {"concurrency": concurrency, "requests": len(done), "wall_s": wall, "audio_s": audio,
-            "audio_s_per_s": audio / wall, "latency_p50_s": statistics.median(latencies),
-            "latency_max_s": latencies[-1], "gpu_memory_peak_mib": memory.peak_mib,
+            "audio_s_per_s": audio / wall, "latency_p50_s": float(np.percentile(latencies, 50)),
+            "latency_p99_s": float(np.percentile(latencies, 99)), "latency_max_s": float(latencies.max()),
+            "gpu_memory_peak": peak.peak if peak is not None else None,
             "stages_median_s": {s: statistics.median(r["stages"][s] for r in done) for s in STAGES}}
 
 
+def model_stats(http_url: str) -> dict:
+    """Triton's /v2/models/stats, raw, and per model: rows per execution and ms per request by phase."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as response:
+        raw = json.load(response)
+    summary = {}
+    for model in raw.get("model_stats", []):
+        inference = model.get("inference_stats", {})
+        count = int(inference.get("success", {}).get("count", 0))
+        if not count:
+            continue
+        per_request = {phase: int(inference.get(phase, {}).get("ns", 0)) / count / 1e6
+                       for phase in ("queue", "compute_input", "compute_infer", "compute_output")}
+        executions = int(model.get("execution_count", 0))
+        summary[model["name"]] = {"requests": count, "rows": int(model.get("inference_count", 0)),
+                                  "executions": executions,
+                                  "rows_per_execution": int(model.get("inference_count", 0)) / max(executions, 1),
+                                  "ms_per_request": per_request}
+    return {"summary": summary, "raw": raw}
+
+
+# ----------------------------------------------------------------------------- gateway
+
+
+class Gateway:
+    """`python -m gateway` in a subprocess, talking gRPC to the server; a context manager."""
+
+    def __init__(self, checkpoint: Path, grpc_url: str, outputs: Path, log_path: Path) -> None:
+        from acestep_triton.tritonserver import free_port
+
+        self.port = free_port()
+        self.outputs, self.log_path = outputs, log_path
+        self.env = dict(os.environ, ACESTEP_CHECKPOINT_PATH=str(checkpoint), ACESTEP_TRITON_URL=grpc_url,
+                        ACESTEP_TRITON_PROTOCOL="grpc", ACESTEP_OUTPUTS_DIR=str(outputs), ACESTEP_HOST="127.0.0.1",
+                        ACESTEP_PORT=str(self.port), ACESTEP_PRECISION="bf16")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Gateway:
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway", "--log-level", "warning"], env=self.env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}; log {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gateway not healthy after 60 s; log {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+        self.log.close()
+
+    def generate(self, body: dict) -> tuple[float, bytes, dict]:
+        """POST /generate: wall seconds until the WAV bytes are in, the bytes, the response headers."""
+        request = urllib.request.Request(f"{self.url}/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as response:
+            data = response.read()
+            headers = dict(response.headers)
+        return time.perf_counter() - start, data, headers
+
+
+def gateway_section(checkpoint: Path, grpc_url: str, params: GenerationParams, runs: int, out: Path) -> dict:
+    """Median wall time of POST /generate through the gateway (REST, WAV bytes back, file written)."""
+    body = {"checkpoint_path": str(checkpoint), **dataclasses.asdict(params)}
+    body = {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}
+    with Gateway(checkpoint, grpc_url, out / "gateway_outputs", out / "gateway.log") as gateway:
+        gateway.generate(body)
+        timed = [gateway.generate(body) for _ in range(runs)]
+    seconds = [t for t, _, _ in timed]
+    _, data, headers = timed[-1]
+    path = Path(headers["X-Output-Path"])
+    if not (data[:4] == b"RIFF" and path.is_file() and path.stat().st_size > 0):
+        raise RuntimeError(f"gateway answered {len(data)} bytes, file {path}: not a WAV response with its file")
+    return {"median_s": statistics.median(seconds), "runs_s": seconds, "wav_bytes": len(data), "file": str(path),
+            "x_generation_time_s": float(headers["X-Generation-Time"])}
+
+
+# ----------------------------------------------------------------------------- perf_analyzer
+
+
+def perf_analyzer_section(checkpoint: Path, grpc_url: str, params: GenerationParams, out: Path,
+                          concurrency: str) -> dict:
+    """perf_analyzer against `acestep` (the benchmark's request) and `dit_step` (two rows of it:
+    conditions sent with every request, as a direct client does); a "skipped" reason when it cannot run."""
+    from acestep_triton.preprocess import prepare_request
+    from acestep_triton.sampling.seeds import latent_frames
+    from benchmarks.perf_analyzer import PerfAnalyzerError, parse_concurrency, run_perf_analyzer
+    from benchmarks.perf_triton import COUNT_WINDOWS, dit_step_input_data, ensemble_input_data
+
+    try:
+        from benchmarks.perf_analyzer import locate_perf_analyzer, perf_analyzer_environment
+
+        locate_perf_analyzer()
+        perf_analyzer_environment()
+    except PerfAnalyzerError as exc:
+        return {"skipped": str(exc)}
+    from acestep_triton.lyrics import LyricTokenizer
+    from acestep_triton.text_tokenizer import TextTokenizer
+
+    ckpt = validate_checkpoint(checkpoint)
+    prepared = prepare_request(params, TextTokenizer.from_pretrained(ckpt.text_encoder).tokenize_one,
+                               LyricTokenizer.from_file(checkpoint / LYRIC_VOCAB_FILENAME).tokenize)
+    tokens = 1 + prepared.text_ids.shape[1] + prepared.lyric_ids.shape[1]
+    inputs = {ENSEMBLE_NAME: ensemble_input_data(params),
+              "dit_step": dit_step_input_data(checkpoint, params.audio_duration, tokens)}
+    extra = {ENSEMBLE_NAME: [*COUNT_WINDOWS, "--measurement-request-count", "8"],
+             "dit_step": ["-b", "2", *COUNT_WINDOWS, "--measurement-request-count", "50"]}
+    reports = {"frames": latent_frames(params.audio_duration), "condition_tokens": tokens}
+    for model, data in inputs.items():
+        path = out / f"perf_input_{model}.json"
+        path.write_text(json.dumps(data))
+        try:
+            result = run_perf_analyzer(model, grpc_url, path, parse_concurrency(concurrency),
+                                       csv_path=out / f"perf_analyzer_{model}.csv", extra_args=extra[model],
+                                       timeout_s=180)
+            reports[model] = {"report": (result.stdout + result.stderr).strip()[-6000:]}
+        except (PerfAnalyzerError, subprocess.TimeoutExpired) as exc:
+            reports[model] = {"skipped": str(exc)[-2000:]}
+    return reports
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def parse_settings(pairs: list[str]) -> dict[str, object]:
+    """FIELD=VALUE pairs -> export.build_repository.Profile overrides, typed by the gpu profile's values."""
+    from export.build_repository import PROFILES
+
+    base = PROFILES["gpu"]
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        if not hasattr(base, name):
+            raise SystemExit(f"--set/--variant: {name!r} is not a Profile setting")
+        current = getattr(base, name)
+        if isinstance(current, bool):
+            value: object = text.lower() in ("1", "true", "yes")
+        elif isinstance(current, tuple):
+            value = tuple(int(v) for v in text.split(",") if v)
+        elif current is None or isinstance(current, int):
+            value = int(text)
+        else:
+            value = type(current)(text)
+        overrides[name] = value
+    return overrides
+
+
+class Run:
+    """The results dict, saved after every section; a failing section is logged and recorded."""
+
+    def __init__(self, out: Path, results: dict) -> None:
+        self.out, self.results, self.errors = out, results, []
+
+    def save(self) -> None:
+        def plain(value):
+            return value.tolist() if isinstance(value, np.ndarray) else str(value)
+
+        (self.out / "triton_results.json").write_text(json.dumps(self.results, indent=1, default=plain))
+
+    def section(self, name: str, fn: Callable[[], object], into: dict | None = None):
+        print(f"== {name}", flush=True)
+        target = self.results if into is None else into
+        try:
+            value = fn()
+        except Exception as exc:  # keep the other sections' numbers
+            traceback.print_exc()
+            target[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.errors.append(name)
+            value = None
+        else:
+            if isinstance(value, dict):
+                target[name] = value
+        self.save()
+        return value
+
+
+def correctness(triton_wave: np.ndarray, reference: np.ndarray, bound: float) -> dict:
+    if triton_wave.shape != reference.shape:
+        return {"shape_triton": list(triton_wave.shape), "shape_in_process": list(reference.shape), "passed": False}
+    error = relative_error(torch.from_numpy(triton_wave), torch.from_numpy(reference))
+    return {"rel_l2": error, "bound": bound, "passed": error <= bound}
+
+
+def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams, reference: np.ndarray | None,
+                      overrides: dict, name: str, levels: list[int], full: bool) -> dict:
+    """Build the repository with `overrides`, start the server, and run the sections on it into results[name]."""
+    from acestep_triton.tritonserver import TritonServer
+    from export.build_repository import build_repository
+
+    into: dict = {"settings": {k: v for k, v in overrides.items()}}
+    run.results[name] = into
+    repository = build_repository("gpu", checkpoint, Path(args.work) / f"repository-{name}", overrides=overrides)
+    server = TritonServer(repository, log_path=run.out / f"tritonserver-{name}.log",
+                          startup_timeout_s=args.startup_timeout_s, env=SERVER_ENV, python=args.server_python)
+    start = time.perf_counter()
+    with server:
+        into["server_start_s"] = time.perf_counter() - start
+        memory = run.section("memory_probe", lambda: {"idle": ServerMemory(server.process.pid).sample()}, into)
+        nvml = ServerMemory(server.process.pid) if memory else None
+        print(f"tritonserver ready in {into['server_start_s']:.0f} s", flush=True)
+        single_out = run.section("single", lambda: _single(server.grpc_url, params, args.runs, into), into)
+        if single_out is not None and reference is not None:
+            run.section("correctness", lambda: correctness(single_out, reference, args.max_rel_l2), into)
+        if full:
+            run.section("gateway", lambda: gateway_section(checkpoint, server.grpc_url, params, args.gateway_runs,
+                                                           run.out), into)
+        into["levels"] = []
+        for concurrency in levels:
+            level = run.section(f"concurrency_{concurrency}", lambda c=concurrency: asyncio.run(
+                load_level(server.grpc_url, params, c, args.requests_per_worker, nvml)), into)
+            if level is not None:
+                into["levels"].append(level)
+                memory_text = (f"{level['gpu_memory_peak']['mib'] / 1024:.1f} GiB"
+                               if level["gpu_memory_peak"] else "n/a")
+                print(f"concurrency {concurrency:2d}: {level['audio_s_per_s']:6.1f} audio s / s, p50 "
+                      f"{level['latency_p50_s']:.2f} s, p99 {level['latency_p99_s']:.2f} s, GPU {memory_text}",
+                      flush=True)
+        if full and args.perf_analyzer_concurrency:
+            run.section("perf_analyzer", lambda: perf_analyzer_section(checkpoint, server.grpc_url, params, run.out,
+                                                                       args.perf_analyzer_concurrency), into)
+        run.section("stats", lambda: model_stats(server.http_url), into)
+    return into
+
+
+def _single(url: str, params: GenerationParams, runs: int, into: dict) -> np.ndarray:
+    out, wave = asyncio.run(single(url, params, runs))
+    into["single_request"] = out
+    print(f"triton single request: {out['median_s']:.3f} s; stages "
+          + json.dumps({k: round(v, 3) for k, v in out["stages_median_s"].items()}), flush=True)
+    return wave
+
+
 def markdown(results: dict) -> str:
-    env, single = results["env"], results.get("single", {})
+    env = results["env"]
     lines = [f"Device: {env.get('device')}; torch {env['torch']}; tritonserver from nvidia-pytriton 0.7.0 "
              f"(server 2.51); gpu profile; commit {env['commit']}; {env['date']}.", "",
              f"Command: `{env['command']}`", "",
-             f"Request: {results['duration_s']:.0f} s audio, {results['steps']} steps, contract defaults.", ""]
+             f"Request: {results['duration_s']:.0f} s audio, {results['steps']} steps, contract defaults, "
+             f"seed {REQUEST_SEED}.", ""]
     inproc = results.get("in_process", {})
-    if "median_s" in inproc and "median_s" in single:
-        overhead = single["median_s"] / inproc["median_s"] - 1
-        lines += ["| path | median wall s | RTF |", "|---|---|---|",
-                  f"| in-process (same checkpoint) | {inproc['median_s']:.3f} | "
-                  f"{results['duration_s'] / inproc['median_s']:.1f}x |",
-                  f"| Triton gRPC, one request | {single['median_s']:.3f} | "
-                  f"{results['duration_s'] / single['median_s']:.1f}x |", "",
-                  f"Triton overhead over in-process: {overhead * 100:+.1f} %.", ""]
-    levels = results.get("levels", [])
-    if levels:
-        lines += ["| concurrency | requests | wall s | audio s / wall s | p50 latency s | max latency s | "
-                  "GPU memory peak GiB (all processes) |", "|" + "---|" * 7]
-        lines += [f"| {r['concurrency']} | {r['requests']} | {r['wall_s']:.2f} | {r['audio_s_per_s']:.1f} | "
-                  f"{r['latency_p50_s']:.2f} | {r['latency_max_s']:.2f} | {r['gpu_memory_peak_mib'] / 1024:.1f} |"
-                  for r in levels]
+    for name in [k for k in results if k == "main" or k.startswith("variant")]:
+        part = results[name]
+        lines += [f"### {name}: settings {json.dumps(part.get('settings', {}))}", ""]
+        single_out = part.get("single_request", {})
+        gateway = part.get("gateway", {})
+        rows = []
+        if "median_s" in inproc:
+            rows.append(("in-process, waveform in host memory", inproc["median_s"], None))
+        if "median_s" in single_out:
+            base = inproc.get("median_s")
+            rows.append(("Triton gRPC, one request", single_out["median_s"], base))
+        if "median_s" in gateway:
+            rows.append(("gateway REST, WAV back, file written", gateway["median_s"], single_out.get("median_s")))
+        if rows:
+            lines += ["| path | median wall s | RTF | over the row above |", "|---|---|---|---|"]
+            for label, seconds, base in rows:
+                over = f"{(seconds - base) * 1e3:+.0f} ms ({(seconds / base - 1) * 100:+.1f} %)" if base else ""
+                lines.append(f"| {label} | {seconds:.3f} | {results['duration_s'] / seconds:.1f}x | {over} |")
+            lines.append("")
+        check = part.get("correctness", {})
+        if "rel_l2" in check:
+            verdict = "PASS" if check["passed"] else "FAIL"
+            lines += [f"Correctness: relative L2 of the waveform, Triton vs in-process: {check['rel_l2']:.2e} "
+                      f"(bound {check['bound']:g}): {verdict}.", ""]
+        if part.get("levels"):
+            lines += ["| concurrency | requests | wall s | audio s / wall s | p50 s | p99 s | "
+                      "GPU memory peak GiB (server processes, NVML) |", "|" + "---|" * 7]
+            for r in part["levels"]:
+                memory = f"{r['gpu_memory_peak']['mib'] / 1024:.1f}" if r["gpu_memory_peak"] else "n/a"
+                lines.append(f"| {r['concurrency']} | {r['requests']} | {r['wall_s']:.2f} | {r['audio_s_per_s']:.1f} "
+                             f"| {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {memory} |")
+            lines.append("")
+        stats = part.get("stats", {}).get("summary", {})
+        if stats:
+            lines += ["| model | requests | rows / execution | queue ms | input ms | infer ms | output ms |",
+                      "|" + "---|" * 7]
+            for model, s in stats.items():
+                ms = s["ms_per_request"]
+                lines.append(f"| {model} | {s['requests']} | {s['rows_per_execution']:.2f} | {ms['queue']:.2f} | "
+                             f"{ms['compute_input']:.2f} | {ms['compute_infer']:.2f} | {ms['compute_output']:.2f} |")
+            lines.append("")
+        perf = part.get("perf_analyzer", {})
+        for model in (ENSEMBLE_NAME, "dit_step"):
+            if model in perf:
+                entry = perf[model]
+                text = entry.get("report", "")
+                summary = [line for line in text.splitlines() if "Concurrency:" in line]
+                lines.append(f"perf_analyzer {model}: " + ("; ".join(summary) if summary
+                                                           else f"skipped: {entry.get('skipped', '')[:300]}"))
+        if "skipped" in perf:
+            lines.append(f"perf_analyzer skipped: {perf['skipped']}")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    parser.add_argument("--work", default="/tmp/acestep-bench", help="checkpoint and model repository go here")
+    parser.add_argument("--work", default="/tmp/acestep-bench", help="checkpoint and model repositories go here")
+    parser.add_argument("--server-python", type=Path,
+                        default=Path(os.environ.get("ACESTEP_SERVER_PYTHON", sys.executable)),
+                        help="interpreter whose packages the server's python models import "
+                             "(default: $ACESTEP_SERVER_PYTHON, else this one)")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=27)
-    parser.add_argument("--runs", type=int, default=5, help="single-request runs (median)")
+    parser.add_argument("--runs", type=int, default=5, help="single-request runs, in-process and Triton (median)")
+    parser.add_argument("--gateway-runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,2,4,8,16")
-    parser.add_argument("--requests-per-worker", type=int, default=3)
+    parser.add_argument("--requests-per-worker", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a gpu-profile setting (export.build_repository.Profile), e.g. dcae_decoder_instances=1")
+    parser.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                        help="also measure a repository with these settings on top of --set, e.g. loop_device=cuda")
+    parser.add_argument("--variant-concurrency", type=int, default=8)
+    parser.add_argument("--perf-analyzer-concurrency", default="1:4:3", help="start:end:step; empty to skip")
+    parser.add_argument("--max-rel-l2", type=float, default=MAX_REL_L2)
     parser.add_argument("--lyric-vocab", default=str(DEFAULT_LYRIC_VOCAB))
     parser.add_argument("--startup-timeout-s", type=float, default=420.0)
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args(argv)
 
-    from acestep_triton.tritonserver import TritonServer
-    from export.build_repository import build_repository
-
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    overrides = parse_settings(args.set)
+    variants = [parse_settings([p for p in v.split(",") if p]) for v in args.variant]
     params = GenerationParams(prompt=PROMPT, lyrics=LYRICS, audio_duration=args.duration, infer_step=args.steps,
                               actual_seeds=(REQUEST_SEED,))
-    results: dict = {"env": environment(args), "duration_s": args.duration, "steps": args.steps}
-
-    def save() -> None:
-        (out / "triton_results.json").write_text(json.dumps(results, indent=1, default=str))
+    results: dict = {"env": {**environment(args), "server_python": str(args.server_python)},
+                     "duration_s": args.duration, "steps": args.steps}
+    run = Run(out, results)
 
     start = time.perf_counter()
     checkpoint = write_checkpoint(work / "checkpoint", Path(args.lyric_vocab))
     results["checkpoint_s"] = time.perf_counter() - start
     print(f"checkpoint ready in {results['checkpoint_s']:.0f} s", flush=True)
-    results["in_process"] = in_process_latency(checkpoint, params, args.runs)
-    print(f"in-process: {results['in_process']['median_s']:.3f} s (load {results['in_process']['load_s']:.0f} s)",
-          flush=True)
-    save()
+    reference = None
 
-    repository = build_repository("gpu", checkpoint, work / "repository")
-    server = TritonServer(repository, log_path=out / "tritonserver.log", startup_timeout_s=args.startup_timeout_s,
-                          env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
-    start = time.perf_counter()
-    with server:
-        results["server_start_s"] = time.perf_counter() - start
-        results["server_idle_gpu_memory_mib"] = gpu_memory_used_mib()
-        print(f"tritonserver ready in {results['server_start_s']:.0f} s, "
-              f"{results['server_idle_gpu_memory_mib'] / 1024:.1f} GiB on the GPU", flush=True)
-        single = asyncio.run(load_level(server.grpc_url, params, 1, args.runs))
-        results["single"] = {"median_s": single["latency_p50_s"], "stages_median_s": single["stages_median_s"]}
-        print(f"triton single request: {single['latency_p50_s']:.3f} s; stages "
-              + json.dumps({k: round(v, 3) for k, v in single["stages_median_s"].items()}), flush=True)
-        save()
-        results["levels"] = []
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            level = asyncio.run(load_level(server.grpc_url, params, concurrency, args.requests_per_worker))
-            results["levels"].append(level)
-            print(f"concurrency {concurrency:2d}: {level['audio_s_per_s']:6.1f} audio s / s, p50 "
-                  f"{level['latency_p50_s']:.2f} s, GPU {level['gpu_memory_peak_mib'] / 1024:.1f} GiB", flush=True)
-            save()
-    save()
-    (out / "triton_results.md").write_text(markdown(results))
-    print(markdown(results))
+    def in_process_section() -> dict:
+        nonlocal reference
+        numbers, reference = in_process(checkpoint, params, args.runs)
+        print(f"in-process: {numbers['median_s']:.3f} s (load {numbers['load_s']:.0f} s)", flush=True)
+        return numbers
+
+    run.section("in_process", in_process_section)
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    serve_and_measure(run, args, checkpoint, params, reference, overrides, "main", levels, full=True)
+    for i, variant in enumerate(variants):
+        serve_and_measure(run, args, checkpoint, params, reference, {**overrides, **variant}, f"variant{i + 1}",
+                          [args.variant_concurrency], full=False)
+    run.save()
+    text = markdown(results)
+    (out / "triton_results.md").write_text(text)
+    print(text)
+    failed = [name for name, part in results.items()
+              if isinstance(part, dict) and part.get("correctness", {}).get("passed") is False]
+    if failed or reference is None:
+        print("\n" + "!" * 78 + f"\nFAIL: Triton's waveform differs from in-process beyond {args.max_rel_l2:g} "
+              f"(relative L2) in {failed or 'the in-process reference (missing)'}: a fast but wrong path.\n"
+              + "!" * 78, flush=True)
+        return 1
+    if run.errors:
+        print(f"sections with errors: {run.errors} (see triton_results.json)", flush=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

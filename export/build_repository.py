@@ -17,11 +17,21 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
-from acestep_triton.contract import ENSEMBLE_INPUTS, ENSEMBLE_NAME, ENSEMBLE_OUTPUTS, TensorSpec, stage_time_name
+from acestep_triton.condition_cache import CONDITION_INPUTS, KEYED_INPUTS
+from acestep_triton.contract import (
+    ENSEMBLE_INPUTS,
+    ENSEMBLE_NAME,
+    ENSEMBLE_OUTPUTS,
+    MAX_DURATION_S,
+    TensorSpec,
+    stage_time_name,
+)
+from acestep_triton.sampling.seeds import latent_frames
 from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT, NEURAL_COMPONENTS, ComponentSpec, component_spec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
@@ -35,25 +45,85 @@ DIFFUSION_PARAMS = (
 
 @dataclass(frozen=True)
 class Profile:
+    """Where and how each model runs. Every field is a named setting the measurements choose
+    (`build_repository(..., overrides=...)` and benchmarks/bench_triton.py's --set change them).
+
+    Instances: a python-backend instance is a process that runs one execute() at a time, so a
+    stage with one instance makes concurrent requests queue behind each other. `preprocess` is
+    CPU-bound tokenisation (KIND_CPU); the neural stages are KIND_GPU on the gpu profile, each
+    instance holding its own weights (and CUDA graphs) on the device. dit_step stays at one
+    instance per GPU: rows from all loops then batch together, and its condition cache is hit.
+    `gpus` lists the devices KIND_GPU instances go to (empty: every visible GPU, `count` on each).
+    """
+
     engine: str  # "pytorch" | "onnx" | "tensorrt"
     device: str
     dtype: str
     instance_kind: str
+    # how long dit_step waits for rows of other loops before running a step. Under load the
+    # instance is busy while rows queue, so batches form without waiting; a delay adds its length
+    # to every step of a lone request.
     dit_queue_delay_us: int
     accelerate: bool = False
+    # the same for the other neural components (their requests come one per loop request)
+    queue_delay_us: int = 1000
     # concurrent sampling loops: each diffusion instance runs one request's loop at a time, and only
     # loops running side by side give dit_step rows from several requests to batch
     diffusion_instances: int = 1
     loop_threads: int | None = None  # torch CPU threads per loop instance (None: torch's default)
+    # where the loop's tensors live: "cpu" (no CUDA context per loop instance; latents and velocities
+    # cross the host each step, ~0.3 MB per row at 60 s) or "cuda" (they stay on the GPU and cross
+    # BLS as CUDA tensors through CUDA IPC; each loop instance then holds a CUDA context)
+    loop_device: str = "cpu"
+    preprocess_instances: int = 1
+    text_encoder_instances: int = 1
+    condition_encoder_instances: int = 1
+    dit_step_instances: int = 1
+    dcae_decoder_instances: int = 1
+    vocoder_instances: int = 1
+    gpus: tuple[int, ...] = ()
+    # the most rows x latent frames one dit_step forward holds (acestep_triton.sub_batches): more
+    # rows in one execution run in several forwards, so running out of memory fails one sub-batch
+    dit_max_row_frames: int = 64 * latent_frames(MAX_DURATION_S)
+    condition_cache_mib: int = 1024  # per dit_step instance; LRU beyond it
+    condition_cache_ttl_s: float = 300.0  # an entry unused this long is dropped
 
+
+# The gpu profile's counts: preprocess tokenises on the CPU (Python, one request at a time per
+# instance), the decoders take ~0.1-0.2 s per 60 s request each, so two instances keep a request
+# from waiting for the previous one's decode. Starting values, to be set by measurement.
+GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocoder_instances": 2}
 
 PROFILES = {
     "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
-    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000, accelerate=True, diffusion_instances=16,
-                   loop_threads=1),
+    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 0, accelerate=True, queue_delay_us=0, diffusion_instances=16,
+                   loop_threads=1, dit_max_row_frames=16 * latent_frames(MAX_DURATION_S), **GPU_INSTANCES),
     "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
-    "tensorrt": Profile("tensorrt", "cuda", "bfloat16", "KIND_GPU", 2000, diffusion_instances=16, loop_threads=1),
+    "tensorrt": Profile("tensorrt", "cuda", "bfloat16", "KIND_GPU", 0, queue_delay_us=0, diffusion_instances=16,
+                        loop_threads=1,
+                        **GPU_INSTANCES),
 }
+# The loop's own allocator when it runs on CUDA: its tensors are sent through BLS with CUDA IPC,
+# which cannot export memory from PyTorch's expandable segments.
+LOOP_CUDA_ALLOC_CONF = "expandable_segments:False"
+
+
+def resolve_profile(name: str, overrides: Mapping[str, object] | None = None) -> Profile:
+    """PROFILES[name] with `overrides` ({field: value}) applied."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    profile = replace(PROFILES[name], **dict(overrides or {}))
+    if profile.loop_device not in ("cpu", "cuda"):
+        raise ValueError(f"loop_device must be 'cpu' or 'cuda', got {profile.loop_device!r}")
+    return profile
+
+
+def instance_group(profile: Profile, name: str) -> InstanceGroup:
+    """`<name>_instances` instances of the profile's kind (on each of `gpus` for KIND_GPU)."""
+    count = getattr(profile, f"{name}_instances")
+    if profile.instance_kind == "KIND_GPU":
+        return InstanceGroup("KIND_GPU", count, gpus=profile.gpus)
+    return InstanceGroup(profile.instance_kind, count)
 
 
 def _time(stage: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
@@ -65,7 +135,7 @@ def _unbatched(spec: TensorSpec) -> TensorSpec:
     return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
 
 
-def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path) -> ModelSpec:
+def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path, profile: Profile) -> ModelSpec:
     text = component_spec("text_encoder", ckpt)
     cond = component_spec("condition_encoder", ckpt)
     branch_rows = [text.input("TEXT_IDS"), text.input("TEXT_MASK"), text.input("TEXT_Q_SCALE"),
@@ -79,29 +149,43 @@ def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path) -> ModelSpec:
                  TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
                  TensorSpec("DURATION", "TYPE_FP32", (1,)),
                  _time("preprocess", (1, 1))),
-        instance_group=InstanceGroup("KIND_CPU", 1),
+        instance_group=InstanceGroup("KIND_CPU", profile.preprocess_instances),
         parameters={"CHECKPOINT": str(ckpt.root), "LYRIC_VOCAB": str(lyric_vocab)},
     )
 
 
 def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onnx_dir: Path | None) -> ModelSpec:
-    """A neural component behind the python backend; dynamic batching, ragged inputs padded."""
+    """A neural component behind the python backend; dynamic batching, ragged inputs padded.
+
+    On CUDA it takes its inputs where they are (FORCE_CPU_ONLY_INPUT_TENSORS=no), so tensors made
+    on the GPU by the previous model stay there. dit_step also takes the condition cache's inputs
+    (acestep_triton.condition_cache), which make its conditions optional.
+    """
     parameters = {"CHECKPOINT": str(ckpt.root), "DEVICE": profile.device, "DTYPE": profile.dtype,
                   "ENGINE": profile.engine}
     if onnx_dir is not None:
         parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
     if profile.accelerate:
         parameters["ACCELERATE"] = "1"
-    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else 1000
+    if profile.device == "cuda":
+        parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    inputs, optional = spec.inputs, frozenset()
+    if spec.name == "dit_step":
+        inputs, optional = (*spec.inputs, *CONDITION_INPUTS), frozenset(KEYED_INPUTS) | {t.name for t in CONDITION_INPUTS}
+        parameters["MAX_ROW_FRAMES"] = str(profile.dit_max_row_frames)
+        parameters["CONDITION_CACHE_MIB"] = str(profile.condition_cache_mib)
+        parameters["CONDITION_CACHE_TTL_S"] = str(profile.condition_cache_ttl_s)
+    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else profile.queue_delay_us
     return ModelSpec(
         name=spec.name,
         backend="python",
-        inputs=spec.inputs,
+        inputs=inputs,
         outputs=(*spec.outputs, _time(spec.name)),
         max_batch_size=spec.max_batch_size,
         dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
         ragged_inputs=frozenset(spec.ragged_inputs),
-        instance_group=InstanceGroup(profile.instance_kind, 1),
+        optional_inputs=optional,
+        instance_group=instance_group(profile, spec.name),
         parameters=parameters,
     )
 
@@ -124,7 +208,7 @@ def plan_model(spec: ComponentSpec, ckpt: Checkpoint, onnx_file: Path, profile: 
 
     inputs, outputs = triton_io(onnx_file)
     profiles = optimisation_profiles(spec.name, ckpt, EngineProfile())
-    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else 1000
+    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else profile.queue_delay_us
     return ModelSpec(
         name=spec.name,
         platform="tensorrt_plan",
@@ -132,14 +216,27 @@ def plan_model(spec: ComponentSpec, ckpt: Checkpoint, onnx_file: Path, profile: 
         outputs=outputs,
         max_batch_size=spec.max_batch_size,
         dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
-        instance_group=InstanceGroup("KIND_GPU", 1, profiles=tuple(str(i) for i in range(len(profiles)))),
+        instance_group=replace(instance_group(profile, spec.name), profiles=tuple(str(i) for i in range(len(profiles)))),
     )
 
 
 def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
-    """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched."""
+    """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched.
+
+    A python `dit_step` keeps the conditions of a request (CONDITION_CACHE=1); a TensorRT plan
+    cannot, so the loop sends them with every step there.
+    """
     cond = component_spec("condition_encoder", ckpt)
     params = tuple(t for t in ENSEMBLE_INPUTS if t.param in DIFFUSION_PARAMS)
+    parameters = {"DIT_MODEL": "dit_step", "LOOP_DEVICE": profile.loop_device,
+                  "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1"}
+    if profile.loop_threads:
+        parameters["TORCH_THREADS"] = str(profile.loop_threads)
+    if profile.loop_device == "cuda":
+        group = InstanceGroup("KIND_GPU", profile.diffusion_instances, gpus=profile.gpus)
+        parameters.update(FORCE_CPU_ONLY_INPUT_TENSORS="no", CUDA_ALLOC_CONF=LOOP_CUDA_ALLOC_CONF)
+    else:
+        group = InstanceGroup("KIND_CPU", profile.diffusion_instances)
     return ModelSpec(
         name="diffusion",
         backend="python",
@@ -147,9 +244,8 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
                 TensorSpec("DURATION", "TYPE_FP32", (1,)), *params),
         outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, LATENT_CHANNELS, LATENT_HEIGHT, -1)),
                  _time("diffusion", (1, 1))),
-        instance_group=InstanceGroup("KIND_CPU", profile.diffusion_instances),
-        parameters={"DIT_MODEL": "dit_step",
-                    **({"TORCH_THREADS": str(profile.loop_threads)} if profile.loop_threads else {})},
+        instance_group=group,
+        parameters=parameters,
     )
 
 
@@ -183,13 +279,12 @@ def build_repository(
     lyric_vocab: str | os.PathLike | None = None,
     onnx_dir: str | os.PathLike | None = None,
     engine_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write the whole repository for `profile` into `out_dir` and return it."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    """Write the whole repository for `profile` (with `overrides` of its settings) into `out_dir`."""
+    chosen = resolve_profile(profile, overrides)
     ckpt = validate_checkpoint(checkpoint)
     vocab = find_lyric_vocab(ckpt, lyric_vocab)
-    chosen = PROFILES[profile]
     out = Path(out_dir).resolve()
     if chosen.engine == "tensorrt" and engine_dir is None:
         raise ValueError("the tensorrt profile needs --engine-dir: engines built by `python -m export.tensorrt_build` "
@@ -202,7 +297,7 @@ def build_repository(
         for name in NEURAL_COMPONENTS:
             export_component(name, ckpt, onnx_path)
 
-    models = {"preprocess": preprocess_model(ckpt, vocab), "diffusion": diffusion_model(ckpt, chosen)}
+    models = {"preprocess": preprocess_model(ckpt, vocab, chosen), "diffusion": diffusion_model(ckpt, chosen)}
     engines = {}
     for name in NEURAL_COMPONENTS:
         spec = component_spec(name, ckpt)

@@ -69,6 +69,8 @@ class ModelSpec:
     max_batch_size: int = 0
     dynamic_batching: DynamicBatching | None = None
     ragged_inputs: frozenset[str] = frozenset()
+    # inputs a request may leave out (the model reads them as absent)
+    optional_inputs: frozenset[str] = frozenset()
     instance_group: InstanceGroup | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)
     ensemble_steps: tuple[EnsembleStep, ...] = ()
@@ -80,9 +82,10 @@ class ModelSpec:
             raise ValueError(f"{self.name}: max_batch_size must be >= 0")
         if self.max_batch_size == 0 and (self.dynamic_batching or self.ragged_inputs):
             raise ValueError(f"{self.name}: dynamic_batching and ragged_inputs need max_batch_size > 0")
-        unknown = set(self.ragged_inputs) - {t.name for t in self.inputs}
-        if unknown:
-            raise ValueError(f"{self.name}: ragged_inputs names unknown inputs {sorted(unknown)}")
+        for field_name in ("ragged_inputs", "optional_inputs"):
+            unknown = set(getattr(self, field_name)) - {t.name for t in self.inputs}
+            if unknown:
+                raise ValueError(f"{self.name}: {field_name} names unknown inputs {sorted(unknown)}")
         if (self.platform == ENSEMBLE_PLATFORM) != bool(self.ensemble_steps):
             raise ValueError(f"{self.name}: platform '{ENSEMBLE_PLATFORM}' and ensemble_steps go together")
         if self.instance_group is not None and self.instance_group.kind not in INSTANCE_KINDS:
@@ -93,12 +96,14 @@ class ModelSpec:
                 raise ValueError(f"{self.name}: duplicate tensor names in {name}")
 
 
-def _tensor(spec: TensorSpec, ragged: bool) -> dict[str, Any]:
+def _tensor(spec: TensorSpec, ragged: bool, optional: bool = False) -> dict[str, Any]:
     if spec.dtype not in model_config_pb2.DataType.keys():
         raise ValueError(f"tensor {spec.name}: unknown Triton dtype {spec.dtype!r}")
     entry: dict[str, Any] = {"name": spec.name, "data_type": spec.dtype, "dims": [str(d) for d in spec.dims]}
     if ragged:
         entry["allow_ragged_batch"] = True
+    if optional:
+        entry["optional"] = True
     return entry
 
 
@@ -107,7 +112,7 @@ def to_config_dict(spec: ModelSpec) -> dict[str, Any]:
     config: dict[str, Any] = {
         "name": spec.name,
         "max_batch_size": spec.max_batch_size,
-        "input": [_tensor(t, t.name in spec.ragged_inputs) for t in spec.inputs],
+        "input": [_tensor(t, t.name in spec.ragged_inputs, t.name in spec.optional_inputs) for t in spec.inputs],
         "output": [_tensor(t, False) for t in spec.outputs],
     }
     if spec.backend:

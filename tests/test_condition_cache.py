@@ -1,0 +1,215 @@
+"""The condition cache and bounded sub-batches on their own (no Triton): fast tests.
+
+The served behaviour (misses re-sent, releases, mixed batches through a real tritonserver) is in
+tests/test_handoff.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acestep_triton.batching import collate, split
+from acestep_triton.condition_cache import (
+    MISS_MESSAGE,
+    ConditionCache,
+    ConditionKey,
+    ConditionMiss,
+    ConditionSender,
+    decode_keys,
+    is_miss,
+    new_request_id,
+    resolve_conditions,
+)
+from acestep_triton.contract import ParameterError, TensorSpec
+from acestep_triton.specs import ComponentSpec
+from acestep_triton.sub_batches import BatchBoundError, Part, plan_sub_batches, run_bounded
+
+CPU = torch.device("cpu")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def row(seed: int, tokens: int = 5, dim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, dim, generator=g), torch.ones(tokens)
+
+
+def test_put_copies_and_get_returns_rows_in_key_order() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    states, mask = row(0)
+    cache.put("a", states, mask)
+    states.zero_()  # the request's memory is reused after execute(): the cache must not alias it
+    cache.put("b", *row(1))
+    got = cache.get(["b", "a", "b"])
+    assert torch.equal(got[1][0], row(0)[0]) and torch.equal(got[0][0], row(1)[0]) and got[2][0] is got[0][0]
+
+
+def test_miss_names_every_missing_key_and_is_recognisable() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    cache.put("a", *row(0))
+    with pytest.raises(ConditionMiss) as info:
+        cache.get(["a", "x", "y", "x"])
+    assert info.value.keys == ("x", "y")
+    assert is_miss(str(info.value)) and str(info.value).startswith(MISS_MESSAGE)
+    assert not is_miss("dit_step: internal error")
+
+
+def test_release_frees_bytes_and_tolerates_absent_keys() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    cache.put("a", *row(0))
+    cache.put("b", *row(1))
+    assert cache.release(["a", "zzz"]) == 1
+    assert "a" not in cache and "b" in cache and cache.nbytes == sum(t.nbytes for t in row(1))
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_ttl_drops_entries_unused_for_that_long() -> None:
+    clock = Clock()
+    cache = ConditionCache(max_bytes=2**20, ttl_s=10, clock=clock)
+    cache.put("old", *row(0))
+    cache.put("used", *row(1))
+    clock.now = 8
+    cache.get(["used"])
+    clock.now = 15
+    assert torch.equal(cache.get(["used"])[0][0], row(1)[0])
+    assert "old" not in cache
+
+
+def test_lru_bound_evicts_least_recently_used_first() -> None:
+    one = sum(t.nbytes for t in row(0))
+    cache = ConditionCache(max_bytes=2 * one, ttl_s=60)
+    cache.put("a", *row(0))
+    cache.put("b", *row(1))
+    cache.get(["a"])
+    cache.put("c", *row(2))
+    assert "a" in cache and "c" in cache and "b" not in cache and cache.nbytes <= 2 * one
+
+
+def test_keys_are_unique_per_request_and_branch() -> None:
+    first, second = new_request_id(), new_request_id()
+    assert first != second
+    keys = {str(ConditionKey(r, b)) for r in (first, second) for b in ("cond", "null")}
+    assert len(keys) == 4
+    assert str(ConditionKey(first, "cond", adapter="lora-a")) != str(ConditionKey(first, "cond"))
+
+
+def test_resolve_inline_with_keys_stores_first_row_of_each_key() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    (s0, m0), (s1, m1) = row(0), row(1)
+    inputs = {"ENCODER_STATES": torch.stack([s0, s0, s1]), "ENCODER_MASK": torch.stack([m0, m0, m1])}
+    out = resolve_conditions(cache, inputs, ["k0", "k0", "k1"], CPU, torch.float32)
+    assert torch.equal(out["ENCODER_STATES"], inputs["ENCODER_STATES"])
+    assert len(cache) == 2 and torch.equal(cache.get(["k1"])[0][0], s1)
+
+
+def test_resolve_by_key_rebuilds_the_rows_and_pads_tokens() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    cache.put("short", *row(0, tokens=3))
+    cache.put("long", *row(1, tokens=5))
+    out = resolve_conditions(cache, {}, ["long", "short", "short"], CPU, torch.float64)
+    assert out["ENCODER_STATES"].shape == (3, 5, 4) and out["ENCODER_STATES"].dtype == torch.float64
+    assert torch.equal(out["ENCODER_STATES"][1, :3], row(0, tokens=3)[0].double())
+    assert out["ENCODER_MASK"][1].tolist() == [1, 1, 1, 0, 0] and out["ENCODER_STATES"][1, 3:].abs().sum() == 0
+
+
+def test_resolve_without_states_or_keys_is_a_clear_error() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    with pytest.raises(ParameterError, match="CONDITION_KEY"):
+        resolve_conditions(cache, {}, None, CPU, torch.float32)
+    with pytest.raises(ParameterError, match="come together"):
+        resolve_conditions(cache, {"ENCODER_STATES": row(0)[0][None]}, None, CPU, torch.float32)
+    with pytest.raises(ConditionMiss):
+        resolve_conditions(cache, {}, ["never-sent"], CPU, torch.float32)
+
+
+def test_direct_client_states_are_used_and_not_stored() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    s, m = row(0)
+    out = resolve_conditions(cache, {"ENCODER_STATES": s[None], "ENCODER_MASK": m[None]}, None, CPU, torch.float32)
+    assert torch.equal(out["ENCODER_STATES"][0], s) and len(cache) == 0
+
+
+def test_sender_sends_inline_until_held_and_again_after_a_miss() -> None:
+    sender = ConditionSender("req")
+    assert not sender.holds(("cond",))
+    sender.sent(("cond",))
+    assert sender.holds(("cond",)) and not sender.holds(("cond", "null"))
+    keys = decode_keys(sender.row_keys(("cond", "null"), items=2))
+    assert keys == [sender.key("cond")] * 2 + [sender.key("null")] * 2
+    sender.missed()
+    assert not sender.holds(("cond",)) and sender.all_keys() == []
+
+
+# ----------------------------------------------------------------------------- bounded sub-batches
+
+SPEC = ComponentSpec(
+    name="double",
+    inputs=(TensorSpec("X", "TYPE_FP32", (-1,)), TensorSpec("MASK", "TYPE_FP32", (-1,))),
+    outputs=(TensorSpec("Y", "TYPE_FP32", (-1,)),),
+    max_batch_size=64,
+    ragged_inputs=("X", "MASK"),
+    ragged_outputs=(("Y", "X"),),
+)
+
+
+def request(rows: int, frames: int, start: float) -> dict[str, torch.Tensor]:
+    x = torch.arange(rows * frames, dtype=torch.float32).reshape(rows, frames) + start
+    return {"X": x, "MASK": torch.ones(rows, frames)}
+
+
+class Recorder:
+    """A component function (Y = 2 X) that records the shape of every forward."""
+
+    def __init__(self, fail_when_rows: int | None = None) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.fail_when_rows = fail_when_rows
+
+    def __call__(self, batch):
+        self.shapes.append(tuple(batch["X"].shape))
+        if batch["X"].shape[0] == self.fail_when_rows:
+            raise RuntimeError("boom")
+        return {"Y": batch["X"] * 2}
+
+
+def test_plan_keeps_rows_times_longest_within_the_bound() -> None:
+    batches, too_long = plan_sub_batches([(3, 10), (2, 20), (1, 50)], bound=60)
+    assert too_long == []
+    for batch in batches:
+        rows = sum(p.stop - p.start for p in batch)
+        assert rows * max({0: 10, 1: 20, 2: 50}[p.request] for p in batch) <= 60
+    covered = [(p.request, r) for b in batches for p in b for r in range(p.start, p.stop)]
+    assert covered == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]
+    assert plan_sub_batches([(2, 5)], None) == ([[Part(0, 0, 2)]], [])
+
+
+def test_bounded_run_equals_one_batch_and_splits_a_request_over_sub_batches() -> None:
+    requests = [request(3, 4, 0), request(2, 7, 100), request(1, 2, 200)]
+    whole = split(SPEC, requests, Recorder()(collate(SPEC, requests)))
+    recorder = Recorder()
+    results = run_bounded(recorder, SPEC, requests, bound=8)
+    assert all(rows * frames <= 8 for rows, frames in recorder.shapes) and len(recorder.shapes) > 2
+    for got, expected in zip(results, whole):
+        assert torch.equal(got["Y"], expected["Y"])
+
+
+def test_a_row_longer_than_the_bound_fails_only_its_request() -> None:
+    results = run_bounded(Recorder(), SPEC, [request(1, 4, 0), request(1, 9, 0)], bound=8)
+    assert torch.equal(results[0]["Y"], request(1, 4, 0)["X"] * 2)
+    assert isinstance(results[1], BatchBoundError) and "8 rows x frames" in str(results[1])
+
+
+def test_a_failing_sub_batch_fails_only_its_requests() -> None:
+    # bound 4: the first request (2 rows x 2 frames) is one forward of 2 rows, which fails; the
+    # second (1 row x 4 frames) cannot join it and runs alone
+    recorder = Recorder(fail_when_rows=2)
+    results = run_bounded(recorder, SPEC, [request(2, 2, 0), request(1, 4, 0)], bound=4)
+    assert isinstance(results[0], RuntimeError)
+    assert torch.equal(results[1]["Y"], request(1, 4, 0)["X"] * 2)
