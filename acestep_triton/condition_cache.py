@@ -214,6 +214,24 @@ def resolve_conditions(
     return {"ENCODER_STATES": states.to(device, dtype), "ENCODER_MASK": mask.to(device, dtype)}
 
 
+def request_conditions(
+    cache: ConditionCache,
+    sent: Mapping[str, torch.Tensor],
+    keys: Sequence[str] | None,
+    release: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """`dit_step`'s handling of one request: `resolve_conditions`, then, when the request carries
+    CONDITION_RELEASE, its keys are dropped whatever the outcome (the rows this execution needs
+    were copied out of the cache already)."""
+    try:
+        return resolve_conditions(cache, sent, keys, device, dtype)
+    finally:
+        if release and keys is not None:
+            cache.release(keys)
+
+
 def decode_keys(array: np.ndarray) -> list[str]:
     """CONDITION_KEY [N, 1] BYTES -> N key strings."""
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
@@ -225,12 +243,13 @@ class ConditionSender:
     `step_inputs` gives the conditions part of one step's request: by key when every branch of
     the step has been sent before, else inline (with keys, so `dit_step` stores them). `sent`
     marks a step's branches once its call succeeded; `missed` forgets them all (a miss means the
-    instance lost them or never had them), so the next try sends them again.
+    instance lost them or never had them), so the next try sends them again; `forget` drops
+    released ones.
     """
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self._sent: set[str] = set()
+        self._sent: dict[str, None] = {}
 
     def key(self, branch: str) -> str:
         return str(ConditionKey(self.request_id, branch))
@@ -243,10 +262,16 @@ class ConditionSender:
         return np.array([self.key(b).encode() for b in branches for _ in range(items)], dtype=np.object_).reshape(-1, 1)
 
     def sent(self, branches: Sequence[str]) -> None:
-        self._sent.update(branches)
+        self._sent.update(dict.fromkeys(branches))
 
     def missed(self) -> None:
         self._sent.clear()
 
-    def all_keys(self) -> list[str]:
-        return [self.key(b) for b in sorted(self._sent)]
+    def forget(self, branches: Sequence[str]) -> None:
+        """These branches' keys were released."""
+        for branch in branches:
+            self._sent.pop(branch, None)
+
+    def held(self) -> tuple[str, ...]:
+        """The branches sent so far (since the last miss), in the order they were first sent."""
+        return tuple(self._sent)

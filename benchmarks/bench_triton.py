@@ -54,6 +54,7 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from email.message import Message
 from pathlib import Path
 
 import numpy as np
@@ -106,30 +107,36 @@ def write_checkpoint(root: Path, lyric_vocab: Path) -> Path:
     return root
 
 
-def in_process(checkpoint: Path, params: GenerationParams, runs: int) -> tuple[dict, np.ndarray]:
-    """Median wall seconds of the accelerated in-process pipeline up to the waveform in host memory
-    (the pipeline returns it on the CPU), after a warm-up; and that waveform [B, 2, N]."""
+def in_process(checkpoint: Path, lyric_vocab: Path, params: GenerationParams, runs: int,
+               profile) -> tuple[dict, np.ndarray]:
+    """Median wall seconds of the in-process pipeline as `profile` runs it (device, dtype, speed-ups)
+    up to the waveform in host memory (the pipeline returns it on the CPU), after a warm-up; and
+    that waveform [B, 2, N]."""
     from acestep_triton.pipeline import Text2MusicPipeline
 
+    cuda = profile.device == "cuda"
     start = time.perf_counter()
-    pipe = Text2MusicPipeline.from_checkpoint(checkpoint, device="cuda", dtype=torch.bfloat16, accelerate=True)
+    pipe = Text2MusicPipeline.from_checkpoint(checkpoint, lyric_vocab, device=profile.device,
+                                              dtype=getattr(torch, profile.dtype), accelerate=profile.accelerate)
     load_s = time.perf_counter() - start
     pipe(params)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     totals, stages = [], []
     for _ in range(runs):
-        torch.cuda.synchronize()
         start = time.perf_counter()
         result = pipe(params)
         totals.append(time.perf_counter() - start)
         stages.append(result.timings)
     out = {"load_s": load_s, "median_s": statistics.median(totals), "runs_s": totals,
-           "stages_median_s": {k: statistics.median(s[k] for s in stages) for k in stages[0]},
-           "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+           "stages_median_s": {k: statistics.median(s[k] for s in stages) for k in stages[0]}}
+    if cuda:
+        out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     wave = result.waveforms.numpy()
     del pipe, result
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out, wave
 
 
@@ -336,14 +343,14 @@ class Gateway:
             self.process.wait(timeout=20)
         self.log.close()
 
-    def generate(self, body: dict) -> tuple[float, bytes, dict]:
+    def generate(self, body: dict) -> tuple[float, bytes, Message]:
         """POST /generate: wall seconds until the WAV bytes are in, the bytes, the response headers."""
         request = urllib.request.Request(f"{self.url}/generate", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         start = time.perf_counter()
         with urllib.request.urlopen(request, timeout=600) as response:
             data = response.read()
-            headers = dict(response.headers)
+            headers = response.headers
         return time.perf_counter() - start, data, headers
 
 
@@ -366,7 +373,7 @@ def gateway_section(checkpoint: Path, grpc_url: str, params: GenerationParams, r
 # ----------------------------------------------------------------------------- perf_analyzer
 
 
-def perf_analyzer_section(checkpoint: Path, grpc_url: str, params: GenerationParams, out: Path,
+def perf_analyzer_section(checkpoint: Path, lyric_vocab: Path, grpc_url: str, params: GenerationParams, out: Path,
                           concurrency: str) -> dict:
     """perf_analyzer against `acestep` (the benchmark's request) and `dit_step` (two rows of it:
     conditions sent with every request, as a direct client does); a "skipped" reason when it cannot run."""
@@ -387,7 +394,7 @@ def perf_analyzer_section(checkpoint: Path, grpc_url: str, params: GenerationPar
 
     ckpt = validate_checkpoint(checkpoint)
     prepared = prepare_request(params, TextTokenizer.from_pretrained(ckpt.text_encoder).tokenize_one,
-                               LyricTokenizer.from_file(checkpoint / LYRIC_VOCAB_FILENAME).tokenize)
+                               LyricTokenizer.from_file(lyric_vocab).tokenize)
     tokens = 1 + prepared.text_ids.shape[1] + prepared.lyric_ids.shape[1]
     inputs = {ENSEMBLE_NAME: ensemble_input_data(params),
               "dit_step": dit_step_input_data(checkpoint, params.audio_duration, tokens)}
@@ -410,11 +417,11 @@ def perf_analyzer_section(checkpoint: Path, grpc_url: str, params: GenerationPar
 # ----------------------------------------------------------------------------- the run
 
 
-def parse_settings(pairs: list[str]) -> dict[str, object]:
-    """FIELD=VALUE pairs -> export.build_repository.Profile overrides, typed by the gpu profile's values."""
+def parse_settings(pairs: list[str], profile: str) -> dict[str, object]:
+    """FIELD=VALUE pairs -> export.build_repository.Profile overrides, typed by the profile's values."""
     from export.build_repository import PROFILES
 
-    base = PROFILES["gpu"]
+    base = PROFILES[profile]
     overrides: dict[str, object] = {}
     for pair in pairs:
         name, _, text = pair.partition("=")
@@ -465,7 +472,7 @@ class Run:
 def correctness(triton_wave: np.ndarray, reference: np.ndarray, bound: float) -> dict:
     if triton_wave.shape != reference.shape:
         return {"shape_triton": list(triton_wave.shape), "shape_in_process": list(reference.shape), "passed": False}
-    error = relative_error(torch.from_numpy(triton_wave), torch.from_numpy(reference))
+    error = relative_error(torch.tensor(triton_wave), torch.tensor(reference))
     return {"rel_l2": error, "bound": bound, "passed": error <= bound}
 
 
@@ -477,9 +484,13 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
 
     into: dict = {"settings": {k: v for k, v in overrides.items()}}
     run.results[name] = into
-    repository = build_repository("gpu", checkpoint, Path(args.work) / f"repository-{name}", overrides=overrides)
+    repository = build_repository(args.profile, checkpoint, Path(args.work) / f"repository-{name}",
+                                  args.lyric_vocab, overrides=overrides)
+    pool = [f"--cuda-memory-pool-byte-size={gpu}:{args.cuda_pool_mib * 2**20}"
+            for gpu in range(torch.cuda.device_count())]
     server = TritonServer(repository, log_path=run.out / f"tritonserver-{name}.log",
-                          startup_timeout_s=args.startup_timeout_s, env=SERVER_ENV, python=args.server_python)
+                          startup_timeout_s=args.startup_timeout_s, env=SERVER_ENV, python=args.server_python,
+                          extra_args=pool)
     start = time.perf_counter()
     with server:
         into["server_start_s"] = time.perf_counter() - start
@@ -504,8 +515,9 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
                       f"{level['latency_p50_s']:.2f} s, p99 {level['latency_p99_s']:.2f} s, GPU {memory_text}",
                       flush=True)
         if full and args.perf_analyzer_concurrency:
-            run.section("perf_analyzer", lambda: perf_analyzer_section(checkpoint, server.grpc_url, params, run.out,
-                                                                       args.perf_analyzer_concurrency), into)
+            run.section("perf_analyzer", lambda: perf_analyzer_section(
+                checkpoint, Path(args.lyric_vocab), server.grpc_url, params, run.out, args.perf_analyzer_concurrency),
+                into)
         run.section("stats", lambda: model_stats(server.http_url), into)
     return into
 
@@ -521,7 +533,7 @@ def _single(url: str, params: GenerationParams, runs: int, into: dict) -> np.nda
 def markdown(results: dict) -> str:
     env = results["env"]
     lines = [f"Device: {env.get('device')}; torch {env['torch']}; tritonserver from nvidia-pytriton 0.7.0 "
-             f"(server 2.51); gpu profile; commit {env['commit']}; {env['date']}.", "",
+             f"(server 2.51); {results['profile']} profile; commit {env['commit']}; {env['date']}.", "",
              f"Command: `{env['command']}`", "",
              f"Request: {results['duration_s']:.0f} s audio, {results['steps']} steps, contract defaults, "
              f"seed {REQUEST_SEED}.", ""]
@@ -589,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(os.environ.get("ACESTEP_SERVER_PYTHON", sys.executable)),
                         help="interpreter whose packages the server's python models import "
                              "(default: $ACESTEP_SERVER_PYTHON, else this one)")
+    parser.add_argument("--profile", default="gpu", help="export.build_repository profile (cpu: a smoke run)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="serve this checkpoint instead of the full-size random one written into --work")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=27)
     parser.add_argument("--runs", type=int, default=5, help="single-request runs, in-process and Triton (median)")
@@ -601,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure a repository with these settings on top of --set, e.g. loop_device=cuda")
     parser.add_argument("--variant-concurrency", type=int, default=8)
     parser.add_argument("--perf-analyzer-concurrency", default="1:4:3", help="start:end:step; empty to skip")
+    parser.add_argument("--cuda-pool-mib", type=int, default=256,
+                        help="Triton's CUDA memory pool per GPU: GPU tensors between models are placed there "
+                             "(beyond it they cross by CUDA IPC, slower); Triton's default is 64")
     parser.add_argument("--max-rel-l2", type=float, default=MAX_REL_L2)
     parser.add_argument("--lyric-vocab", default=str(DEFAULT_LYRIC_VOCAB))
     parser.add_argument("--startup-timeout-s", type=float, default=420.0)
@@ -611,23 +629,27 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    overrides = parse_settings(args.set)
-    variants = [parse_settings([p for p in v.split(",") if p]) for v in args.variant]
+    from export.build_repository import resolve_profile
+
+    overrides = parse_settings(args.set, args.profile)
+    variants = [parse_settings([p for p in v.split(",") if p], args.profile) for v in args.variant]
+    profile = resolve_profile(args.profile, overrides)
     params = GenerationParams(prompt=PROMPT, lyrics=LYRICS, audio_duration=args.duration, infer_step=args.steps,
                               actual_seeds=(REQUEST_SEED,))
     results: dict = {"env": {**environment(args), "server_python": str(args.server_python)},
-                     "duration_s": args.duration, "steps": args.steps}
+                     "duration_s": args.duration, "steps": args.steps, "profile": args.profile}
     run = Run(out, results)
 
     start = time.perf_counter()
-    checkpoint = write_checkpoint(work / "checkpoint", Path(args.lyric_vocab))
+    checkpoint = (validate_checkpoint(args.checkpoint).root if args.checkpoint
+                  else write_checkpoint(work / "checkpoint", Path(args.lyric_vocab)))
     results["checkpoint_s"] = time.perf_counter() - start
     print(f"checkpoint ready in {results['checkpoint_s']:.0f} s", flush=True)
     reference = None
 
     def in_process_section() -> dict:
         nonlocal reference
-        numbers, reference = in_process(checkpoint, params, args.runs)
+        numbers, reference = in_process(checkpoint, Path(args.lyric_vocab), params, args.runs, profile)
         print(f"in-process: {numbers['median_s']:.3f} s (load {numbers['load_s']:.0f} s)", flush=True)
         return numbers
 

@@ -145,7 +145,7 @@ def test_sender_sends_inline_until_held_and_again_after_a_miss() -> None:
     keys = decode_keys(sender.row_keys(("cond", "null"), items=2))
     assert keys == [sender.key("cond")] * 2 + [sender.key("null")] * 2
     sender.missed()
-    assert not sender.holds(("cond",)) and sender.all_keys() == []
+    assert not sender.holds(("cond",)) and sender.held() == ()
 
 
 # ----------------------------------------------------------------------------- bounded sub-batches

@@ -25,16 +25,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.condition_cache import (
-    CONDITION_KEY,
-    CONDITION_RELEASE,
-    KEYED_INPUTS,
-    ConditionSender,
-    is_miss,
-    new_request_id,
-)
+from acestep_triton.bls_loop import DitStepError, StepLoop
+from acestep_triton.condition_cache import ConditionSender, new_request_id
 from acestep_triton.contract import ParameterError
-from acestep_triton.pipeline import Conditions, branch_inputs
+from acestep_triton.pipeline import Conditions
 from acestep_triton.preprocess import BRANCHES
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.schedulers import flow_match_schedule
@@ -53,77 +47,6 @@ DIT_OUTPUT = "VELOCITY"
 
 class Cancelled(Exception):
     pass
-
-
-class DitStepError(RuntimeError):
-    """`dit_step` answered a step with an error; `message` is its text (for the miss check)."""
-
-    def __init__(self, model: str, message: str) -> None:
-        super().__init__(f"{model}: {message}")
-        self.message = message
-
-
-class _Loop:
-    """One request's steps: builds each step's dit_step batch and calls it through `call`.
-
-    Rows are branch-major (acestep_triton.sampling.loop); the branch-dependent inputs are built
-    once per set of branches. With a `sender` the conditions go by key once dit_step holds them.
-    """
-
-    def __init__(self, call, conditions: Conditions, use_erg_diffusion: bool, sender: ConditionSender | None,
-                 total_steps: int) -> None:
-        self.call, self.conditions, self.use_erg_diffusion = call, conditions, use_erg_diffusion
-        self.sender, self.total_steps = sender, total_steps
-        self.per_branches: dict[tuple[str, ...], dict] = {}
-        self.calls = 0
-        self.released = False
-        self.last: tuple[torch.Tensor, tuple[str, ...]] | None = None
-
-    def _branch_inputs(self, branches: tuple[str, ...], items: int, frames: int) -> dict:
-        if branches not in self.per_branches:
-            self.per_branches[branches] = branch_inputs(self.conditions, branches, items, frames,
-                                                        self.use_erg_diffusion)
-        return self.per_branches[branches]
-
-    def step(self, latents: torch.Tensor, timestep: torch.Tensor, branches) -> torch.Tensor:
-        branches = tuple(branches)
-        items = latents.shape[0] // len(branches)
-        self.last = (latents, branches)
-        self.calls += 1
-        base = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1),
-                **self._branch_inputs(branches, items, latents.shape[-1])}
-        if self.sender is None:
-            return self.call(base)
-        extra = {CONDITION_KEY: self.sender.row_keys(branches, items)}
-        if self.calls == self.total_steps:
-            extra[CONDITION_RELEASE] = np.ones((latents.shape[0], 1), dtype=bool)
-            self.released = True
-        if self.sender.holds(branches):
-            try:
-                return self.call({**{k: v for k, v in base.items() if k not in KEYED_INPUTS}, **extra})
-            except DitStepError as exc:
-                if not is_miss(exc.message):
-                    raise
-                self.sender.missed()
-        velocity = self.call({**base, **extra})
-        self.sender.sent(branches)
-        return velocity
-
-    def release(self) -> None:
-        """Free a stopped loop's conditions in dit_step: one row by key with CONDITION_RELEASE. Its
-        result and errors are ignored (a miss means there was nothing left to free)."""
-        if self.sender is None or self.released or self.last is None or not self.sender.all_keys():
-            return
-        latents, branches = self.last
-        first = {k: v[:1] for k, v in self.per_branches[branches].items() if k not in KEYED_INPUTS}
-        batch = {"LATENTS": latents[:1], "TIMESTEP": torch.zeros(1, 1, device=latents.device), **first,
-                 CONDITION_KEY: self.sender.row_keys(branches[:1], 1),
-                 CONDITION_RELEASE: np.ones((1, 1), dtype=bool)}
-        try:
-            self.call(batch)
-        except DitStepError:
-            pass
-        self.released = True
 
 
 class TritonPythonModel:
@@ -171,7 +94,7 @@ class TritonPythonModel:
             noise = initial_noise(generators, latent_frames(duration), device=self.device)
             sender = ConditionSender(new_request_id()) if self.use_cache else None
             total = len(flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps).timesteps)
-            loop = _Loop(self._call, conditions, params.use_erg_diffusion, sender, total)
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, total)
 
             def check_cancelled(step, total):
                 if request.is_cancelled():

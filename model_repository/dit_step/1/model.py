@@ -16,7 +16,7 @@ from acestep_triton.condition_cache import (
     KEYED_INPUTS,
     ConditionCache,
     decode_keys,
-    resolve_conditions,
+    request_conditions,
 )
 from acestep_triton.triton_python import ComponentModel, input_array, input_tensor, input_tensors, model_parameters
 
@@ -35,19 +35,14 @@ class TritonPythonModel(ComponentModel):
         return None if array is None else decode_keys(array)
 
     def request_inputs(self, request) -> dict[str, torch.Tensor]:
-        """Spec inputs on the device; the conditions inline or from the cache. Keys flagged for
-        release are dropped here: the rows this execution needs were already copied out of the cache."""
+        """Spec inputs on the device; the conditions inline or from the cache (released here when flagged)."""
         names = [t.name for t in self.spec.inputs if t.name not in KEYED_INPUTS]
         inputs = {name: value.to(self.device) for name, value in input_tensors(request, names).items()}
         sent = {name: input_tensor(request, name) for name in KEYED_INPUTS}
         keys = self._keys(request)
         release = input_array(request, CONDITION_RELEASE)
-        try:
-            inputs.update(resolve_conditions(self.cache, {k: v for k, v in sent.items() if v is not None}, keys,
-                                             self.device, self.dtype))
-        finally:
-            if keys is not None and release is not None and bool(release.any()):
-                self.cache.release(keys)
+        inputs.update(request_conditions(self.cache, {k: v for k, v in sent.items() if v is not None}, keys,
+                                         release is not None and bool(release.any()), self.device, self.dtype))
         return inputs
 
     def request_failed(self, request, exc: Exception) -> None:

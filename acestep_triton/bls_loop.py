@@ -1,0 +1,97 @@
+"""The `diffusion` model's step function: one `dit_step` request per denoising step, conditions by key.
+
+Triton-free (the BLS call is injected), so the condition cache's loop side is tested without a
+server. Semantics of the keys, misses and releases: acestep_triton.condition_cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from acestep_triton.condition_cache import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS, ConditionSender, is_miss
+from acestep_triton.pipeline import Conditions, branch_inputs
+
+# One dit_step request: named tensors / arrays -> VELOCITY; raises DitStepError when it answers an error.
+Call = Callable[[Mapping[str, torch.Tensor | np.ndarray]], torch.Tensor]
+
+
+class DitStepError(RuntimeError):
+    """`dit_step` answered a step with an error; `message` is its text (for the miss check)."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(f"{model}: {message}")
+        self.message = message
+
+
+class StepLoop:
+    """One request's steps: builds each step's dit_step batch and calls it through `call`.
+
+    Rows are branch-major (acestep_triton.sampling.loop); the branch-dependent inputs are built
+    once per set of branches. With a `sender` the conditions go by key once dit_step holds them.
+    """
+
+    def __init__(self, call: Call, conditions: Conditions, use_erg_diffusion: bool, sender: ConditionSender | None,
+                 total_steps: int) -> None:
+        self.call, self.conditions, self.use_erg_diffusion = call, conditions, use_erg_diffusion
+        self.sender, self.total_steps = sender, total_steps
+        self.per_branches: dict[tuple[str, ...], dict] = {}
+        self.calls = 0
+        self.last: tuple[torch.Tensor, tuple[str, ...]] | None = None
+
+    def _branch_inputs(self, branches: tuple[str, ...], items: int, frames: int) -> dict:
+        if branches not in self.per_branches:
+            self.per_branches[branches] = branch_inputs(self.conditions, branches, items, frames,
+                                                        self.use_erg_diffusion)
+        return self.per_branches[branches]
+
+    def step(self, latents: torch.Tensor, timestep: torch.Tensor, branches) -> torch.Tensor:
+        branches = tuple(branches)
+        items = latents.shape[0] // len(branches)
+        self.last = (latents, branches)
+        self.calls += 1
+        base = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1),
+                **self._branch_inputs(branches, items, latents.shape[-1])}
+        if self.sender is None:
+            return self.call(base)
+        last = self.calls == self.total_steps
+        extra = {CONDITION_KEY: self.sender.row_keys(branches, items)}
+        if last:
+            extra[CONDITION_RELEASE] = np.ones((latents.shape[0], 1), dtype=bool)
+        velocity = None
+        if self.sender.holds(branches):
+            try:
+                velocity = self.call({**{k: v for k, v in base.items() if k not in KEYED_INPUTS}, **extra})
+            except DitStepError as exc:
+                if not is_miss(exc.message):
+                    raise
+                self.sender.missed()
+        if velocity is None:
+            velocity = self.call({**base, **extra})
+            self.sender.sent(branches)
+        if last:  # this step's keys went with it; branches it did not use are released on their own
+            self.sender.forget(branches)
+            self.release()
+        return velocity
+
+    def release(self) -> None:
+        """Free the conditions dit_step holds for this loop (it stopped, or finished with branches
+        its last step did not use): one row per held branch, by key, with CONDITION_RELEASE. The
+        result and errors are ignored (a miss means nothing was left to free)."""
+        if self.sender is None or self.last is None or not self.sender.held():
+            return
+        latents, _ = self.last
+        held = self.sender.held()
+        rows = branch_inputs(self.conditions, held, 1, latents.shape[-1], self.use_erg_diffusion)
+        batch = {"LATENTS": latents[:1].repeat(len(held), 1, 1, 1),
+                 "TIMESTEP": torch.zeros(len(held), 1, device=latents.device),
+                 **{k: v for k, v in rows.items() if k not in KEYED_INPUTS},
+                 CONDITION_KEY: self.sender.row_keys(held, 1),
+                 CONDITION_RELEASE: np.ones((len(held), 1), dtype=bool)}
+        try:
+            self.call(batch)
+        except DitStepError:
+            pass
+        self.sender.missed()
