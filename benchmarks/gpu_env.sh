@@ -13,7 +13,8 @@
 #
 # Carried from the developer machine (git-ignored; benchmarks/RESULTS.md says how they are made):
 #   .whl/          wheels the image lacks (diffusers, lyric normalisation, soundfile, the gateway's)
-#   .whl_server/   numpy 1.26.4 and py3langid 0.2.2 (cp312)
+#   .whl_server/   py3langid 0.2.2 and numpy 1.26.4 (cp312; the wheel unpacked, its tests left out,
+#                  as tar.xz: 8 MB instead of 18, for the 64 MiB a device call carries)
 #   .bench_assets/ tritonserver.tar.xz (server, python backend, 3.12 stub, tritonclient) and the
 #                  lyric vocabulary
 # Exports: ACESTEP_PY (the environment's python3), PATH (its bin first), PYTORCH_CUDA_ALLOC_CONF.
@@ -29,6 +30,7 @@ if [ ! -x "$env_dir/bin/python3" ]; then
   # Our packages first, then the image's, each as a link: nothing of the image is copied.
   "$image_python" -m pip install -q --no-index --no-deps --no-compile --target "$env_site" \
     "$repo"/.whl/*.whl "$repo"/.whl_server/*.whl
+  tar -xJf "$repo"/.whl_server/numpy-*.tar.xz -C "$env_site"
   tar -xJf "$repo/.bench_assets/tritonserver.tar.xz" -C "$env_site"
   for entry in "$image_site"/*; do
     name="$(basename "$entry")"
