@@ -31,7 +31,9 @@ if [ ! -x "$env_dir/bin/python3" ]; then
   "$image_python" -m pip install -q --no-index --no-deps --no-compile --target "$env_site" \
     "$repo"/.whl/*.whl "$repo"/.whl_server/*.whl
   tar -xJf "$repo"/.whl_server/numpy-*.tar.xz -C "$env_site"
-  tar -xJf "$repo/.bench_assets/tritonserver.tar.xz" -C "$env_site"
+  if [ -f "$repo/.bench_assets/tritonserver.tar.xz" ]; then  # in-process benchmarks need no server
+    tar -xJf "$repo/.bench_assets/tritonserver.tar.xz" -C "$env_site"
+  fi
   for entry in "$image_site"/*; do
     name="$(basename "$entry")"
     case "$name" in
