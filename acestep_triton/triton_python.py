@@ -173,6 +173,9 @@ class ComponentModel:
         from acestep_triton.contract import stage_time_name
 
         params = model_parameters(args)
+        if params.get("DEVICE") == "cuda":  # a KIND_GPU instance: the GPU Triton placed it on (instance_group gpus)
+            params["DEVICE"] = f"cuda:{args['model_instance_device_id']}"
+            torch.cuda.set_device(params["DEVICE"])
         self.engine = _engine(self.component, params)
         self.spec = self.engine.spec
         self.device = torch.device(params.get("DEVICE", "cpu"))

@@ -61,7 +61,7 @@ class TritonPythonModel:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
             # before this process's first CUDA allocation (see the module docstring)
-            torch._C._accelerator_setAllocatorSettings(params["CUDA_ALLOC_CONF"])
+            torch.cuda.memory._set_allocator_settings(params["CUDA_ALLOC_CONF"])
             torch.cuda.set_device(self.device)
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index)
 
