@@ -23,11 +23,12 @@ Semantics (the contract between the `diffusion` loop and the `dit_step` model):
                      and nothing is computed for it: the loop re-sends its conditions inline;
     neither          the request fails (INVALID_ARG).
   Rows sharing a key must carry equal conditions (the loop's rows of one branch do).
-- Lifetime. An entry is freed by CONDITION_RELEASE (after the request that carries it has been
-  computed; the loop sets it on its last step, and on cancel or failure sends a one-row release
-  request), when a request naming it fails inside `dit_step` (e.g. out of memory), and as a safety
-  net by a TTL since last use and an LRU bound on bytes, whichever comes first. Releasing a key that
-  is not held is not an error.
+- Lifetime. An entry is freed by CONDITION_RELEASE (the rows of the request that carries it are
+  computed from copies, so it applies at once). The loop sets it on its last step, and sends a
+  release request (one row per branch still held, by key) for branches its last step did not use
+  and when it stops early (cancelled, failed). An entry is also freed when a request naming it fails
+  inside `dit_step` (e.g. out of memory), and as a safety net by a TTL since last use and an LRU
+  bound on bytes. Releasing a key that is not held is not an error.
 - Misses are never answered wrongly: another `dit_step` instance, a restarted stub or an evicted
   entry all look the same (the key is not held), and the loop answers every miss by sending the
   conditions again. With several `dit_step` instances each instance fills its own cache on its

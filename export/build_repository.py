@@ -89,6 +89,12 @@ class Profile:
     condition_cache_ttl_s: float = 300.0  # an entry unused this long is dropped
 
 
+# The gpu profile runs the sampling loop on the CPU (loop_device="cpu"). With the condition cache a
+# step sends only its latents (~0.3 MB a row at 60 s) and gets the velocity back, which costs about
+# what a BLS call with CUDA tensors costs (~1 ms, issue "Served speed"), while a CUDA loop needs a
+# CUDA context in each of its 16 processes (several GiB together) and, because CUDA IPC cannot export
+# PyTorch's expandable segments (which the server's models keep for their memory), an allocator of
+# its own (LOOP_CUDA_ALLOC_CONF). `bench_triton --variant loop_device=cuda` measures the other choice.
 # The gpu profile's counts: preprocess tokenises on the CPU (Python, one request at a time per
 # instance), the decoders take ~0.1-0.2 s per 60 s request each, so two instances keep a request
 # from waiting for the previous one's decode. Starting values, to be set by measurement.

@@ -213,3 +213,18 @@ def test_a_failing_sub_batch_fails_only_its_requests() -> None:
     results = run_bounded(recorder, SPEC, [request(2, 2, 0), request(1, 4, 0)], bound=4)
     assert isinstance(results[0], RuntimeError)
     assert torch.equal(results[1]["Y"], request(1, 4, 0)["X"] * 2)
+
+
+def test_out_of_memory_in_one_sub_batch_fails_its_requests_and_the_rest_run() -> None:
+    calls = []
+
+    def run(batch):
+        calls.append(tuple(batch["X"].shape))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"Y": batch["X"] * 2}
+
+    requests = [request(2, 4, 0), request(2, 4, 10)]
+    results = run_bounded(run, SPEC, requests, bound=8)
+    assert isinstance(results[0], torch.cuda.OutOfMemoryError)
+    assert torch.equal(results[1]["Y"], requests[1]["X"] * 2) and len(calls) == 2
