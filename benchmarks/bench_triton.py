@@ -3,7 +3,7 @@
     python3 -m benchmarks.bench_triton --out DIR --server-python /tmp/stubenv/bin/python3 \
         [--work DIR] [--duration 60] [--steps 27] [--runs 5] [--gateway-runs 3] \
         [--concurrency 1,2,4,8,16] [--requests-per-worker 2] [--set FIELD=VALUE ...] \
-        [--variant FIELD=VALUE[,FIELD=VALUE] ...] [--perf-analyzer-concurrency 1:4]
+        [--variant FIELD=VALUE[,FIELD=VALUE] ...] [--perf-analyzer-concurrency 4] [--budget-s 420]
 
 --server-python (or ACESTEP_SERVER_PYTHON) is the interpreter whose packages the server's python
 models import (acestep_triton.tritonserver.stub_environment layers this checkout over it). On the
@@ -33,6 +33,9 @@ Sections, in order; each one's numbers land in triton_results.json as it finishe
                are there; otherwise a "skipped: why" line
   variant      per --variant: another repository with those settings; single request, correctness,
                one concurrency level (--variant-concurrency) with memory
+Sections past --budget-s seconds (all but in_process, the single request, correctness and stats) are
+skipped and say so, so that one run fits a 10-minute device call. --profile cpu --checkpoint DIR runs the
+same on the CPU (a smoke test on the tiny checkpoint; no NVML there).
 Prints a table last; writes triton_results.json and triton_results.md into --out. Exit status 1
 when the correctness check fails, 2 when a section raised (its error is in the results).
 """
@@ -443,8 +446,9 @@ def parse_settings(pairs: list[str], profile: str) -> dict[str, object]:
 class Run:
     """The results dict, saved after every section; a failing section is logged and recorded."""
 
-    def __init__(self, out: Path, results: dict) -> None:
+    def __init__(self, out: Path, results: dict, budget_s: float) -> None:
         self.out, self.results, self.errors = out, results, []
+        self.start, self.budget_s = time.perf_counter(), budget_s
 
     def save(self) -> None:
         def plain(value):
@@ -452,9 +456,16 @@ class Run:
 
         (self.out / "triton_results.json").write_text(json.dumps(self.results, indent=1, default=plain))
 
-    def section(self, name: str, fn: Callable[[], object], into: dict | None = None):
-        print(f"== {name}", flush=True)
+    def section(self, name: str, fn: Callable[[], object], into: dict | None = None, required: bool = False):
+        """Run one section; one that is not `required` is skipped once the time budget is spent."""
         target = self.results if into is None else into
+        elapsed = time.perf_counter() - self.start
+        if not required and elapsed > self.budget_s:
+            print(f"SKIP {name}: {elapsed:.0f} s elapsed > --budget-s {self.budget_s:.0f}", flush=True)
+            target[name] = {"skipped": "time budget"}
+            self.save()
+            return None
+        print(f"== {name} ({elapsed:.0f} s)", flush=True)
         try:
             value = fn()
         except Exception as exc:  # keep the other sections' numbers
@@ -497,9 +508,11 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
         memory = run.section("memory_probe", lambda: {"idle": ServerMemory(server.process.pid).sample()}, into)
         nvml = ServerMemory(server.process.pid) if memory else None
         print(f"tritonserver ready in {into['server_start_s']:.0f} s", flush=True)
-        single_out = run.section("single", lambda: _single(server.grpc_url, params, args.runs, into), into)
+        single_out = run.section("single", lambda: _single(server.grpc_url, params, args.runs, into), into,
+                                 required=True)
         if single_out is not None and reference is not None:
-            run.section("correctness", lambda: correctness(single_out, reference, args.max_rel_l2), into)
+            run.section("correctness", lambda: correctness(single_out, reference, args.max_rel_l2), into,
+                        required=True)
         if full:
             run.section("gateway", lambda: gateway_section(checkpoint, server.grpc_url, params, args.gateway_runs,
                                                            run.out), into)
@@ -518,7 +531,7 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
             run.section("perf_analyzer", lambda: perf_analyzer_section(
                 checkpoint, Path(args.lyric_vocab), server.grpc_url, params, run.out, args.perf_analyzer_concurrency),
                 into)
-        run.section("stats", lambda: model_stats(server.http_url), into)
+        run.section("stats", lambda: model_stats(server.http_url), into, required=True)
     return into
 
 
@@ -615,7 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                         help="also measure a repository with these settings on top of --set, e.g. loop_device=cuda")
     parser.add_argument("--variant-concurrency", type=int, default=8)
-    parser.add_argument("--perf-analyzer-concurrency", default="1:4:3", help="start:end:step; empty to skip")
+    parser.add_argument("--perf-analyzer-concurrency", default="4", help="start[:end[:step]]; empty to skip")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="sections other than in-process, single request, correctness and stats are skipped "
+                             "once this many seconds have passed (the device's 10-minute calls)")
     parser.add_argument("--cuda-pool-mib", type=int, default=256,
                         help="Triton's CUDA memory pool per GPU: GPU tensors between models are placed there "
                              "(beyond it they cross by CUDA IPC, slower); Triton's default is 64")
@@ -638,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                               actual_seeds=(REQUEST_SEED,))
     results: dict = {"env": {**environment(args), "server_python": str(args.server_python)},
                      "duration_s": args.duration, "steps": args.steps, "profile": args.profile}
-    run = Run(out, results)
+    run = Run(out, results, args.budget_s)
 
     start = time.perf_counter()
     checkpoint = (validate_checkpoint(args.checkpoint).root if args.checkpoint
@@ -653,10 +669,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process: {numbers['median_s']:.3f} s (load {numbers['load_s']:.0f} s)", flush=True)
         return numbers
 
-    run.section("in_process", in_process_section)
+    run.section("in_process", in_process_section, required=True)
     levels = [int(c) for c in args.concurrency.split(",") if c]
     serve_and_measure(run, args, checkpoint, params, reference, overrides, "main", levels, full=True)
     for i, variant in enumerate(variants):
+        if time.perf_counter() - run.start > args.budget_s:
+            results[f"variant{i + 1}"] = {"settings": variant, "skipped": "time budget"}
+            continue
         serve_and_measure(run, args, checkpoint, params, reference, {**overrides, **variant}, f"variant{i + 1}",
                           [args.variant_concurrency], full=False)
     run.save()

@@ -54,7 +54,8 @@ def test_configs_are_generated_and_parse(model_repository: Path) -> None:
                             "dit_step", "dcae_decoder", "vocoder"])
     dit = read_model_config(model_repository / "dit_step" / "config.pbtxt")
     assert dit.max_batch_size > 1 and dit.HasField("dynamic_batching")
-    assert all(i.allow_ragged_batch for i in dit.input if i.name != "TIMESTEP" and i.name != "Q_SCALE")
+    assert {i.name for i in dit.input if i.allow_ragged_batch} == {"LATENTS", "ATTENTION_MASK", "ENCODER_STATES",
+                                                                  "ENCODER_MASK"}
     ensemble = read_model_config(model_repository / ENSEMBLE_NAME / "config.pbtxt")
     assert [s.model_name for s in ensemble.ensemble_scheduling.step][0] == "preprocess"
 
