@@ -43,6 +43,9 @@ class Acceleration:
     # batch rows (guidance branches x requests) are padded up to one of these, repeating the first row
     row_buckets: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     max_graphs: int = 24
+    # (rows, tokens) shapes whose conditions' cross-attention K/V stay held (~126 MiB per 512-token
+    # row at full size): a request needs two (guided and unguided steps)
+    max_held_conditions: int = 4
     # mel frames (~23.8 s of audio); None decodes whole. Windows keep one shape, so cuDNN's algorithm
     # search (seconds to a minute for a new length) runs once at warm-up; the overlap costs 9-19 %.
     vocoder_window_frames: int | None = 2048
@@ -56,15 +59,20 @@ class CudaGraphs:
     """Calls fn(*tensors) -> tensor through CUDA graphs captured once per input shapes and dtypes.
 
     Inputs are copied into the graph's static tensors and the output is cloned out of it, so a
-    result stays valid after the next replay. Graphs share one memory pool, which is safe because
+    result stays valid after the next replay. An input that already is the graph's static tensor
+    is not copied: inputs at the `resident` positions are captured as given (not cloned), so a
+    caller that keeps such a tensor and updates it in place (BucketedDecode's cross-attention
+    keys/values) pays no copy per call. Graphs share one memory pool, which is safe because
     they are replayed one at a time on one stream; the least recently used one is dropped beyond
     `max_graphs`. Call under torch.inference_mode (TorchEngine.run does).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], max_graphs: int = 8, warmup_runs: int = 2) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], max_graphs: int = 8, warmup_runs: int = 2,
+                 resident: tuple[int, ...] = ()) -> None:
         self.fn = fn
         self.max_graphs = max_graphs
         self.warmup_runs = warmup_runs
+        self.resident = resident
         self.pool = None
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = (
             OrderedDict()
@@ -78,14 +86,15 @@ class CudaGraphs:
             self._capture(key, tensors)
         graph, static_inputs, static_output = self.graphs[key]
         for static, value in zip(static_inputs, tensors):
-            static.copy_(value)
+            if static is not value:
+                static.copy_(value)
         graph.replay()
         return static_output.clone()
 
     def _capture(self, key: tuple, tensors: tuple[torch.Tensor, ...]) -> None:
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
-        static_inputs = tuple(t.clone() for t in tensors)
+        static_inputs = tuple(t if i in self.resident else t.clone() for i, t in enumerate(tensors))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles, autotunes and allocates outside the capture
@@ -100,17 +109,39 @@ class CudaGraphs:
         self.graphs[key] = (graph, static_inputs, static_output)
 
 
+@dataclass
+class _HeldConditions:
+    """Conditions seen last for one padded (rows, tokens) shape and their cross-attention K/V."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    keys_values: torch.Tensor
+    bias: torch.Tensor
+
+
 class BucketedDecode:
     """`transformer.decode` with frames and condition tokens zero-padded up to bucket multiples
     (masks zeroed there) and rows padded up to a row bucket (copies of the first row), run through
     CudaGraphs; returns the velocity of the real rows and frames only. Buckets bound the number of
-    graphs a server needs whatever lengths and batch sizes its requests bring."""
+    graphs a server needs whatever lengths and batch sizes its requests bring.
 
-    def __init__(self, decode: Callable[..., torch.Tensor], settings: Acceleration) -> None:
+    The conditions are the same at every step of a request, so their cross-attention keys and
+    values (`prepare_cross_attention`) are computed only when they change: per padded
+    (rows, tokens) shape the last conditions seen and their K/V are held, compared exactly with the
+    incoming ones (one device comparison and a host sync per step), and the held K/V tensors are the
+    graphs' own inputs (resident: updated in place, never copied per step). The guided and unguided
+    steps of a request have different row counts, so each keeps its own entry.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, settings: Acceleration) -> None:
         self.frame_bucket = settings.frame_bucket
         self.token_bucket = settings.token_bucket
         self.row_buckets = settings.row_buckets
-        self.run = CudaGraphs(decode, settings.max_graphs) if settings.decode_graphs else decode
+        self.prepare = transformer.prepare_cross_attention
+        decode = transformer.decode_prepared
+        self.run = CudaGraphs(decode, settings.max_graphs, resident=(2, 3)) if settings.decode_graphs else decode
+        self.max_held = settings.max_held_conditions
+        self.held: OrderedDict[tuple, _HeldConditions] = OrderedDict()
 
     def __call__(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale) -> torch.Tensor:
         rows, frames, tokens = latents.shape[0], latents.shape[-1], encoder_states.shape[1]
@@ -125,7 +156,29 @@ class BucketedDecode:
         row_pad = next((b for b in self.row_buckets if b >= rows), rows) - rows
         if row_pad:
             inputs = tuple(torch.cat([t, t[:1].expand(row_pad, *t.shape[1:])]) for t in inputs)
-        return self.run(*inputs)[:rows, ..., :frames]
+        latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale = inputs
+        keys_values, bias = self.cross_attention(encoder_states, encoder_mask)
+        return self.run(latents, attention_mask, keys_values, bias, timestep, q_scale)[:rows, ..., :frames]
+
+    def cross_attention(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held K/V for these (padded) conditions, recomputed in place when they differ."""
+        key = (tuple(states.shape), states.dtype)
+        held = self.held.get(key)
+        if held is not None:
+            self.held.move_to_end(key)
+            if torch.equal(held.states, states) and torch.equal(held.mask, mask):
+                return held.keys_values, held.bias
+            keys_values, bias = self.prepare(states, mask)
+            held.keys_values.copy_(keys_values)
+            held.bias.copy_(bias)
+            held.states.copy_(states)
+            held.mask.copy_(mask)
+            return held.keys_values, held.bias
+        while len(self.held) >= self.max_held:
+            self.held.popitem(last=False)
+        keys_values, bias = self.prepare(states, mask)
+        self.held[key] = _HeldConditions(states.clone(), mask.clone(), keys_values, bias)
+        return keys_values, bias
 
 
 def compile_blocks(transformer: torch.nn.Module) -> None:
@@ -160,7 +213,7 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
     if name == "dit_step":
         if settings.compile_blocks:
             compile_blocks(module.transformer)
-        module.decode = BucketedDecode(module.transformer.decode, settings)
+        module.decode = BucketedDecode(module.transformer, settings)
         # different frame and token counts, so dynamic shapes do not tie the two together
         for rows in (1, 2):
             engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, 3 * settings.token_bucket))

@@ -1,0 +1,77 @@
+"""The engine speed work (issue 10) computes what the plain engine computes (CPU, float32).
+
+Cross-attention keys/values prepared once per request, the conditions held between steps, and
+N items in one pipeline call against their solo runs. The GPU side (graphs, bf16) is checked by
+benchmarks/bench_pipeline.py against float32 and against solo runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from acestep_triton.acceleration import Acceleration, BucketedDecode
+from acestep_triton.contract import GenerationParams
+from acestep_triton.models.transformer import ERG_Q_SCALE, ACEStepTransformer
+from acestep_triton.pipeline import Text2MusicPipeline
+
+
+@pytest.fixture(scope="module")
+def transformer(golden_ckpt: Path) -> ACEStepTransformer:
+    torch.set_num_threads(2)
+    return ACEStepTransformer.from_pretrained(golden_ckpt / "ace_step_transformer").eval()
+
+
+def _inputs(transformer: ACEStepTransformer, rows: int, frames: int, tokens: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    config = transformer.config
+    encoder_mask = torch.ones(rows, tokens)
+    encoder_mask[-1, tokens // 2 :] = 0  # one row with padded conditions
+    return (
+        torch.randn(rows, config.in_channels, config.max_height, frames, generator=g),
+        torch.ones(rows, frames),
+        torch.randn(rows, tokens, config.inner_dim, generator=g),
+        encoder_mask,
+        torch.linspace(900.0, 300.0, rows),
+        torch.tensor([1.0, ERG_Q_SCALE, 1.0][:rows]),
+    )
+
+
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+@torch.no_grad()
+def test_prepared_cross_attention_equals_decode(transformer: ACEStepTransformer) -> None:
+    """K/V prepared once for the distinct conditions, indexed per row, give the plain decode."""
+    latents, frame_mask, states, mask, timestep, q_scale = _inputs(transformer, 3, frames=29, tokens=21)
+    expected = transformer.decode(latents, frame_mask, states, mask, timestep, q_scale)
+    keys_values, bias = transformer.prepare_cross_attention(states, mask)
+    assert keys_values.shape == (3, len(transformer.transformer_blocks), 2, transformer.config.num_attention_heads,
+                                 21, transformer.config.attention_head_dim)
+    assert bias.shape == (3, 21) and torch.isinf(bias[-1, 11:]).all() and (bias[:, :10] == 0).all()
+    actual = transformer.decode_prepared(latents, frame_mask, keys_values, bias, timestep, q_scale)
+    assert _relative(actual, expected) < 1e-6
+    # rows taken from prepared conditions by index: the way a sampler reuses them per branch
+    order = torch.tensor([2, 0, 0])
+    reused = transformer.decode_prepared(latents, frame_mask, keys_values[order], bias[order], timestep, q_scale)
+    direct = transformer.decode(latents, frame_mask, states[order], mask[order], timestep, q_scale)
+    assert _relative(reused, direct) < 1e-6
+
+
+@torch.no_grad()
+def test_held_conditions_follow_changes(transformer: ACEStepTransformer) -> None:
+    """BucketedDecode reuses the held K/V only for equal conditions, and recomputes on any change."""
+    decode = BucketedDecode(transformer, Acceleration(decode_graphs=False, row_buckets=(1, 2, 4)))
+    first = _inputs(transformer, 2, frames=20, tokens=9, seed=1)
+    other = _inputs(transformer, 2, frames=20, tokens=9, seed=2)
+    for inputs in (first, first, other, first):
+        expected = transformer.decode(*inputs)
+        assert _relative(decode(*inputs), expected) < 1e-6
+    assert len(decode.held) == 1
+    changed_mask = list(first)
+    changed_mask[3] = first[3].clone()
+    changed_mask[3][0, -3:] = 0
+    assert _relative(decode(*changed_mask), transformer.decode(*changed_mask)) < 1e-6
