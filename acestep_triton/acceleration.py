@@ -49,6 +49,8 @@ class Acceleration:
     # mel frames (~23.8 s of audio); None decodes whole. Windows keep one shape, so cuDNN's algorithm
     # search (seconds to a minute for a new length) runs once at warm-up; the overlap costs 9-19 %.
     vocoder_window_frames: int | None = 2048
+    # windows (of all items and channels together) per vocoder graph call; one fixed shape
+    vocoder_window_batch: int = 2
     vocoder_graphs: bool = True
     vocoder_channels_last: bool = True
     cudnn_benchmark: bool = True
@@ -220,6 +222,7 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
     elif name == "vocoder":
         module.vocoder.head.channels_last = settings.vocoder_channels_last
         module.window_frames = settings.vocoder_window_frames
+        module.window_batch = settings.vocoder_window_batch
         if settings.vocoder_window_frames is not None:
             if settings.vocoder_graphs:
                 module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)

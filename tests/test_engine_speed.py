@@ -75,3 +75,35 @@ def test_held_conditions_follow_changes(transformer: ACEStepTransformer) -> None
     changed_mask[3] = first[3].clone()
     changed_mask[3][0, -3:] = 0
     assert _relative(decode(*changed_mask), transformer.decode(*changed_mask)) < 1e-6
+
+
+@pytest.mark.parametrize("window_batch", [None, 3])
+@torch.no_grad()
+def test_vocoder_windows_of_all_items_equal_solo_whole_decodes(golden_ckpt: Path, window_batch: int | None) -> None:
+    """The windows of every item and channel decoded together (groups padded to one shape) give
+    each item's own whole-signal decode."""
+    from acestep_triton.components import VocoderComponent
+    from acestep_triton.models.vocoder import ADaMoSHiFiGAN
+
+    vocoder = ADaMoSHiFiGAN.from_pretrained(golden_ckpt / "music_vocoder").eval()
+    mel = torch.randn(3, 2, vocoder.config.n_mels, 450, generator=torch.Generator().manual_seed(3)) - 5.0
+    batched = VocoderComponent(vocoder, window_frames=2 * vocoder.context_frames() + 40, window_batch=window_batch)
+    whole = VocoderComponent(vocoder)
+    (together,) = batched(mel)
+    for item in range(mel.shape[0]):
+        (solo,) = whole(mel[item : item + 1])
+        torch.testing.assert_close(together[item : item + 1], solo, rtol=0.0, atol=1e-5)
+
+
+def test_items_in_one_call_equal_their_solo_runs(golden_ckpt: Path, lyric_vocab: Path) -> None:
+    """N seeds in one pipeline call (every stage batched across items, guidance and ERG on) give
+    each seed's solo waveform. One call has one duration; items of different lengths share a
+    decode through frame masks (tests/test_transformer.py checks padded rows against solo rows)."""
+    pipeline = Text2MusicPipeline.from_checkpoint(golden_ckpt, lyric_vocab)
+    seeds = (11, 22, 33, 44)
+    common = {"prompt": "synthwave, bass", "lyrics": "[verse]\nla la la", "audio_duration": 3.0, "infer_step": 5}
+    together = pipeline(GenerationParams(actual_seeds=seeds, **common)).waveforms
+    assert together.shape[0] == len(seeds)
+    for index, seed in enumerate(seeds):
+        solo = pipeline(GenerationParams(actual_seeds=(seed,), **common)).waveforms[0]
+        assert _relative(together[index], solo) < 1e-4, f"item {index} (seed {seed})"
