@@ -23,13 +23,15 @@ without it the caching allocator's fragmentation reserves ~40 % more than is all
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from acestep_triton.engines import TorchEngine
+from acestep_triton.sampling.seeds import latent_frames
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,17 @@ class Acceleration:
     compile_blocks: bool = True
     decode_graphs: bool = True
     frame_bucket: int = 16  # latent frames (~0.19 s of audio)
-    token_bucket: int = 32  # condition tokens
+    # condition tokens: padded tokens cost only masked cross-attention (~1 % of a decode), and few
+    # buckets let the graphs captured at load serve most requests
+    token_bucket: int = 256
     # batch rows (guidance branches x requests) are padded up to one of these, repeating the first row
     row_buckets: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-    max_graphs: int = 24
+    max_graphs: int = 32
+    # decode graphs captured at load, so that a request of a common length never waits for a capture:
+    # (audio seconds) x (rows: one guidance branch, two) x (condition tokens)
+    warm_seconds: tuple[float, ...] = (30.0, 60.0, 120.0, 240.0)
+    warm_rows: tuple[int, ...] = (1, 2)
+    warm_tokens: tuple[int, ...] = (256, 512)
     # (rows, tokens) shapes whose conditions' cross-attention K/V stay held (~126 MiB per 512-token
     # row at full size): a request needs two (guided and unguided steps)
     max_held_conditions: int = 4
@@ -53,6 +62,8 @@ class Acceleration:
     vocoder_window_batch: int = 2
     vocoder_graphs: bool = True
     vocoder_channels_last: bool = True
+    # cuDNN benchmark mode for the vocoder (its heuristics pick algorithms up to 30x slower); the
+    # DCAE runs without it: < 2 % slower, and no algorithm search (seconds) for every new length
     cudnn_benchmark: bool = True
     tf32_matmul: bool = True
 
@@ -205,8 +216,28 @@ def _dit_warmup_batch(engine: TorchEngine, rows: int, frames: int, tokens: int) 
     }
 
 
+@contextmanager
+def _no_cudnn_search() -> Iterator[None]:
+    """cuDNN benchmark mode off inside (heuristic algorithm choice), restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _without_cudnn_search(forward: Callable[..., tuple]) -> Callable[..., tuple]:
+    def run(*args: torch.Tensor) -> tuple:
+        with _no_cudnn_search():
+            return forward(*args)
+
+    return run
+
+
 def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = Acceleration()) -> None:
-    """Apply `settings` to a loaded CUDA engine in place and warm it up."""
+    """Apply `settings` to a loaded CUDA engine in place and warm it up (compilation, the decode
+    graphs of the common shapes, the vocoder's window graph and cuDNN search happen here)."""
     if engine.device.type != "cuda":
         raise ValueError(f"accelerate: the gpu speed-ups need a CUDA device, got {engine.device}")
     torch.backends.cudnn.benchmark = settings.cudnn_benchmark
@@ -216,9 +247,17 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
         if settings.compile_blocks:
             compile_blocks(module.transformer)
         module.decode = BucketedDecode(module.transformer, settings)
-        # different frame and token counts, so dynamic shapes do not tie the two together
+        # first calls: different frame and token counts, so dynamic shapes do not tie the two together
         for rows in (1, 2):
-            engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, 3 * settings.token_bucket))
+            engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, settings.token_bucket))
+        for seconds in settings.warm_seconds:
+            for rows in settings.warm_rows:
+                for tokens in settings.warm_tokens:
+                    engine.run(_dit_warmup_batch(engine, rows, latent_frames(seconds), tokens))
+    elif name == "dcae_decoder":
+        module.forward = _without_cudnn_search(module.forward)
+        channels, height, _ = engine.spec.inputs[0].dims
+        engine.run({"LATENTS": torch.randn(1, channels, height, latent_frames(settings.warm_seconds[0]))})
     elif name == "vocoder":
         module.vocoder.head.channels_last = settings.vocoder_channels_last
         module.window_frames = settings.vocoder_window_frames
