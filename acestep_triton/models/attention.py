@@ -99,10 +99,13 @@ class LinearSelfAttention(nn.Module):
         # A row of ones appended to v^T makes one matmul give numerator and denominator. Both
         # products read q, k, v in the compute dtype (bf16 on the GPU: no float32 copies of the
         # whole q/k/v) and accumulate in float32 inside the GEMM; the ratio is taken in float32.
+        # Zero rows pad D+1 up to a multiple of 8, so the [T, D+1] product keeps 16-byte aligned rows.
+        head_dim = value.shape[-1]
         value_rows = F.pad(value.transpose(-1, -2), (0, 0, 0, 1), value=1.0)  # [B, H, D+1, T]
-        summary = value_rows @ key  # [B, H, D+1, D]
-        summed = (query @ summary.transpose(-1, -2)).float()  # [B, H, T, D+1]
-        out = summed[..., :-1] / (summed[..., -1:] + LINEAR_ATTENTION_EPS)  # [B, H, T, D]
+        value_rows = F.pad(value_rows, (0, 0, 0, -(head_dim + 1) % 8))  # [B, H, D+1+pad, T]
+        summary = value_rows @ key  # [B, H, D+1+pad, D]
+        summed = (query @ summary.transpose(-1, -2)).float()  # [B, H, T, D+1+pad]
+        out = summed[..., :head_dim] / (summed[..., head_dim : head_dim + 1] + LINEAR_ATTENTION_EPS)  # [B, H, T, D]
         out = out.transpose(1, 2).flatten(2).to(dtype)  # [B, T, H*D]
         return _project(self.to_out[0], out)
 
