@@ -33,6 +33,38 @@ SLANEY_LOG_START_MEL = SLANEY_LOG_START_HZ / SLANEY_HZ_PER_MEL
 SLANEY_LOG_STEP = math.log(6.4) / 27.0
 
 
+def overlapping_windows(total: int, window: int, context: int) -> list[tuple[int, int, int]]:
+    """Windows of `window` frames over `total` frames (total > window), for decoders whose output at a
+    frame depends on at most `context` frames on either side: (start, keep_from, keep_to) per window,
+    window frames start..start+window, of which keep_from..keep_to are kept. Windows overlap by
+    `context` on each side of what they keep; the last one is aligned to the end."""
+    if window <= 2 * context:
+        raise ValueError(f"window: {window} frames must exceed twice the context ({context} frames)")
+    spans = []
+    kept = 0
+    while kept < total:
+        start = min(max(0, kept - context), total - window)
+        stop = start + window
+        keep_to = total if stop == total else stop - context
+        spans.append((start, kept, keep_to))
+        kept = keep_to
+    return spans
+
+
+def run_grouped(windows: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], group: int | None) -> torch.Tensor:
+    """run(windows) for windows [N, ...], `group` rows per call (default: all); a short last group is
+    filled up with copies of its first row, so every call has the one shape [group, ...]."""
+    group = group or windows.shape[0]
+    outputs = []
+    for first in range(0, windows.shape[0], group):
+        chunk = windows[first : first + group]
+        short = group - chunk.shape[0]
+        if short:
+            chunk = torch.cat([chunk, chunk[:1].expand(short, *chunk.shape[1:])])
+        outputs.append(run(chunk)[: group - short])
+    return torch.cat(outputs)
+
+
 def _same_padding(kernel_size: int, dilation: int = 1) -> int:
     return dilation * (kernel_size - 1) // 2
 
@@ -419,25 +451,10 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
         total = mel.shape[-1]
         if total <= window_frames:
             return self.decode(mel)
-        spans = []  # (start, first kept frame, end of kept frames) per window
-        kept = 0
-        while kept < total:
-            start = min(max(0, kept - context), total - window_frames)
-            stop = start + window_frames
-            keep_to = total if stop == total else stop - context
-            spans.append((start, kept, keep_to))
-            kept = keep_to
+        spans = overlapping_windows(total, window_frames, context)
         windows = torch.stack([mel[..., start : start + window_frames] for start, _, _ in spans], dim=1)
-        windows = windows.flatten(0, 1)  # [B * W, n_mels, window_frames], row-major per mel row
-        group = window_batch or windows.shape[0]
-        waves = []
-        for first in range(0, windows.shape[0], group):
-            chunk = windows[first : first + group]
-            short = group - chunk.shape[0]
-            if short:
-                chunk = torch.cat([chunk, chunk[:1].expand(short, *chunk.shape[1:])])
-            waves.append(run(chunk)[: group - short])
-        waves = torch.cat(waves).unflatten(0, (mel.shape[0], len(spans)))  # [B, W, 1, window * hop]
+        waves = run_grouped(windows.flatten(0, 1), run, window_batch)  # rows: mel row-major, then window
+        waves = waves.unflatten(0, (mel.shape[0], len(spans)))  # [B, W, 1, window * hop]
         pieces = [waves[:, index, :, (kept - start) * hop : (keep_to - start) * hop]
                   for index, (start, kept, keep_to) in enumerate(spans)]
         return torch.cat(pieces, dim=-1)
