@@ -10,6 +10,9 @@
 - vocoder: mels are decoded in fixed windows (ADaMoSHiFiGAN.decode_windowed, equal to a whole
   decode up to rounding), each window replayed from one CUDA graph: any length, bounded memory,
   one set of cuDNN algorithms.
+- dcae_decoder: the decoder's upsampling part (everything after its globally attending stage) in
+  fixed windows of latent frames (dcae.latents_to_mel_windowed, equal to a whole decode up to
+  rounding), one CUDA graph, bounded memory; without cuDNN's per-length algorithm search.
 - vocoder head in channels-last layout (HiFiGANHead.channels_last): cuDNN convolves NHWC data
   directly instead of transposing around every convolution.
 - cuDNN benchmark mode picks the fastest convolution algorithms for the shapes it sees; float32
@@ -26,11 +29,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from acestep_triton.engines import TorchEngine
+from acestep_triton.models.dcae import decode_local_part
 from acestep_triton.sampling.seeds import latent_frames
 
 
@@ -61,6 +66,9 @@ class Acceleration:
     # windows (of all items and channels together) per vocoder graph call; one fixed shape
     vocoder_window_batch: int = 2
     vocoder_graphs: bool = True
+    # DCAE: the local (upsampling) part in windows of latent frames (~21.6 s: 60, 120 and 240 s
+    # requests decode ~8 % more frames than they keep), one graph; None decodes whole
+    dcae_window_frames: int | None = 232
     vocoder_channels_last: bool = True
     # cuDNN benchmark mode for the vocoder (its heuristics pick algorithms up to 30x slower); the
     # DCAE runs without it: < 2 % slower, and no algorithm search (seconds) for every new length
@@ -256,6 +264,10 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
                     engine.run(_dit_warmup_batch(engine, rows, latent_frames(seconds), tokens))
     elif name == "dcae_decoder":
         module.forward = _without_cudnn_search(module.forward)
+        module.window_frames = settings.dcae_window_frames
+        if settings.dcae_window_frames is not None:
+            module.window_batch = 1
+            module.decode_window = CudaGraphs(partial(decode_local_part, module.dcae), max_graphs=2)
         channels, height, _ = engine.spec.inputs[0].dims
         engine.run({"LATENTS": torch.randn(1, channels, height, latent_frames(settings.warm_seconds[0]))})
     elif name == "vocoder":

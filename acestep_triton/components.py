@@ -7,13 +7,15 @@ models (`pytorch` engine) and exported to ONNX, so all three compute one functio
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from acestep_triton.audio import resample
 from acestep_triton.checkpoint import Checkpoint
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE
-from acestep_triton.models.dcae import latents_to_mel, load_dcae
+from acestep_triton.models.dcae import decode_local_part, latents_to_mel, latents_to_mel_windowed, load_dcae
 from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN, load_vocoder
@@ -72,14 +74,26 @@ class DiTStepComponent(nn.Module):
 
 
 class DcaeDecoderComponent(nn.Module):
-    """LATENTS [B,8,16,T] -> MEL [B,2,128,8T] (ACE-Step log-mel)."""
+    """LATENTS [B,8,16,T] -> MEL [B,2,128,8T] (ACE-Step log-mel).
 
-    def __init__(self, dcae) -> None:
+    With `window_frames` set, the decoder's local part runs over overlapping windows of that many
+    latent frames (dcae.latents_to_mel_windowed: same result up to rounding, bounded memory, one
+    window shape), the windows of all items `window_batch` at a time through `decode_window`,
+    which the gpu profile replaces by a CUDA-graph replay.
+    """
+
+    def __init__(self, dcae, window_frames: int | None = None, window_batch: int | None = None) -> None:
         super().__init__()
         self.dcae = dcae
+        self.window_frames = window_frames
+        self.window_batch = window_batch
+        self.decode_window = partial(decode_local_part, dcae)
 
     def forward(self, latents: torch.Tensor):
-        return (latents_to_mel(self.dcae, latents),)
+        if self.window_frames is None:
+            return (latents_to_mel(self.dcae, latents),)
+        return (latents_to_mel_windowed(self.dcae, latents, self.window_frames, self.decode_window,
+                                        self.window_batch),)
 
 
 class VocoderComponent(nn.Module):

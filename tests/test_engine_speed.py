@@ -107,3 +107,25 @@ def test_items_in_one_call_equal_their_solo_runs(golden_ckpt: Path, lyric_vocab:
     for index, seed in enumerate(seeds):
         solo = pipeline(GenerationParams(actual_seeds=(seed,), **common)).waveforms[0]
         assert _relative(together[index], solo) < 1e-4, f"item {index} (seed {seed})"
+
+
+@torch.no_grad()
+def test_windowed_dcae_equals_whole_decode(golden_ckpt: Path) -> None:
+    """The DCAE's local part over windows (all items stacked, groups padded to one shape) gives the
+    whole decode within the golden log-mel tolerance; a context below the receptive field does not,
+    so `decoder_context_frames` is not vacuous."""
+    from acestep_triton.models import dcae as dcae_module
+
+    dcae = dcae_module.load_dcae(golden_ckpt / "music_dcae_f8c8")
+    latents = torch.randn(2, 8, 16, 90, generator=torch.Generator().manual_seed(4))
+    whole = dcae_module.latents_to_mel(dcae, latents)
+    context = dcae_module.decoder_context_frames(dcae)
+    for window, group in ((2 * context + 1, None), (37, 3), (90, None)):
+        windowed = dcae_module.latents_to_mel_windowed(dcae, latents, window, window_batch=group)
+        assert windowed.shape == whole.shape
+        torch.testing.assert_close(windowed, whole, rtol=0.0, atol=5e-5)
+    spans = dcae_module.overlapping_windows(90, 30, 1)
+    hidden = dcae_module.decode_global_part(dcae, latents)
+    short = torch.cat([dcae_module.decode_local_part(dcae, hidden[..., start : start + 30])[
+        ..., (kept - start) * 8 : (keep_to - start) * 8] for start, kept, keep_to in spans], dim=-1)
+    assert (short - whole).abs().max() > 1e-3
