@@ -286,6 +286,7 @@ class Bench:
         self.start = time.perf_counter()
         self.results: dict = {"env": environment(args), "sections": {}}
         self.failures: list[str] = []
+        self.accelerated = False
         self.models: dict | None = None
         self.engines: dict | None = None
         self.pipe: Text2MusicPipeline | None = None
@@ -429,14 +430,17 @@ class Bench:
     # -- the accelerated pipeline
     def ensure_accelerated(self) -> None:
         self.ensure_models()
-        if "accelerate_s" not in self.results["env"]:
+        if not self.accelerated:
+            self.accelerated = True
             reset_memory(self.device)
             start = time.perf_counter()
-            self.results["env"]["accelerate_s"] = accelerate_all(self.engines, self.settings())
-            self.results["env"]["load_and_warmup_s"] = self.results["env"]["build_s"] + time.perf_counter() - start
+            seconds = accelerate_all(self.engines, self.settings())
+            total = self.results["env"]["build_s"] + time.perf_counter() - start
             print(f"  load {self.results['env']['build_s']:.1f} s, accelerate + warm-up "
-                  f"{json.dumps({k: round(v, 1) for k, v in self.results['env']['accelerate_s'].items()})}",
-                  flush=True)
+                  f"{json.dumps({k: round(v, 1) for k, v in seconds.items()})}", flush=True)
+            # the first acceleration in the process is the cold start (later ones reuse compiled kernels)
+            self.results["env"].setdefault("accelerate_s", seconds)
+            self.results["env"].setdefault("load_and_warmup_s", total)
 
     def pipeline(self) -> dict:
         self.ensure_accelerated()
@@ -645,6 +649,8 @@ class Bench:
                                       LyricTokenizer.from_file(Path(self.args.lyric_vocab)), runs, self.device)
             wave = pipe(params).waveforms
             outputs[name] = {"velocity": velocity, "latents": captured["latents"], "waveform": wave}
+        self.models = self.engines = self.pipe = None  # a later section builds (and accelerates) its own
+        self.accelerated = False
         reference = outputs.pop("float32")
         report = {"duration_s": params.audio_duration, "steps": params.infer_step,
                   "decode_shape": list(decode_batch["LATENTS"].shape), "bound": NUMERICS_BOUND, "errors": {}}

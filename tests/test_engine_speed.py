@@ -129,3 +129,15 @@ def test_windowed_dcae_equals_whole_decode(golden_ckpt: Path) -> None:
     short = torch.cat([dcae_module.decode_local_part(dcae, hidden[..., start : start + 30])[
         ..., (kept - start) * 8 : (keep_to - start) * 8] for start, kept, keep_to in spans], dim=-1)
     assert (short - whole).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "condition_encoder"])
+def test_encoder_warmup_batch_runs(golden_ckpt: Path, name: str) -> None:
+    """The gpu profile warms the encoders up with spec-shaped inputs: they must be valid inputs."""
+    from acestep_triton.acceleration import _encoder_warmup_batch
+    from acestep_triton.checkpoint import validate_checkpoint
+    from acestep_triton.engines import TorchEngine
+
+    engine = TorchEngine.load(name, validate_checkpoint(golden_ckpt))
+    outputs = engine.run(_encoder_warmup_batch(engine))
+    assert all(out.shape[0] == 2 and torch.isfinite(out).all() for out in outputs.values())

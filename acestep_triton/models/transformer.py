@@ -384,6 +384,9 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
         cos, sin = rotary_cos_sin(frame_positions, self.config.attention_head_dim, self.config.rope_theta)
         rotary = (cos[None, None], sin[None, None])
 
+        # Blocks outside the ERG range get a factor of exactly 1 rather than None, so every block
+        # runs one code path (one torch.compile graph variant instead of two; x * 1.0 == x).
+        unscaled = torch.ones_like(q_scale) if q_scale is not None else None
         for index, block in enumerate(self.transformer_blocks):
             hidden_states = block(
                 hidden_states,
@@ -393,7 +396,7 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
                 cross_bias,
                 rotary,
                 temb,
-                q_scale if index in ERG_DIFFUSION_BLOCKS else None,
+                q_scale if index in ERG_DIFFUSION_BLOCKS else unscaled,
             )
         velocity = self.final_layer(hidden_states, embedded_timestep)
         return velocity * frame_mask[:, None, None, :]
