@@ -44,6 +44,9 @@ class Acceleration:
     """Which speed-ups `accelerate_engine` applies (all on for the gpu profile)."""
 
     compile_blocks: bool = True
+    # the Triton linear-attention kernel (models/linear_attention_kernel.py): off until timed and
+    # checked on a GPU (so far run only in Triton's CPU interpreter)
+    fused_linear_attention: bool = False
     decode_graphs: bool = True
     frame_bucket: int = 16  # latent frames (~0.19 s of audio)
     # condition tokens: padded tokens cost only masked cross-attention (<= 2.5 % of a 60 s decode;
@@ -268,6 +271,11 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
     torch.backends.cuda.matmul.allow_tf32 = settings.tf32_matmul
     module = engine.module
     if name == "dit_step":
+        if settings.fused_linear_attention:
+            from acestep_triton.models.linear_attention_kernel import fused_linear_attention
+
+            for block in module.transformer.transformer_blocks:
+                block.attn.fused = fused_linear_attention
         if settings.compile_blocks:
             compile_blocks(module.transformer)
         module.decode = BucketedDecode(module.transformer, settings)

@@ -295,7 +295,8 @@ class Bench:
     def settings(self) -> Acceleration:
         """The gpu profile, with the vocoder window from the command line (0: whole decode)."""
         return Acceleration(vocoder_window_frames=self.args.vocoder_window or None,
-                            vocoder_window_batch=self.args.vocoder_window_batch)
+                            vocoder_window_batch=self.args.vocoder_window_batch,
+                            fused_linear_attention=self.args.fused_linear_attention)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -791,6 +792,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="vocoder window in mel frames for the gpu profile; 0 decodes whole")
     parser.add_argument("--vocoder-window-batch", type=int, default=Acceleration().vocoder_window_batch,
                         help="vocoder windows (all items and channels together) per graph call")
+    parser.add_argument("--fused-linear-attention", action="store_true",
+                        help="the gpu profile with the Triton linear-attention kernel (off by default)")
     parser.add_argument("--batching-config", default="60:27", help="seconds:steps of the batching section")
     parser.add_argument("--batching-items", default="1,2,4,8,16")
     parser.add_argument("--batching-runs", type=int, default=2)

@@ -141,3 +141,43 @@ def test_encoder_warmup_batch_runs(golden_ckpt: Path, name: str) -> None:
     engine = TorchEngine.load(name, validate_checkpoint(golden_ckpt))
     outputs = engine.run(_encoder_warmup_batch(engine))
     assert all(out.shape[0] == 2 and torch.isfinite(out).all() for out in outputs.values())
+
+
+_FUSED_CHECK = """
+import torch
+from acestep_triton.models import linear_attention_kernel as kernel
+from acestep_triton.models.attention import LinearSelfAttention, rotary_cos_sin
+
+torch.manual_seed(0)
+rows, frames, heads, head_dim = 2, 150, 2, 16
+attention = LinearSelfAttention(heads * head_dim, heads, head_dim).eval()
+hidden = torch.randn(rows, frames, heads * head_dim)
+frame_mask = torch.ones(rows, frames)
+frame_mask[1, 120:] = 0
+cos, sin = rotary_cos_sin(torch.arange(frames), head_dim, 1e6)
+rotary = (cos[None, None], sin[None, None])
+q_scale = torch.tensor([1.0, 0.01])
+with torch.no_grad():
+    expected = attention(hidden, frame_mask, rotary, q_scale)
+    attention.fused = kernel.fused_linear_attention
+    actual = attention(hidden, frame_mask, rotary, q_scale)
+error = float((actual - expected).double().norm() / expected.double().norm())
+print(error)
+"""
+
+
+def test_fused_linear_attention_kernel_equals_torch() -> None:
+    """The Triton kernel, run by Triton's CPU interpreter in float32, gives LinearSelfAttention's
+    output, with a padded row and a per-row query scale. In a subprocess: Triton reads
+    TRITON_INTERPRET when it is first imported. Skipped where Triton is not installed (it is on
+    the GPU image; `pip install triton` enables it on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True,
+                          check=False, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 1e-5

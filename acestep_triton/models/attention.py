@@ -8,6 +8,8 @@ ERG-diffusion weakens the guidance branch inside one batched call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +75,8 @@ class LinearSelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        # opt-in fused kernel (linear_attention_kernel.fused_linear_attention), set by the gpu profile
+        self.fused: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -82,8 +86,13 @@ class LinearSelfAttention(nn.Module):
         q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, T, C], frame_mask [B, T] (1 valid, 0 padded), rotary cos/sin
-        broadcastable to [B, H, T, D], q_scale [B] or None -> [B, T, C]."""
+        broadcastable to [B, H, T, D] (with `fused`: [1, 1, T, D]), q_scale [B] or None -> [B, T, C]."""
         dtype = hidden_states.dtype
+        if self.fused is not None:
+            out = self.fused(_scale_rows(_project(self.to_q, hidden_states), q_scale),
+                             _project(self.to_k, hidden_states), _project(self.to_v, hidden_states),
+                             frame_mask, rotary[0][0, 0], rotary[1][0, 0], self.heads)
+            return _project(self.to_out[0], out)
         query = _split_heads(_scale_rows(_project(self.to_q, hidden_states), q_scale), self.heads)
         key = _split_heads(_project(self.to_k, hidden_states), self.heads)
         value = _split_heads(_project(self.to_v, hidden_states), self.heads)
