@@ -44,8 +44,8 @@ class Acceleration:
     """Which speed-ups `accelerate_engine` applies (all on for the gpu profile)."""
 
     compile_blocks: bool = True
-    # the Triton linear-attention kernel (models/linear_attention_kernel.py): off until timed and
-    # checked on a GPU (so far run only in Triton's CPU interpreter)
+    # the Triton linear-attention kernel (models/linear_attention_kernel.py): off until tuned and
+    # measured inside the compiled, graphed decode (benchmarks/NOTES.md: one layer checked on the GPU)
     fused_linear_attention: bool = False
     decode_graphs: bool = True
     frame_bucket: int = 16  # latent frames (~0.19 s of audio)

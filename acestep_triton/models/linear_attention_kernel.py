@@ -10,8 +10,9 @@ batching not pay (benchmarks/NOTES.md, issue 10). Here two kernels read the proj
   out = (q kv^T) / (q . ksum + eps), written straight into the [B, T, H*D] layout `to_out` reads.
 
 Same math as `LinearSelfAttention.forward` (the products take operands in the input dtype and
-accumulate in float32). Off by default (`Acceleration.fused_linear_attention`): it has been run
-only in Triton's interpreter on CPU (tests/test_engine_speed.py), not yet timed or checked on a GPU.
+accumulate in float32). Off by default (`Acceleration.fused_linear_attention`): checked in Triton's
+CPU interpreter (tests/test_engine_speed.py) and for one full-size layer on an H200 (numerics and
+eager timing in benchmarks/NOTES.md), but untuned and not yet measured inside the compiled decode.
 """
 
 from __future__ import annotations
