@@ -10,6 +10,9 @@
 - vocoder: mels are decoded in fixed windows (ADaMoSHiFiGAN.decode_windowed, equal to a whole
   decode up to rounding), each window replayed from one CUDA graph: any length, bounded memory,
   one set of cuDNN algorithms.
+- dcae_decoder: the decoder's upsampling part (everything after its globally attending stage) in
+  fixed windows of latent frames (dcae.latents_to_mel_windowed, equal to a whole decode up to
+  rounding), one CUDA graph, bounded memory; without cuDNN's per-length algorithm search.
 - vocoder head in channels-last layout (HiFiGANHead.channels_last): cuDNN convolves NHWC data
   directly instead of transposing around every convolution.
 - cuDNN benchmark mode picks the fastest convolution algorithms for the shapes it sees; float32
@@ -23,13 +26,17 @@ without it the caching allocator's fragmentation reserves ~40 % more than is all
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from acestep_triton.engines import TorchEngine
+from acestep_triton.models.dcae import decode_local_part
+from acestep_triton.sampling.seeds import latent_frames
 
 
 @dataclass(frozen=True)
@@ -37,17 +44,37 @@ class Acceleration:
     """Which speed-ups `accelerate_engine` applies (all on for the gpu profile)."""
 
     compile_blocks: bool = True
+    # the Triton linear-attention kernel (models/linear_attention_kernel.py): off until tuned and
+    # measured inside the compiled, graphed decode (benchmarks/NOTES.md: one layer checked on the GPU)
+    fused_linear_attention: bool = False
     decode_graphs: bool = True
     frame_bucket: int = 16  # latent frames (~0.19 s of audio)
-    token_bucket: int = 32  # condition tokens
+    # condition tokens: padded tokens cost only masked cross-attention (<= 2.5 % of a 60 s decode;
+    # their K/V are computed once per request), and one bucket for every request up to 512 tokens
+    # lets the graphs captured at load serve them all
+    token_bucket: int = 512
     # batch rows (guidance branches x requests) are padded up to one of these, repeating the first row
     row_buckets: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-    max_graphs: int = 24
+    max_graphs: int = 32
+    # decode graphs captured at load (one token bucket), so that a request of a common length never
+    # waits for a capture: (audio seconds) x (rows: one guidance branch, two)
+    warm_seconds: tuple[float, ...] = (30.0, 60.0, 120.0, 240.0)
+    warm_rows: tuple[int, ...] = (1, 2)
+    # (rows, tokens) shapes whose conditions' cross-attention K/V stay held (~126 MiB per 512-token
+    # row at full size): a request needs two (guided and unguided steps)
+    max_held_conditions: int = 2
     # mel frames (~23.8 s of audio); None decodes whole. Windows keep one shape, so cuDNN's algorithm
     # search (seconds to a minute for a new length) runs once at warm-up; the overlap costs 9-19 %.
     vocoder_window_frames: int | None = 2048
+    # windows (of all items and channels together) per vocoder graph call; one fixed shape
+    vocoder_window_batch: int = 2
     vocoder_graphs: bool = True
+    # DCAE: the local (upsampling) part in windows of latent frames (~21.6 s: 60, 120 and 240 s
+    # requests decode ~8 % more frames than they keep), one graph; None decodes whole
+    dcae_window_frames: int | None = 232
     vocoder_channels_last: bool = True
+    # cuDNN benchmark mode for the vocoder (its heuristics pick algorithms up to 30x slower); the
+    # DCAE runs without it: < 2 % slower, and no algorithm search (seconds) for every new length
     cudnn_benchmark: bool = True
     tf32_matmul: bool = True
 
@@ -56,15 +83,20 @@ class CudaGraphs:
     """Calls fn(*tensors) -> tensor through CUDA graphs captured once per input shapes and dtypes.
 
     Inputs are copied into the graph's static tensors and the output is cloned out of it, so a
-    result stays valid after the next replay. Graphs share one memory pool, which is safe because
+    result stays valid after the next replay. An input that already is the graph's static tensor
+    is not copied: inputs at the `resident` positions are captured as given (not cloned), so a
+    caller that keeps such a tensor and updates it in place (BucketedDecode's cross-attention
+    keys/values) pays no copy per call. Graphs share one memory pool, which is safe because
     they are replayed one at a time on one stream; the least recently used one is dropped beyond
     `max_graphs`. Call under torch.inference_mode (TorchEngine.run does).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], max_graphs: int = 8, warmup_runs: int = 2) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], max_graphs: int = 8, warmup_runs: int = 2,
+                 resident: tuple[int, ...] = ()) -> None:
         self.fn = fn
         self.max_graphs = max_graphs
         self.warmup_runs = warmup_runs
+        self.resident = resident
         self.pool = None
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = (
             OrderedDict()
@@ -78,14 +110,15 @@ class CudaGraphs:
             self._capture(key, tensors)
         graph, static_inputs, static_output = self.graphs[key]
         for static, value in zip(static_inputs, tensors):
-            static.copy_(value)
+            if static is not value:
+                static.copy_(value)
         graph.replay()
         return static_output.clone()
 
     def _capture(self, key: tuple, tensors: tuple[torch.Tensor, ...]) -> None:
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
-        static_inputs = tuple(t.clone() for t in tensors)
+        static_inputs = tuple(t if i in self.resident else t.clone() for i, t in enumerate(tensors))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles, autotunes and allocates outside the capture
@@ -100,17 +133,39 @@ class CudaGraphs:
         self.graphs[key] = (graph, static_inputs, static_output)
 
 
+@dataclass
+class _HeldConditions:
+    """Conditions seen last for one padded (rows, tokens) shape and their cross-attention K/V."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    keys_values: torch.Tensor
+    bias: torch.Tensor
+
+
 class BucketedDecode:
     """`transformer.decode` with frames and condition tokens zero-padded up to bucket multiples
     (masks zeroed there) and rows padded up to a row bucket (copies of the first row), run through
     CudaGraphs; returns the velocity of the real rows and frames only. Buckets bound the number of
-    graphs a server needs whatever lengths and batch sizes its requests bring."""
+    graphs a server needs whatever lengths and batch sizes its requests bring.
 
-    def __init__(self, decode: Callable[..., torch.Tensor], settings: Acceleration) -> None:
+    The conditions are the same at every step of a request, so their cross-attention keys and
+    values (`prepare_cross_attention`) are computed only when they change: per padded
+    (rows, tokens) shape the last conditions seen and their K/V are held, compared exactly with the
+    incoming ones (one device comparison and a host sync per step), and the held K/V tensors are the
+    graphs' own inputs (resident: updated in place, never copied per step). The guided and unguided
+    steps of a request have different row counts, so each keeps its own entry.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, settings: Acceleration) -> None:
         self.frame_bucket = settings.frame_bucket
         self.token_bucket = settings.token_bucket
         self.row_buckets = settings.row_buckets
-        self.run = CudaGraphs(decode, settings.max_graphs) if settings.decode_graphs else decode
+        self.prepare = transformer.prepare_cross_attention
+        decode = transformer.decode_prepared
+        self.run = CudaGraphs(decode, settings.max_graphs, resident=(2, 3)) if settings.decode_graphs else decode
+        self.max_held = settings.max_held_conditions
+        self.held: OrderedDict[tuple, _HeldConditions] = OrderedDict()
 
     def __call__(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale) -> torch.Tensor:
         rows, frames, tokens = latents.shape[0], latents.shape[-1], encoder_states.shape[1]
@@ -125,7 +180,29 @@ class BucketedDecode:
         row_pad = next((b for b in self.row_buckets if b >= rows), rows) - rows
         if row_pad:
             inputs = tuple(torch.cat([t, t[:1].expand(row_pad, *t.shape[1:])]) for t in inputs)
-        return self.run(*inputs)[:rows, ..., :frames]
+        latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale = inputs
+        keys_values, bias = self.cross_attention(encoder_states, encoder_mask)
+        return self.run(latents, attention_mask, keys_values, bias, timestep, q_scale)[:rows, ..., :frames]
+
+    def cross_attention(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held K/V for these (padded) conditions, recomputed in place when they differ."""
+        key = (tuple(states.shape), states.dtype)
+        held = self.held.get(key)
+        if held is not None:
+            self.held.move_to_end(key)
+            if torch.equal(held.states, states) and torch.equal(held.mask, mask):
+                return held.keys_values, held.bias
+            keys_values, bias = self.prepare(states, mask)
+            held.keys_values.copy_(keys_values)
+            held.bias.copy_(bias)
+            held.states.copy_(states)
+            held.mask.copy_(mask)
+            return held.keys_values, held.bias
+        while len(self.held) >= self.max_held:
+            self.held.popitem(last=False)
+        keys_values, bias = self.prepare(states, mask)
+        self.held[key] = _HeldConditions(states.clone(), mask.clone(), keys_values, bias)
+        return keys_values, bias
 
 
 def compile_blocks(transformer: torch.nn.Module) -> None:
@@ -150,23 +227,79 @@ def _dit_warmup_batch(engine: TorchEngine, rows: int, frames: int, tokens: int) 
     }
 
 
+@contextmanager
+def _no_cudnn_search() -> Iterator[None]:
+    """cuDNN benchmark mode off inside (heuristic algorithm choice), restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _without_cudnn_search(forward: Callable[..., tuple]) -> Callable[..., tuple]:
+    def run(*args: torch.Tensor) -> tuple:
+        with _no_cudnn_search():
+            return forward(*args)
+
+    return run
+
+
+def _encoder_warmup_batch(engine: TorchEngine, rows: int = 2, tokens: int = 64) -> dict[str, torch.Tensor]:
+    """Inputs of the right shapes for an encoder's spec: small ids, masks and scales of ones."""
+    batch = {}
+    for spec in engine.spec.inputs:
+        shape = (rows, *(tokens if d == -1 else d for d in spec.dims))
+        if spec.name.endswith("_IDS"):
+            batch[spec.name] = torch.randint(0, 100, shape)
+        elif spec.dtype == "TYPE_INT64":
+            batch[spec.name] = torch.ones(shape, dtype=torch.int64)
+        elif spec.name.endswith("_STATES"):
+            batch[spec.name] = torch.randn(shape)
+        else:
+            batch[spec.name] = torch.ones(shape)
+    return batch
+
+
 def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = Acceleration()) -> None:
-    """Apply `settings` to a loaded CUDA engine in place and warm it up."""
+    """Apply `settings` to a loaded CUDA engine in place and warm it up (compilation, the decode
+    graphs of the common shapes, the vocoder's window graph and cuDNN search happen here)."""
     if engine.device.type != "cuda":
         raise ValueError(f"accelerate: the gpu speed-ups need a CUDA device, got {engine.device}")
     torch.backends.cudnn.benchmark = settings.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = settings.tf32_matmul
     module = engine.module
     if name == "dit_step":
+        if settings.fused_linear_attention:
+            from acestep_triton.models.linear_attention_kernel import fused_linear_attention
+
+            for block in module.transformer.transformer_blocks:
+                block.attn.fused = fused_linear_attention
         if settings.compile_blocks:
             compile_blocks(module.transformer)
-        module.decode = BucketedDecode(module.transformer.decode, settings)
-        # different frame and token counts, so dynamic shapes do not tie the two together
+        module.decode = BucketedDecode(module.transformer, settings)
+        # first calls: different frame and token counts, so dynamic shapes do not tie the two together
         for rows in (1, 2):
-            engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, 3 * settings.token_bucket))
+            engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, settings.token_bucket))
+        for seconds in settings.warm_seconds:
+            for rows in settings.warm_rows:
+                engine.run(_dit_warmup_batch(engine, rows, latent_frames(seconds), settings.token_bucket))
+    elif name in ("text_encoder", "condition_encoder"):
+        # eager: one run loads the kernels and cuBLAS handles the first request would otherwise wait for
+        engine.run(_encoder_warmup_batch(engine))
+    elif name == "dcae_decoder":
+        module.forward = _without_cudnn_search(module.forward)
+        module.window_frames = settings.dcae_window_frames
+        if settings.dcae_window_frames is not None:
+            module.window_batch = 1
+            module.decode_window = CudaGraphs(partial(decode_local_part, module.dcae), max_graphs=2)
+        channels, height, _ = engine.spec.inputs[0].dims
+        engine.run({"LATENTS": torch.randn(1, channels, height, latent_frames(settings.warm_seconds[0]))})
     elif name == "vocoder":
         module.vocoder.head.channels_last = settings.vocoder_channels_last
         module.window_frames = settings.vocoder_window_frames
+        module.window_batch = settings.vocoder_window_batch
         if settings.vocoder_window_frames is not None:
             if settings.vocoder_graphs:
                 module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)

@@ -7,13 +7,15 @@ models (`pytorch` engine) and exported to ONNX, so all three compute one functio
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from acestep_triton.audio import resample
 from acestep_triton.checkpoint import Checkpoint
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE
-from acestep_triton.models.dcae import latents_to_mel, load_dcae
+from acestep_triton.models.dcae import decode_local_part, latents_to_mel, latents_to_mel_windowed, load_dcae
 from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN, load_vocoder
@@ -72,37 +74,52 @@ class DiTStepComponent(nn.Module):
 
 
 class DcaeDecoderComponent(nn.Module):
-    """LATENTS [B,8,16,T] -> MEL [B,2,128,8T] (ACE-Step log-mel)."""
+    """LATENTS [B,8,16,T] -> MEL [B,2,128,8T] (ACE-Step log-mel).
 
-    def __init__(self, dcae) -> None:
+    With `window_frames` set, the decoder's local part runs over overlapping windows of that many
+    latent frames (dcae.latents_to_mel_windowed: same result up to rounding, bounded memory, one
+    window shape), the windows of all items `window_batch` at a time through `decode_window`,
+    which the gpu profile replaces by a CUDA-graph replay.
+    """
+
+    def __init__(self, dcae, window_frames: int | None = None, window_batch: int | None = None) -> None:
         super().__init__()
         self.dcae = dcae
+        self.window_frames = window_frames
+        self.window_batch = window_batch
+        self.decode_window = partial(decode_local_part, dcae)
 
     def forward(self, latents: torch.Tensor):
-        return (latents_to_mel(self.dcae, latents),)
+        if self.window_frames is None:
+            return (latents_to_mel(self.dcae, latents),)
+        return (latents_to_mel_windowed(self.dcae, latents, self.window_frames, self.decode_window,
+                                        self.window_batch),)
 
 
 class VocoderComponent(nn.Module):
-    """MEL [B,2,128,F] -> WAVEFORM [B,2,N] at 48 kHz; both channels in one vocoder call.
+    """MEL [B,2,128,F] -> WAVEFORM [B,2,N] at 48 kHz; all items and channels in one vocoder batch.
 
     With `window_frames` set, long mels are decoded in overlapping windows of that many frames
-    (ADaMoSHiFiGAN.decode_windowed: same result, bounded memory, one window shape), each window
-    through `decode_window`, which the gpu profile replaces by a CUDA-graph replay. The resampling
-    to 48 kHz runs in float32 whatever the vocoder's dtype.
+    (ADaMoSHiFiGAN.decode_windowed: same result, bounded memory, one window shape); the windows of
+    every item and channel are stacked and run `window_batch` at a time through `decode_window`,
+    which the gpu profile replaces by a CUDA-graph replay. The resampling to 48 kHz runs in float32
+    whatever the vocoder's dtype.
     """
 
-    def __init__(self, vocoder: ADaMoSHiFiGAN, window_frames: int | None = None) -> None:
+    def __init__(self, vocoder: ADaMoSHiFiGAN, window_frames: int | None = None,
+                 window_batch: int | None = None) -> None:
         super().__init__()
         self.vocoder = vocoder
         self.window_frames = window_frames
+        self.window_batch = window_batch
         self.decode_window = vocoder.decode
 
     def forward(self, mel: torch.Tensor):
         if self.window_frames is None:
             wave = self.vocoder.decode_channels(mel)
-        else:  # item by item, so every window has the one shape [channels, n_mels, window_frames]
-            wave = torch.cat([self.vocoder.decode_windowed(item, self.window_frames, self.decode_window)
-                              for item in mel]).reshape(*mel.shape[:2], -1)
+        else:
+            wave = self.vocoder.decode_windowed(mel.flatten(0, 1), self.window_frames, self.decode_window,
+                                                self.window_batch).reshape(*mel.shape[:2], -1)
         wave = wave.float()
         return (resample(wave, self.vocoder.config.sampling_rate, OUTPUT_SAMPLE_RATE),)
 

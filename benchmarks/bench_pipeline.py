@@ -1,7 +1,7 @@
-"""Speed of the in-process pipeline on full-size random weights (bf16, batch 1), per stage.
+"""Speed of the in-process pipeline on full-size random weights (bf16), per stage.
 
-    python -m benchmarks.bench_pipeline --out DIR [--configs 30:27,60:27,60:60,120:27,240:27,240:60]
-        [--runs 3] [--sections eager,decode,decoders,pipeline,numerics] [--budget-s 540]
+    python -m benchmarks.bench_pipeline --out DIR [--configs 60:27,60:60,240:27,240:60]
+        [--runs 3] [--sections pipeline,batching,equality,numerics] [--budget-s 540]
 
 Weights cannot be downloaded here, and speed does not depend on their values: every component is
 built from its published config.json (benchmarks/full_size_configs/) with seeded random init,
@@ -11,18 +11,24 @@ LyricTokenizer (vocabulary from --lyric-vocab). Sampling settings are the contra
 (euler, APG 15, interval 0.5, ERG tag/lyric/diffusion on), the official benchmark's settings.
 
 Sections (each one's numbers land in results.json as it finishes; a failing section is logged
-and the next one runs):
+and the next one runs; the command exits non-zero if a section failed or a bound was exceeded):
+  pipeline  the accelerated pipeline (acestep_triton.acceleration) for every --configs entry: the
+            first request of that length (cold start against the 1.5x bound), then the median of
+            --runs, stage times, RTF, peak memory, the FLOP floor of its decodes; load + warm-up time
+  batching  N seeds in one call (--batching-items, at --batching-config): per-stage medians,
+            aggregate RTF, FLOP floor, peak memory
+  equality  --equality-items seeds in one call against each seed alone: relative L2 of the
+            waveforms, bound 1e-2 (bf16)
+  numerics  bf16 (eager and accelerated) against float32 on the same random weights, inputs and
+            seed: relative L2 error of one decode, of the final latents and of the waveform
+Diagnostics, not in the default list:
   eager     our bf16 pipeline without the gpu speed-ups, 60 s / 27 steps: the starting point
   decode    one transformer decode at 60 s and 240 s with 1 and 2 rows: eager, compiled blocks,
             compiled blocks + CUDA graph; FLOPs counted from the config give TFLOP/s
   decoders  DCAE, and vocoder variants: NCL vs channels-last head, whole signal vs windows + graph
-  pipeline  the accelerated pipeline (acestep_triton.acceleration) for every --configs entry:
-            warm-up run, then the median of --runs, stage times, RTF, peak memory
-  numerics  bf16 (eager and accelerated) against float32 on the same random weights, inputs and
-            seed: relative L2 error of one decode, of the final latents and of the waveform
-Diagnostics, not in the default list:
-  profile   kernel tables of one compiled decode (60 s / 1 row, 240 s / 2 rows), the decode's
-            matrix-product shapes timed alone, the vocoder with cuDNN benchmark mode off
+  vocoder_batch  the vocoder with 2, 4, 8 windows per graph call, 1 and 8 items
+  profile   kernel tables (profile.txt) of a compiled decode (60 s with 1, 2, 16 rows; 240 s with 2),
+            of one vocoder window group and of a 60 s DCAE decode
   attention the cross-attention SDPA call with boolean, additive and no mask
 Prints a short table last; writes results.json and results.md into --out.
 """
@@ -56,6 +62,8 @@ from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
 from acestep_triton.pipeline import Text2MusicPipeline
+from acestep_triton.sampling.guidance import Guidance
+from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import latent_frames
 from acestep_triton.specs import NEURAL_COMPONENTS, component_spec
 
@@ -67,6 +75,12 @@ REQUEST_SEED = 1234
 # Relative L2 error of bf16 against float32 that one decode, the final latents and the waveform must
 # stay under (bf16 without the speed-ups measured 1.4e-2, 1.5e-2, 3.2e-3 on the H100).
 NUMERICS_BOUND = 2e-2
+# Relative L2 error an item decoded together with others may have against its solo run (bf16).
+BATCHED_VS_SOLO_BOUND = 1e-2
+# bf16 matrix-product ceiling of the H200 and H100 (benchmarks/NOTES.md): the FLOP floor's rate.
+PEAK_TFLOPS = 790.0
+# A first request of a new length may take this much longer than its steady state.
+COLD_START_BOUND = 1.5
 
 PROMPT = ("synthwave, retro, driving bass, gated drums, analog pads, arpeggiated synth, "
           "male vocal, 118 BPM, nocturnal, cinematic, energetic, wide stereo")
@@ -176,9 +190,17 @@ def accelerate_all(engines: dict[str, TorchEngine], settings: Acceleration) -> d
     return seconds
 
 
-def request(duration: float, steps: int) -> GenerationParams:
+def request(duration: float, steps: int, items: int = 1) -> GenerationParams:
     return GenerationParams(prompt=PROMPT, lyrics=LYRICS, audio_duration=duration, infer_step=steps,
-                            actual_seeds=(REQUEST_SEED,))
+                            actual_seeds=tuple(REQUEST_SEED + i for i in range(items)))
+
+
+def row_decodes(params: GenerationParams) -> int:
+    """Transformer rows decoded over a request: guidance branches per step x items."""
+    schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
+    guidance = Guidance(params, schedule.num_inference_steps)
+    per_item = sum(len(guidance.branches(i)) for i in range(len(schedule.timesteps)))
+    return per_item * len(params.actual_seeds)
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -243,8 +265,9 @@ def run_pipeline(pipe: Text2MusicPipeline, params: GenerationParams, device: tor
     median = {key: statistics.median(r[key] for r in records) for key in records[0]}
     staged = sum(v for k, v in median.items() if k != "total")
     median["outside_stages"] = median["total"] - staged
+    items = len(params.actual_seeds)
     return {"duration_s": result.duration, "steps": params.infer_step, "frames": latent_frames(result.duration),
-            "median": median, "rtf": result.duration / median["total"],
+            "items": items, "median": median, "rtf": items * result.duration / median["total"],
             "min_total_s": min(r["total"] for r in records), "max_total_s": max(r["total"] for r in records),
             "runs": runs, "samples": int(result.waveforms.shape[-1]), **memory_gib(device)}
 
@@ -262,6 +285,8 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.start = time.perf_counter()
         self.results: dict = {"env": environment(args), "sections": {}}
+        self.failures: list[str] = []
+        self.accelerated = False
         self.models: dict | None = None
         self.engines: dict | None = None
         self.pipe: Text2MusicPipeline | None = None
@@ -269,7 +294,9 @@ class Bench:
 
     def settings(self) -> Acceleration:
         """The gpu profile, with the vocoder window from the command line (0: whole decode)."""
-        return Acceleration(vocoder_window_frames=self.args.vocoder_window or None)
+        return Acceleration(vocoder_window_frames=self.args.vocoder_window or None,
+                            vocoder_window_batch=self.args.vocoder_window_batch,
+                            fused_linear_attention=self.args.fused_linear_attention)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -322,7 +349,7 @@ class Bench:
             "ENCODER_STATES": torch.randn(rows, tokens, config.inner_dim, generator=g),
             "ENCODER_MASK": torch.ones(rows, tokens),
             "TIMESTEP": torch.full((rows, 1), 640.0),
-            "Q_SCALE": torch.tensor([1.0, 0.01][:rows]).reshape(rows, 1),
+            "Q_SCALE": torch.tensor([1.0, 0.01]).repeat(rows)[:rows].reshape(rows, 1),
         }
 
     def decode(self) -> dict:
@@ -402,12 +429,23 @@ class Bench:
         return {"rows": results}
 
     # -- the accelerated pipeline
-    def pipeline(self) -> dict:
+    def ensure_accelerated(self) -> None:
         self.ensure_models()
-        settings = self.settings()
-        reset_memory(self.device)
-        accelerate_s = accelerate_all(self.engines, settings)
-        print(f"  accelerate + warm-up: {json.dumps({k: round(v, 1) for k, v in accelerate_s.items()})}", flush=True)
+        if not self.accelerated:
+            self.accelerated = True
+            reset_memory(self.device)
+            start = time.perf_counter()
+            seconds = accelerate_all(self.engines, self.settings())
+            total = self.results["env"]["build_s"] + time.perf_counter() - start
+            print(f"  load {self.results['env']['build_s']:.1f} s, accelerate + warm-up "
+                  f"{json.dumps({k: round(v, 1) for k, v in seconds.items()})}", flush=True)
+            # the first acceleration in the process is the cold start (later ones reuse compiled kernels)
+            self.results["env"].setdefault("accelerate_s", seconds)
+            self.results["env"].setdefault("load_and_warmup_s", total)
+
+    def pipeline(self) -> dict:
+        self.ensure_accelerated()
+        config = self.models["transformer"].config
         rows = []
         for entry in self.args.configs.split(","):
             seconds, steps = entry.split(":")
@@ -422,75 +460,133 @@ class Bench:
             first = time.perf_counter() - start
             row = run_pipeline(self.pipe, params, self.device, runs=self.args.runs, warmup=0)
             row["first_request_s"] = first
+            row["first_over_steady"] = first / row["median"]["total"]
+            row["floor_s"] = self.floor_s(config, params)
             rows.append(row)
             print_pipeline_row("accel", row)
-        return {"settings": settings.__dict__, "accelerate_s": accelerate_s, "rows": rows}
+            print(f"    first request {first:.3f} s = {row['first_over_steady']:.2f}x steady "
+                  f"({'within' if row['first_over_steady'] <= COLD_START_BOUND else 'OVER'} {COLD_START_BOUND}x); "
+                  f"decode FLOP floor {row['floor_s']:.3f} s", flush=True)
+        return {"settings": self.settings().__dict__, "rows": rows}
+
+    def floor_s(self, config, params: GenerationParams) -> float:
+        """Seconds the request's decodes take at the bf16 matrix-product ceiling (decoders excluded)."""
+        tokens = 1 + self.results["env"]["prompt_tokens"] + self.results["env"]["lyric_tokens"]
+        flops = decode_flops(config, row_decodes(params), latent_frames(params.audio_duration), tokens)
+        return flops / (PEAK_TFLOPS * 1e12)
+
+    # -- N items in one call
+    def batching(self) -> dict:
+        self.ensure_accelerated()
+        config = self.models["transformer"].config
+        seconds, steps = self.args.batching_config.split(":")
+        rows = []
+        for items in (int(n) for n in self.args.batching_items.split(",")):
+            if self.elapsed() > self.args.budget_s:
+                print(f"  skip N={items}: over budget", flush=True)
+                continue
+            params = request(float(seconds), int(steps), items)
+            row = run_pipeline(self.pipe, params, self.device, runs=self.args.batching_runs, warmup=1)
+            row["floor_s"] = self.floor_s(config, params)
+            rows.append(row)
+            print_pipeline_row(f"N={items:2d}", row)
+        return {"rows": rows}
+
+    # -- an item in a batch equals its solo run
+    def equality(self) -> dict:
+        self.ensure_accelerated()
+        seconds, steps = self.args.batching_config.split(":")
+        items = self.args.equality_items
+        together = self.pipe(request(float(seconds), int(steps), items)).waveforms
+        errors = []
+        for index in range(items):
+            solo_params = request(float(seconds), int(steps), 1)
+            solo_params = GenerationParams(**{**solo_params.__dict__, "actual_seeds": (REQUEST_SEED + index,)})
+            solo = self.pipe(solo_params).waveforms[0]
+            errors.append(relative_error(together[index], solo))
+        worst = max(errors)
+        verdict = "within" if worst < BATCHED_VS_SOLO_BOUND else "OVER"
+        print(f"  batched vs solo ({items} items, {seconds} s / {steps}): relative L2 "
+              + " ".join(f"{e:.2e}" for e in errors) + f" ({verdict} the {BATCHED_VS_SOLO_BOUND:g} bound)", flush=True)
+        if worst >= BATCHED_VS_SOLO_BOUND:
+            self.failures.append(f"batched vs solo: {worst:.2e} >= {BATCHED_VS_SOLO_BOUND:g}")
+        return {"items": items, "errors": errors, "bound": BATCHED_VS_SOLO_BOUND}
+
+    # -- vocoder window groups: how many windows per graph call
+    def vocoder_batch(self) -> dict:
+        self.ensure_accelerated()
+        module, engine = self.engines["vocoder"].module, self.engines["vocoder"]
+        config = self.models["transformer"].config
+        results = []
+        for window_batch in (2, 4, 8):
+            module.window_batch = window_batch
+            module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
+            for items, seconds in ((1, 60.0), (8, 60.0), (1, 240.0)):
+                latents = torch.randn(items, config.out_channels, config.max_height, latent_frames(seconds))
+                mel = {"MEL": self.engines["dcae_decoder"].run({"LATENTS": latents})["MEL"]}
+                sync(self.device)
+                start = time.perf_counter()
+                engine.run(mel)
+                sync(self.device)
+                first = time.perf_counter() - start
+                timing = time_call(lambda: engine.run(mel), self.device, runs=3, warmup=0)
+                row = {"window_batch": window_batch, "items": items, "audio_s": seconds,
+                       "ms": timing["median_s"] * 1e3, "first_call_s": first}
+                results.append(row)
+                print(f"  vocoder window batch {window_batch}: {items} x {seconds:.0f} s {row['ms']:.1f} ms "
+                      f"(first {first:.1f} s)", flush=True)
+        settings = self.settings()
+        module.window_batch = settings.vocoder_window_batch
+        module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
+        return {"rows": results}
 
     # -- where the time goes: profiler tables, matmul ceilings, cuDNN heuristics vs benchmark mode
     def profile(self) -> dict:
+        """Kernel tables (one file) of a compiled decode at 60 s with 1, 2 and 16 rows and at 240 s with
+        2 rows (conditions prepared, no graph), of one vocoder window group and of a 60 s DCAE decode."""
         from torch.profiler import ProfilerActivity, profile
 
-        from acestep_triton.acceleration import compile_blocks
-
-        self.ensure_models()
-        engines = self.engines
-        config = self.models["transformer"].config
+        self.ensure_accelerated()
+        transformer = self.models["transformer"]
         tokens = 1 + self.results["env"]["prompt_tokens"] + self.results["env"]["lyric_tokens"]
-        torch.backends.cuda.matmul.allow_tf32 = True
-        compile_blocks(engines["dit_step"].module.transformer)
-        summary: dict = {"tables": {}, "matmul": [], "vocoder": []}
-        for seconds, rows in ((60.0, 1), (240.0, 2)):
+        summary: dict = {"tables": {}}
+        calls: list[tuple[str, Callable[[], object]]] = []
+        for seconds, rows in ((60.0, 1), (60.0, 2), (60.0, 16), (240.0, 2)):
             batch = {k: v.to(self.device) for k, v in self.decode_inputs(rows, latent_frames(seconds), tokens).items()}
-            name = f"decode_{seconds:.0f}s_rows{rows}"
+            inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            keys_values, bias = transformer.prepare_cross_attention(inputs["ENCODER_STATES"], inputs["ENCODER_MASK"])
+
+            def decode(inputs=inputs, keys_values=keys_values, bias=bias):
+                with torch.inference_mode():
+                    transformer.decode_prepared(inputs["LATENTS"], inputs["ATTENTION_MASK"], keys_values, bias,
+                                                inputs["TIMESTEP"][:, 0], inputs["Q_SCALE"][:, 0])
+
+            calls.append((f"decode_{seconds:.0f}s_rows{rows}", decode))
+        vocoder = self.engines["vocoder"].module
+        window = torch.randn(vocoder.window_batch or 2, vocoder.vocoder.config.n_mels,
+                             vocoder.window_frames or 2048, device=self.device, dtype=self.dtype) - 5.0
+        calls.append(("vocoder_window_group", lambda: vocoder.vocoder.decode(window)))
+        config = transformer.config
+        latents = {"LATENTS": torch.randn(1, config.out_channels, config.max_height, latent_frames(60.0))}
+        calls.append(("dcae_60s", lambda: self.engines["dcae_decoder"].run(latents)))
+        text = []
+        for name, call in calls:
             for _ in range(3):
-                engines["dit_step"].run(batch)
+                call()
             sync(self.device)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engines["dit_step"].run(batch)
+                call()
                 sync(self.device)
             kernels = sorted(((e.key, e.self_device_time_total) for e in prof.key_averages()
                               if e.self_device_time_total > 0 and not e.key.startswith(("## ", "aten::"))),
                              key=lambda kv: -kv[1])
             total = sum(t for _, t in kernels)
             summary["tables"][name] = {"kernel_ms": total / 1e3, "top": [(k[:110], t / 1e3) for k, t in kernels[:25]]}
-            (self.out / f"profile_{name}.txt").write_text(
-                f"{total / 1e3:.2f} ms of kernels\n" + "\n".join(f"{t / 1e3:8.3f} ms  {k[:150]}" for k, t in kernels))
+            text.append(f"== {name}: {total / 1e3:.2f} ms of kernels\n"
+                        + "\n".join(f"{t / 1e3:8.3f} ms  {k[:150]}" for k, t in kernels[:60]))
             print(f"  {name}: {total / 1e3:.2f} ms of kernels; " + "; ".join(
-                f"{k[:50]} {t / 1e3:.2f}" for k, t in kernels[:6]), flush=True)
-        dim, ff = config.inner_dim, int(config.inner_dim * config.mlp_ratio)
-        for m in (latent_frames(60.0), 2 * latent_frames(240.0)):
-            for k, n in ((dim, dim), (dim, 2 * ff), (ff, dim), (dim, 3 * dim)):
-                a = torch.randn(m, k, device=self.device, dtype=self.dtype)
-                b = torch.randn(n, k, device=self.device, dtype=self.dtype)
-                timing = time_call(lambda: a @ b.T, self.device, runs=20, warmup=3)
-                row = {"m": m, "k": k, "n": n, "us": timing["median_s"] * 1e6,
-                       "tflops_per_s": 2 * m * k * n / timing["median_s"] / 1e12}
-                summary["matmul"].append(row)
-                print(f"  matmul {m}x{k}x{n}: {row['us']:.1f} us {row['tflops_per_s']:.0f} TFLOP/s", flush=True)
-        vocoder_engine, dcae_engine = engines["vocoder"], engines["dcae_decoder"]
-        module = vocoder_engine.module
-        module.vocoder.head.channels_last = True
-        torch.backends.cudnn.benchmark = False
-        for seconds in (60.0, 240.0, 100.0):
-            latents = torch.randn(1, config.out_channels, config.max_height, latent_frames(seconds))
-            mel = {"MEL": dcae_engine.run({"LATENTS": latents})["MEL"]}
-            for window in (None, 2048, 4096):
-                module.window_frames = window
-                module.decode_window = (module.vocoder.decode if window is None
-                                        else CudaGraphs(module.vocoder.decode, max_graphs=2))
-                sync(self.device)
-                first_start = time.perf_counter()
-                vocoder_engine.run(mel)
-                sync(self.device)
-                first = time.perf_counter() - first_start
-                timing = time_call(lambda: vocoder_engine.run(mel), self.device, runs=3, warmup=0)
-                row = {"audio_s": seconds, "window": window, "cudnn_benchmark": False, "first_call_s": first,
-                       "ms": timing["median_s"] * 1e3}
-                summary["vocoder"].append(row)
-                print(f"  vocoder channels-last benchmark off {seconds:.0f}s window {window}: {row['ms']:.1f} ms "
-                      f"(first {first * 1e3:.0f} ms)", flush=True)
-        module.window_frames, module.decode_window = None, module.vocoder.decode
-        module.vocoder.head.channels_last = False
+                f"{k[:40]} {t / 1e3:.2f}" for k, t in kernels[:5]), flush=True)
+        (self.out / "profile.txt").write_text("\n\n".join(text) + "\n")
         return summary
 
     # -- cross-attention kernels: which SDPA path the masks take
@@ -554,6 +650,8 @@ class Bench:
                                       LyricTokenizer.from_file(Path(self.args.lyric_vocab)), runs, self.device)
             wave = pipe(params).waveforms
             outputs[name] = {"velocity": velocity, "latents": captured["latents"], "waveform": wave}
+        self.models = self.engines = self.pipe = None  # a later section builds (and accelerates) its own
+        self.accelerated = False
         reference = outputs.pop("float32")
         report = {"duration_s": params.audio_duration, "steps": params.infer_step,
                   "decode_shape": list(decode_batch["LATENTS"].shape), "bound": NUMERICS_BOUND, "errors": {}}
@@ -561,6 +659,8 @@ class Bench:
             errors = {key: relative_error(out[key], reference[key]) for key in reference}
             report["errors"][name] = errors
             verdict = "within" if max(errors.values()) < NUMERICS_BOUND else "OVER"
+            if verdict == "OVER":
+                self.failures.append(f"numerics {name}: {max(errors.values()):.2e} >= {NUMERICS_BOUND:g}")
             print(f"  {name:>22} vs float32: " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items())
                   + f"  ({verdict} the {NUMERICS_BOUND:g} bound)", flush=True)
         return report
@@ -607,6 +707,7 @@ def markdown(results: dict) -> str:
         section = results["sections"].get(label, {})
         for row in [section] if label == "eager" and "median" in section else section.get("rows", []):
             rows.append(("eager" if label == "eager" else "gpu profile", row))
+    # (batching rows have their own table)
     if rows:
         lines += ["| pipeline | audio | steps | wall s | RTF | preprocess | text enc | cond enc | diffusion | DCAE | "
                   "vocoder | other | peak alloc / reserved GiB |", "|" + "---|" * 13]
@@ -617,6 +718,41 @@ def markdown(results: dict) -> str:
                 + " | ".join(f"{m[k] * 1e3:.1f} ms" for k in ("preprocess", "text_encoder", "condition_encoder",
                                                               "diffusion", "dcae_decoder", "vocoder", "outside_stages"))
                 + f" | {row.get('peak_allocated_gib', 0):.2f} / {row.get('peak_reserved_gib', 0):.2f} |")
+        lines.append("")
+    if "load_and_warmup_s" in env:
+        lines += [f"Cold start: models built {env['build_s']:.1f} s; accelerate + warm-up per component (s): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in env["accelerate_s"].items())
+                  + f"; load + warm-up {env['load_and_warmup_s']:.1f} s.", ""]
+        firsts = [r for r in results["sections"].get("pipeline", {}).get("rows", []) if "first_request_s" in r]
+        if firsts:
+            lines += ["| first request of a length | first s | steady s | ratio | FLOP floor of its decodes s |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['duration_s']:.0f} s / {r['steps']} | {r['first_request_s']:.3f} | "
+                      f"{r['median']['total']:.3f} | {r['first_over_steady']:.2f}x | {r['floor_s']:.3f} |"
+                      for r in firsts]
+            lines.append("")
+    batching = results["sections"].get("batching", {}).get("rows", [])
+    if batching:
+        lines += ["| items N | wall s | aggregate RTF | diffusion | DCAE | vocoder | text+cond enc | other | "
+                  "decode FLOP floor s | peak alloc / reserved GiB |", "|" + "---|" * 10]
+        for r in batching:
+            m = r["median"]
+            lines.append(f"| {r['items']} | {m['total']:.3f} | {r['rtf']:.1f}x | {m['diffusion'] * 1e3:.1f} ms | "
+                         f"{m['dcae_decoder'] * 1e3:.1f} ms | {m['vocoder'] * 1e3:.1f} ms | "
+                         f"{(m['text_encoder'] + m['condition_encoder']) * 1e3:.1f} ms | "
+                         f"{(m['preprocess'] + m['outside_stages']) * 1e3:.1f} ms | {r['floor_s']:.3f} | "
+                         f"{r.get('peak_allocated_gib', 0):.2f} / {r.get('peak_reserved_gib', 0):.2f} |")
+        lines.append("")
+    equality = results["sections"].get("equality", {})
+    if "errors" in equality:
+        lines += [f"Batched vs solo ({equality['items']} items): relative L2 of each item's waveform against its "
+                  f"solo run: " + ", ".join(f"{e:.2e}" for e in equality["errors"])
+                  + f" (bound {equality['bound']:g}).", ""]
+    vocoder_batch = results["sections"].get("vocoder_batch", {}).get("rows", [])
+    if vocoder_batch:
+        lines += ["| vocoder windows per call | items x audio | ms | first call s |", "|---|---|---|---|"]
+        lines += [f"| {r['window_batch']} | {r['items']} x {r['audio_s']:.0f} s | {r['ms']:.1f} | "
+                  f"{r['first_call_s']:.1f} |" for r in vocoder_batch]
         lines.append("")
     decode = results["sections"].get("decode", {}).get("rows", [])
     if decode:
@@ -644,9 +780,9 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    parser.add_argument("--configs", default="30:27,60:27,60:60,120:27,240:27,240:60",
+    parser.add_argument("--configs", default="60:27,60:60,240:27,240:60",
                         help="comma list of seconds:steps for the pipeline section")
-    parser.add_argument("--sections", default="eager,decode,decoders,pipeline,numerics")
+    parser.add_argument("--sections", default="pipeline,batching,equality,numerics")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per pipeline config (median)")
     parser.add_argument("--eager-runs", type=int, default=2)
     parser.add_argument("--eager-config", default="60:27", help="seconds:steps of the eager section")
@@ -654,6 +790,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoder-runs", type=int, default=3)
     parser.add_argument("--vocoder-window", type=int, default=Acceleration().vocoder_window_frames or 0,
                         help="vocoder window in mel frames for the gpu profile; 0 decodes whole")
+    parser.add_argument("--vocoder-window-batch", type=int, default=Acceleration().vocoder_window_batch,
+                        help="vocoder windows (all items and channels together) per graph call")
+    parser.add_argument("--fused-linear-attention", action="store_true",
+                        help="the gpu profile with the Triton linear-attention kernel (off by default)")
+    parser.add_argument("--batching-config", default="60:27", help="seconds:steps of the batching section")
+    parser.add_argument("--batching-items", default="1,2,4,8,16")
+    parser.add_argument("--batching-runs", type=int, default=2)
+    parser.add_argument("--equality-items", type=int, default=4)
     parser.add_argument("--numerics-duration", type=float, default=20.0)
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip sections started after this")
     parser.add_argument("--device", default="cuda")
@@ -670,6 +814,10 @@ def main(argv: list[str] | None = None) -> None:
     (bench.out / "results.md").write_text(markdown(bench.results))
     print(f"DONE in {bench.elapsed():.0f} s\n")
     print(markdown(bench.results))
+    errors = [f"{name}: {section['error']}" for name, section in bench.results["sections"].items()
+              if "error" in section]
+    if bench.failures or errors:
+        sys.exit("FAILED: " + "; ".join(bench.failures + errors))
 
 
 if __name__ == "__main__":

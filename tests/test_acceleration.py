@@ -50,7 +50,7 @@ def test_bucketed_decode_equals_plain_decode(transformer: ACEStepTransformer, ro
     settings = Acceleration(decode_graphs=False, frame_bucket=16, token_bucket=32, row_buckets=(1, 2, 4, 6))
     inputs = _decode_inputs(transformer, rows, frames=37, tokens=45)
     expected = transformer.decode(*inputs)
-    actual = BucketedDecode(transformer.decode, settings)(*inputs)
+    actual = BucketedDecode(transformer, settings)(*inputs)
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=1e-5 * max(1.0, expected.abs().max().item()))
 

@@ -8,6 +8,8 @@ ERG-diffusion weakens the guidance branch inside one batched call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,8 @@ def _scale_rows(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 class LinearSelfAttention(nn.Module):
     """Multi-head ReLU linear attention over frames, with RoPE on queries and keys.
 
-    out_t = sum_s v_s (k_s . q_t) / (sum_s k_s . q_t + eps), with q, k = ReLU(RoPE(.)), in float32.
+    out_t = sum_s v_s (k_s . q_t) / (sum_s k_s . q_t + eps), with q, k = ReLU(RoPE(.)); the
+    products accumulate in float32 and the ratio is float32 whatever the compute dtype.
     Masked frames are zeroed in q, k and v, so they neither contribute nor receive anything.
     """
 
@@ -72,6 +75,8 @@ class LinearSelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        # opt-in fused kernel (linear_attention_kernel.fused_linear_attention), set by the gpu profile
+        self.fused: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -81,8 +86,13 @@ class LinearSelfAttention(nn.Module):
         q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, T, C], frame_mask [B, T] (1 valid, 0 padded), rotary cos/sin
-        broadcastable to [B, H, T, D], q_scale [B] or None -> [B, T, C]."""
+        broadcastable to [B, H, T, D] (with `fused`: [1, 1, T, D]), q_scale [B] or None -> [B, T, C]."""
         dtype = hidden_states.dtype
+        if self.fused is not None:
+            out = self.fused(_scale_rows(_project(self.to_q, hidden_states), q_scale),
+                             _project(self.to_k, hidden_states), _project(self.to_v, hidden_states),
+                             frame_mask, rotary[0][0, 0], rotary[1][0, 0], self.heads)
+            return _project(self.to_out[0], out)
         query = _split_heads(_scale_rows(_project(self.to_q, hidden_states), q_scale), self.heads)
         key = _split_heads(_project(self.to_k, hidden_states), self.heads)
         value = _split_heads(_project(self.to_v, hidden_states), self.heads)
@@ -91,15 +101,21 @@ class LinearSelfAttention(nn.Module):
         key = apply_rotary(key, *rotary)
 
         mask = frame_mask[:, None, :, None].to(dtype)
-        query = F.relu(query * mask).float()
-        key = F.relu(key * mask).float()
-        value = (value * mask).float()
+        query = F.relu(query * mask)
+        key = F.relu(key * mask)
+        value = value * mask
 
-        # A row of ones appended to v^T makes one matmul give numerator and denominator.
+        # A row of ones appended to v^T makes one matmul give numerator and denominator. Both
+        # products read q, k, v in the compute dtype (bf16 on the GPU: no float32 copies of the
+        # whole q/k/v) and accumulate in float32 inside the GEMM; the ratio is taken in float32.
+        # Zero rows pad D+1 up to a multiple of 8, so the [T, D+1] product keeps 16-byte aligned rows.
+        head_dim = value.shape[-1]
         value_rows = F.pad(value.transpose(-1, -2), (0, 0, 0, 1), value=1.0)  # [B, H, D+1, T]
-        summed = (value_rows @ key) @ query.transpose(-1, -2)  # [B, H, D+1, T]
-        out = summed[:, :, :-1] / (summed[:, :, -1:] + LINEAR_ATTENTION_EPS)  # [B, H, D, T]
-        out = out.flatten(1, 2).transpose(1, 2).to(dtype)  # [B, T, H*D]
+        value_rows = F.pad(value_rows, (0, 0, 0, -(head_dim + 1) % 8))  # [B, H, D+1+pad, T]
+        summary = value_rows @ key  # [B, H, D+1+pad, D]
+        summed = (query @ summary.transpose(-1, -2)).float()  # [B, H, T, D+1+pad]
+        out = summed[..., :head_dim] / (summed[..., head_dim : head_dim + 1] + LINEAR_ATTENTION_EPS)  # [B, H, T, D]
+        out = out.transpose(1, 2).flatten(2).to(dtype)  # [B, T, H*D]
         return _project(self.to_out[0], out)
 
 
@@ -124,26 +140,34 @@ class CrossAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.to_add_out = nn.Linear(inner, dim)
 
+    def keys_values(
+        self, encoder_states: torch.Tensor, encoder_rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (with condition-position RoPE) and values of encoder_states [B, S, C]: two [B, H, S, D].
+
+        They depend only on the conditions, so a sampler can compute them once per request."""
+        key = _split_heads(_project(self.to_k, encoder_states), self.heads)
+        value = _split_heads(_project(self.to_v, encoder_states), self.heads)
+        return apply_rotary(key, *encoder_rotary), value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        encoder_states: torch.Tensor,
-        encoder_mask: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
-        encoder_rotary: tuple[torch.Tensor, torch.Tensor],
         q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states [B, T, C], encoder_states [B, S, C], encoder_mask [B, S] (1 valid),
-        rotary cos/sin broadcastable to [B, H, T, D], encoder_rotary to [B, H, S, D],
-        q_scale [B] or None -> [B, T, C]."""
+        """hidden_states [B, T, C], key and value [B, H, S, D] from `keys_values`, bias [B, S]
+        (0 for valid tokens, -inf for masked ones: an additive mask takes faster kernels than a
+        boolean one), rotary cos/sin broadcastable to [B, H, T, D], q_scale [B] or None -> [B, T, C]."""
         query = _split_heads(_scale_rows(_project(self.to_q, hidden_states), q_scale), self.heads)
-        key = _split_heads(_project(self.to_k, encoder_states), self.heads)
-        value = _split_heads(_project(self.to_v, encoder_states), self.heads)
-
         query = apply_rotary(query, *rotary)
-        key = apply_rotary(key, *encoder_rotary)
-
-        # masked tokens get -inf added to their scores (an additive mask takes faster kernels than a boolean one)
-        blocked = torch.zeros_like(encoder_mask, dtype=query.dtype).masked_fill(encoder_mask <= 0, float("-inf"))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=blocked[:, None, None, :])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[:, None, None, :].to(query.dtype))
         return _project(self.to_out[0], out.transpose(1, 2).flatten(2))
+
+
+def additive_mask(encoder_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """encoder_mask [B, S] (1 valid) -> [B, S] in `dtype`: 0 where valid, -inf where masked."""
+    return torch.zeros_like(encoder_mask, dtype=dtype).masked_fill(encoder_mask <= 0, float("-inf"))

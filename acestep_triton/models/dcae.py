@@ -10,13 +10,16 @@ on both sides with its own constants (the AutoencoderDC `scaling_factor` in the 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderDC
 
 from acestep_triton.audio import resample
-from acestep_triton.models.vocoder import ADaMoSHiFiGAN
+from acestep_triton.models.vocoder import ADaMoSHiFiGAN, overlapping_windows, run_grouped
 
 LATENT_SCALE = 0.1786
 LATENT_SHIFT = -1.9091
@@ -54,3 +57,75 @@ def audio_to_latents(
     mel = vocoder.log_mel(audio.flatten(0, 1)).unflatten(0, audio.shape[:2])
     mel_norm = ((mel - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5
     return (dcae.encoder(mel_norm) - LATENT_SHIFT) * LATENT_SCALE
+
+
+def decoder_context_frames(dcae: AutoencoderDC) -> int:
+    """Latent frames on each side that can change the output of the decoder's local part.
+
+    The decoder's deepest stage (EfficientViT blocks: ReLU linear attention over the whole latent
+    image) is global, so windows cannot cut through it; everything after it (per stage: an
+    upsampling block with one 3x3 conv, ResBlocks of two 3x3 convs each, then per-pixel norm and
+    a 3x3 conv out) only reaches 3x3 neighbourhoods, at 2, 4, 8... pixels per latent frame. Summed
+    and rounded up, plus one frame for the nearest-neighbour upsampling's alignment.
+    """
+    config = dcae.config
+    types, layers = config.decoder_block_types, config.decoder_layers_per_block
+    if any(kind != "ResBlock" for kind in types[:-1]):
+        raise ValueError(f"decoder_block_types: only the deepest stage may attend globally, got {list(types)}")
+    reach = 0.0
+    for stage, depth in enumerate(reversed(layers[:-1]), start=1):
+        reach += (1 + 2 * depth) / 2**stage
+    reach += 1 / 2 ** (len(layers) - 1)  # conv_out
+    return math.ceil(reach) + 1
+
+
+def decode_global_part(dcae: AutoencoderDC, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C_lat, H, T] -> the deepest stage's output [B, C_deep, H, T]: conv_in and the
+    globally attending EfficientViT blocks, which must see the whole signal."""
+    decoder = dcae.decoder
+    hidden = latents / LATENT_SCALE + LATENT_SHIFT
+    shortcut = hidden.repeat_interleave(decoder.in_shortcut_repeats, dim=1) if decoder.in_shortcut else 0
+    return decoder.up_blocks[-1](decoder.conv_in(hidden) + shortcut)
+
+
+def decode_local_part(dcae: AutoencoderDC, hidden: torch.Tensor) -> torch.Tensor:
+    """`decode_global_part`'s output (or a window of it along T) -> log-mel [B, in_channels, H*r, T*r]:
+    the upsampling stages, norm and conv out (local: see `decoder_context_frames`)."""
+    decoder = dcae.decoder
+    for up_block in reversed(decoder.up_blocks[:-1]):
+        hidden = up_block(hidden)
+    hidden = decoder.norm_out(hidden.movedim(1, -1)).movedim(-1, 1)
+    mel_norm = decoder.conv_out(decoder.conv_act(hidden))
+    return (mel_norm * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
+
+
+@torch.no_grad()
+def latents_to_mel_windowed(
+    dcae: AutoencoderDC,
+    latents: torch.Tensor,
+    window_frames: int,
+    decode_local: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    window_batch: int | None = None,
+) -> torch.Tensor:
+    """`latents_to_mel` with the decoder's memory-heavy local part run over windows of `window_frames`
+    latent frames: equal to the whole decode up to rounding, memory bounded by the window, one
+    window shape for any length.
+
+    The global part (conv_in + EfficientViT attention, at latent resolution: small) runs whole;
+    its output is cut into windows overlapping by `decoder_context_frames` on each side, the
+    windows of all items are stacked and run `window_batch` at a time through `decode_local`
+    (default: `decode_local_part`; the gpu profile passes a CUDA-graph replay of it), and their
+    centres are joined. Latents [B, C_lat, H, T] -> log-mel [B, in_channels, H*r, T*r].
+    """
+    run = decode_local if decode_local is not None else partial(decode_local_part, dcae)
+    hidden = decode_global_part(dcae, latents)
+    total = hidden.shape[-1]
+    if total <= window_frames:
+        return decode_local_part(dcae, hidden)
+    spans = overlapping_windows(total, window_frames, decoder_context_frames(dcae))
+    windows = torch.stack([hidden[..., start : start + window_frames] for start, _, _ in spans], dim=1)
+    mels = run_grouped(windows.flatten(0, 1), run, window_batch).unflatten(0, (hidden.shape[0], len(spans)))
+    ratio = dcae.spatial_compression_ratio
+    pieces = [mels[:, index, ..., (kept - start) * ratio : (keep_to - start) * ratio]
+              for index, (start, kept, keep_to) in enumerate(spans)]
+    return torch.cat(pieces, dim=-1)

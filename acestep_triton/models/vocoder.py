@@ -33,6 +33,38 @@ SLANEY_LOG_START_MEL = SLANEY_LOG_START_HZ / SLANEY_HZ_PER_MEL
 SLANEY_LOG_STEP = math.log(6.4) / 27.0
 
 
+def overlapping_windows(total: int, window: int, context: int) -> list[tuple[int, int, int]]:
+    """Windows of `window` frames over `total` frames (total > window), for decoders whose output at a
+    frame depends on at most `context` frames on either side: (start, keep_from, keep_to) per window,
+    window frames start..start+window, of which keep_from..keep_to are kept. Windows overlap by
+    `context` on each side of what they keep; the last one is aligned to the end."""
+    if window <= 2 * context:
+        raise ValueError(f"window: {window} frames must exceed twice the context ({context} frames)")
+    spans = []
+    kept = 0
+    while kept < total:
+        start = min(max(0, kept - context), total - window)
+        stop = start + window
+        keep_to = total if stop == total else stop - context
+        spans.append((start, kept, keep_to))
+        kept = keep_to
+    return spans
+
+
+def run_grouped(windows: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], group: int | None) -> torch.Tensor:
+    """run(windows) for windows [N, ...], `group` rows per call (default: all); a short last group is
+    filled up with copies of its first row, so every call has the one shape [group, ...]."""
+    group = group or windows.shape[0]
+    outputs = []
+    for first in range(0, windows.shape[0], group):
+        chunk = windows[first : first + group]
+        short = group - chunk.shape[0]
+        if short:
+            chunk = torch.cat([chunk, chunk[:1].expand(short, *chunk.shape[1:])])
+        outputs.append(run(chunk)[: group - short])
+    return torch.cat(outputs)
+
+
 def _same_padding(kernel_size: int, dilation: int = 1) -> int:
     return dilation * (kernel_size - 1) // 2
 
@@ -394,14 +426,22 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def decode_windowed(
-        self, mel: torch.Tensor, window_frames: int, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        mel: torch.Tensor,
+        window_frames: int,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        window_batch: int | None = None,
     ) -> torch.Tensor:
         """`decode(mel)` for log-mel [B, n_mels, F], computed over windows of `window_frames` frames.
 
         Windows overlap by `context_frames()` on each side and only their centres are kept, so every
         output sample sees the same inputs as in one whole decode: the result equals `decode` up to
-        rounding, with memory bounded by the window and one window shape for any F. `decode` runs one
-        window ([B, n_mels, window_frames] -> [B, 1, window_frames * hop_length]); default `self.decode`.
+        rounding, with memory bounded by the window and one window shape for any F. The windows of
+        all B rows are stacked and decoded `window_batch` at a time (default: all at once); a short
+        last group is filled up with copies of its first window, so every call has the one shape
+        [window_batch, n_mels, window_frames] (one CUDA graph, one cuDNN algorithm search). `decode`
+        runs one group ([G, n_mels, window_frames] -> [G, 1, window_frames * hop_length]); default
+        `self.decode`.
         """
         run = decode if decode is not None else self.decode
         context = self.context_frames()
@@ -411,15 +451,12 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
         total = mel.shape[-1]
         if total <= window_frames:
             return self.decode(mel)
-        pieces = []
-        kept = 0
-        while kept < total:
-            start = min(max(0, kept - context), total - window_frames)
-            stop = start + window_frames
-            keep_to = total if stop == total else stop - context
-            wave = run(mel[..., start:stop])
-            pieces.append(wave[..., (kept - start) * hop : (keep_to - start) * hop])
-            kept = keep_to
+        spans = overlapping_windows(total, window_frames, context)
+        windows = torch.stack([mel[..., start : start + window_frames] for start, _, _ in spans], dim=1)
+        waves = run_grouped(windows.flatten(0, 1), run, window_batch)  # rows: mel row-major, then window
+        waves = waves.unflatten(0, (mel.shape[0], len(spans)))  # [B, W, 1, window * hop]
+        pieces = [waves[:, index, :, (kept - start) * hop : (keep_to - start) * hop]
+                  for index, (start, kept, keep_to) in enumerate(spans)]
         return torch.cat(pieces, dim=-1)
 
     @torch.no_grad()
