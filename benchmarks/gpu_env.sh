@@ -17,7 +17,8 @@
 #                  as tar.xz: 8 MB instead of 18, for the 64 MiB a device call carries)
 #   .bench_assets/ tritonserver.tar.xz (server, python backend, 3.12 stub, tritonclient) and the
 #                  lyric vocabulary
-# Exports: ACESTEP_PY (the environment's python3), PATH (its bin first), PYTORCH_CUDA_ALLOC_CONF.
+# Exports: ACESTEP_PY (the environment's python3), ACESTEP_IMAGE_PY (the image's own python3, numpy 2),
+# PATH (the environment's bin first), PYTORCH_CUDA_ALLOC_CONF.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 env_dir=/tmp/acestep-env
@@ -46,6 +47,7 @@ if [ ! -x "$env_dir/bin/python3" ]; then
 fi
 
 export ACESTEP_PY="$env_dir/bin/python3"
+export ACESTEP_IMAGE_PY="$image_python"
 export PATH="$env_dir/bin:$PATH"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export PYTHONUNBUFFERED=1

@@ -6,7 +6,8 @@
 #
 # The official pipeline runs first, in the same call on the same GPU, when its code is present
 # (refs/ace/acestep, git-ignored, with ../shared/bench/official_pipeline_bench.py copied to refs/ and
-# its wheels in .whl_official/: ../shared/bench/README.md). ACESTEP_COMMIT names the commit measured
+# its wheels in .whl_official/: ../shared/bench/README.md). It runs under the image's own Python
+# (numpy 2: diffusers 0.33.1 imports the image's jax, built for numpy 2). ACESTEP_COMMIT names the commit measured
 # (the device machine gets no .git). Extra arguments after OUT_DIR go to our benchmark.
 set -euo pipefail
 part="$1"; out="$2"; shift 2
@@ -23,9 +24,9 @@ case "$part" in
 esac
 
 if [ -f refs/ace/acestep/pipeline_ace_step.py ] && [ -f refs/official_pipeline_bench.py ]; then
-  "$ACESTEP_PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/official-site .whl_official/*.whl
-  PYTHONPATH=/tmp/official-site HF_HUB_OFFLINE=1 ACESTEP_REF=refs/ace \
-    "$ACESTEP_PY" refs/official_pipeline_bench.py --configs "$official_configs" --warm 1 \
+  "$ACESTEP_IMAGE_PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/official-site .whl_official/*.whl
+  PATH="$(dirname "$ACESTEP_IMAGE_PY"):$PATH" PYTHONPATH=/tmp/official-site HF_HUB_OFFLINE=1 ACESTEP_REF=refs/ace \
+    "$ACESTEP_IMAGE_PY" refs/official_pipeline_bench.py --configs "$official_configs" --warm 1 \
     --out "$out/official" > "$out/official.log" 2>&1 || echo "official pipeline failed: see official.log"
   grep -E "^(RESULT|DONE)" "$out/official.log" | cut -c1-200 || true
 else

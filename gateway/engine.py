@@ -15,11 +15,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-import tritonclient.http.aio as httpclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
@@ -100,7 +100,18 @@ _UNAVAILABLE_GRPC = {
 _UNAVAILABLE_HTTP = {"404", "503"}
 
 
-TritonClient = grpcclient.InferenceServerClient | httpclient.InferenceServerClient
+def _http_client_module():
+    """tritonclient's HTTP client, imported only for an HTTP deployment: it pulls in gevent and
+    brotli, which a gRPC gateway (the default) should not need installed."""
+    import tritonclient.http.aio as httpclient
+
+    return httpclient
+
+
+if TYPE_CHECKING:
+    import tritonclient.http.aio as httpclient
+
+    TritonClient = grpcclient.InferenceServerClient | httpclient.InferenceServerClient
 
 
 class TritonEngine(GenerationEngine):
@@ -126,7 +137,7 @@ class TritonEngine(GenerationEngine):
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ]
             return grpcclient.InferenceServerClient(self.url, channel_args=options)
-        return httpclient.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
+        return _http_client_module().InferenceServerClient(self.url, conn_timeout=self.timeout_s)
 
     def _connected(self) -> tuple[TritonClient, float]:
         """The client for the running loop, and the seconds spent building it (0 when reused)."""
@@ -174,7 +185,7 @@ class TritonEngine(GenerationEngine):
         No outputs are named: Triton then returns every output the deployment has (binary over
         HTTP too), which lets a TensorRT deployment leave out the stage timings it cannot measure.
         """
-        module = grpcclient if self.protocol == "grpc" else httpclient
+        module = grpcclient if self.protocol == "grpc" else _http_client_module()
         binary = {} if self.protocol == "grpc" else {"binary_data": True}
         inputs = []
         for spec, array in zip(ENSEMBLE_INPUTS, input_arrays(params).values(), strict=True):
