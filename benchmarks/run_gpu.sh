@@ -18,7 +18,7 @@ commit="${ACESTEP_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 case "$part" in
-  served) official_configs="60:27:3" ;;
+  served) official_configs="60:27:3,240:27:2" ;;
   engine) official_configs="60:27:3,60:60:3,240:27:3,240:60:2" ;;
   *) echo "usage: run_gpu.sh served|engine OUT_DIR [benchmark arguments]" >&2; exit 2 ;;
 esac
