@@ -2,83 +2,91 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import os
 import time
+from collections.abc import AsyncIterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Security
+from fastapi import Depends, FastAPI, Header, Query, Request, Security
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, ParameterError
-from gateway.engine import GenerationEngine, GenerationResult, TritonEngine
-from gateway.errors import NotAuthorized, install_error_handlers
-from gateway.outputs import OutputStore, encode_wav
+from gateway.engine import GenerationEngine, TritonEngine
+from gateway.errors import JobConflict, NotAuthorized, install_error_handlers
+from gateway.formats import AUDIO_MEDIA_TYPES, MEDIA_TYPES
+from gateway.jobs import DISCONNECT_REASON, JobManager
+from gateway.jobstore import Job, JobState, SQLiteJobStore
+from gateway.outputs import OutputStore
+from gateway.retention import Retention
 from gateway.schema import (
     DOWNLOAD_HEADERS,
     GENERATE_HEADERS,
+    IDEMPOTENCY_HELP,
+    JOB_HEADERS,
     ErrorBody,
     GenerateRequest,
     HealthBody,
+    JobPage,
+    JobView,
     UnhealthyBody,
 )
 from gateway.settings import Settings
 
 API_VERSION = "1.0"
-MEDIA_TYPES = {".wav": "audio/wav", ".json": "application/json"}
+JOBS_DATABASE = ".jobs.sqlite3"  # hidden: /download never serves it, retention never removes it
+AUDIO_CONTENT = {t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_MEDIA_TYPES}
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
         400: "Invalid parameters; the detail names the field.",
         401: "Missing or wrong API key (only when the deployment sets one).",
-        404: "No such file in the outputs directory.",
+        404: "No such file in the outputs directory, or no such job.",
+        409: "The job has already finished (the detail gives its state), or /generate's job was cancelled.",
+        429: "Too many generations queued or running; Retry-After gives seconds from the measured rate.",
         500: "Generation failed.",
         503: "Triton is unreachable or not ready.",
+        504: "The request did not finish within the deployment's deadline (ACESTEP_JOB_DEADLINE_S).",
     }
     return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
 
 
-def check_deployment(request: GenerateRequest, settings: Settings) -> None:
-    """Refuse deploy-time choices this deployment does not serve (ParameterError naming the field)."""
-    asked, served = request.checkpoint_path, settings.checkpoint_path
-    if os.path.normpath(asked) != os.path.normpath(served) and os.path.realpath(asked) != os.path.realpath(served):
-        raise ParameterError("checkpoint_path", f"this deployment serves {served!r}, got {asked!r}")
-    for field, served_value in (
-        ("bf16", settings.bf16),
-        ("torch_compile", settings.torch_compile),
-        ("device_id", settings.device_id),
-    ):
-        value = getattr(request, field)
-        if value is not None and value != served_value:
-            raise ParameterError(field, f"this deployment serves {field}={json.dumps(served_value)}, got {json.dumps(value)}")
+def _server_timing(timings: dict[str, Any]) -> str:
+    metrics = {"init": timings["init"], "prep": timings["prep"], **timings["stages"]}
+    metrics |= {"queued": timings["queued"], "triton": timings["triton"], "write": timings["write"],
+                "total": timings["total"]}
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in metrics.items())
 
 
-def _timings(
-    result: GenerationResult, gateway_prep_s: float, triton_s: float, write_s: float, total_s: float
-) -> dict[str, Any]:
-    """Per-request seconds: the contract's four headers' values plus every stage."""
-    stages = result.stage_seconds
+def _generate_headers(job: Job, outputs: OutputStore) -> dict[str, str]:
+    """The contract's headers for a finished job (plus seeds, files, duration and the job id)."""
+    timings = job.timings
     return {
-        "total": total_s,
-        "init": result.connect_seconds,
-        "prep": gateway_prep_s + stages["preprocess"],
-        "generation_detailed": sum(seconds for stage, seconds in stages.items() if stage != "preprocess"),
-        "triton": triton_s,
-        "write": write_s,
-        "stages": dict(stages),
+        "X-Job-Id": job.id,
+        "X-Output-Path": str(outputs.root / job.files[0]),
+        "X-Generation-Time": f"{timings['total']:.6f}",
+        "X-Init-Time": f"{timings['init']:.6f}",
+        "X-Prep-Time": f"{timings['prep']:.6f}",
+        "X-Generation-Time-Detailed": f"{timings['generation_detailed']:.6f}",
+        "Server-Timing": _server_timing(timings),
+        "X-Actual-Seeds": ",".join(str(s) for s in job.seeds),
+        "X-Output-Files": ",".join(job.files),
+        "X-Audio-Duration": f"{timings['audio_duration']:.6f}",
     }
 
 
-def _server_timing(timings: dict[str, Any]) -> str:
-    metrics = {"init": timings["init"], "prep": timings["prep"], **timings["stages"]}
-    metrics |= {"triton": timings["triton"], "write": timings["write"], "total": timings["total"]}
-    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in metrics.items())
+async def _disconnected(http: Request) -> None:
+    """Returns once the client has gone (the request body is already read, so the next ASGI message is
+    the disconnect; uvicorn and the test client send it when the connection closes)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(settings: Settings | None = None, engine: GenerationEngine | None = None) -> FastAPI:
@@ -87,11 +95,19 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
     if engine is None:
         engine = TritonEngine(settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
     store = OutputStore(settings.outputs_dir)
+    job_store = SQLiteJobStore(store.root / JOBS_DATABASE)
+    jobs = JobManager(settings, engine, store, job_store)
+    retention = Retention(settings, store, jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await jobs.start()
+        sweeper = asyncio.get_running_loop().create_task(retention.run_forever(), name="retention")
         yield
+        sweeper.cancel()
+        await jobs.stop()
         await engine.aclose()
+        job_store.close()
 
     app = FastAPI(
         title="ACE-Step inference API",
@@ -100,9 +116,13 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         "Errors are always JSON {\"detail\": \"...\"}.",
         lifespan=lifespan,
     )
-    app.state.settings, app.state.engine, app.state.store = settings, engine, store
+    app.state.settings, app.state.engine, app.state.store, app.state.jobs = settings, engine, store, jobs
+    app.state.retention = retention
     install_error_handlers(app)
     auth = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
+
+    def view(job: Job) -> JobView:
+        return JobView.of(job, jobs.queue_position(job), jobs.eta_s(job))
 
     @app.post(
         "/generate",
@@ -111,50 +131,116 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         summary="Generate music from a prompt and lyrics",
         responses={
             200: {
-                "description": "The generated audio: 48 kHz stereo WAV, 32-bit float samples (the first item).",
-                "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "The generated audio, 48 kHz stereo, in the requested format (the first item); "
+                "default WAV with 32-bit float samples.",
+                "content": AUDIO_CONTENT,
                 "headers": GENERATE_HEADERS,
             },
-            **_errors(400, 401, 500, 503),
+            **_errors(400, 401, 409, 429, 500, 503, 504),
         },
     )
-    async def generate(request: GenerateRequest) -> Response:
-        start = time.perf_counter()
-        check_deployment(request, settings)
-        name = store.new_audio_name() if request.output_path is None else store.check_audio_name(request.output_path)
-        params = request.generation_params()
-        gateway_prep_s = time.perf_counter() - start
+    async def generate(request: GenerateRequest, http: Request) -> Response:
+        job, _ = jobs.submit(request)
+        finished = asyncio.ensure_future(jobs.wait(job.id))
+        gone = asyncio.ensure_future(_disconnected(http))
+        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not finished.done():
+            jobs.cancel(job.id, DISCONNECT_REASON)
+            await finished
+            raise JobConflict(f"job {job.id}: {DISCONNECT_REASON}")
+        job = finished.result()
+        if job.state is not JobState.SUCCEEDED:
+            return JSONResponse({"detail": job.error}, status_code=job.error_status, headers={"X-Job-Id": job.id})
+        body = await run_in_threadpool((store.root / job.files[0]).read_bytes)
+        media_type = MEDIA_TYPES[os.path.splitext(job.files[0])[1].lower()]
+        return Response(content=body, media_type=media_type, headers=_generate_headers(job, store))
 
-        triton_start = time.perf_counter()
-        result = await engine.generate(params)
-        triton_s = time.perf_counter() - triton_start
+    @app.post(
+        "/jobs",
+        status_code=202,
+        response_model=JobView,
+        dependencies=auth,
+        summary="Submit a generation (the /generate body); poll it, stream its events, cancel it",
+        responses={
+            202: {"description": "Queued (or the job an earlier request with the same Idempotency-Key made).",
+                  "headers": JOB_HEADERS},
+            **_errors(400, 401, 429),
+        },
+    )
+    async def submit_job(
+        request: GenerateRequest,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(max_length=200, description=IDEMPOTENCY_HELP)] = None,
+    ) -> JobView:
+        job, created = jobs.submit(request, idempotency_key)
+        response.headers["Location"] = f"/jobs/{job.id}"
+        response.headers["X-Job-Id"] = job.id
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return view(job)
 
-        write_start = time.perf_counter()
-        names = store.item_names(name, len(result.seeds))
-        wav_bytes = await run_in_threadpool(_write_audio, store, names, result)
-        write_s = time.perf_counter() - write_start
-        timings = _timings(result, gateway_prep_s, triton_s, write_s, time.perf_counter() - start)
+    @app.get(
+        "/jobs",
+        response_model=JobPage,
+        dependencies=auth,
+        summary="Recent jobs, newest first, a page at a time",
+        responses=_errors(400, 401),
+    )
+    async def list_jobs(
+        limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
+        before: Annotated[float | None, Query(description="The `next` cursor of the previous page.")] = None,
+    ) -> JobPage:
+        page = job_store.recent(limit, before)
+        cursor = page[-1].created_at if len(page) == limit else None
+        return JobPage(
+            jobs=[view(job) for job in page],
+            next=None if cursor is None else f"/jobs?limit={limit}&before={cursor!r}",
+        )
 
-        served = request.model_dump() | {
-            "bf16": settings.bf16,
-            "torch_compile": settings.torch_compile,
-            "device_id": settings.device_id,
-            "output_path": name,
-        }
-        paths = [str(store.root / n) for n in names]
-        await run_in_threadpool(_write_sidecars, store, names, paths, served, result, timings, settings)
-        headers = {
-            "X-Output-Path": paths[0],
-            "X-Generation-Time": f"{timings['total']:.6f}",
-            "X-Init-Time": f"{timings['init']:.6f}",
-            "X-Prep-Time": f"{timings['prep']:.6f}",
-            "X-Generation-Time-Detailed": f"{timings['generation_detailed']:.6f}",
-            "Server-Timing": _server_timing(timings),
-            "X-Actual-Seeds": ",".join(str(s) for s in result.seeds),
-            "X-Output-Files": ",".join(names),
-            "X-Audio-Duration": f"{result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE:.6f}",
-        }
-        return Response(content=wav_bytes, media_type="audio/wav", headers=headers)
+    @app.get(
+        "/jobs/{job_id}",
+        response_model=JobView,
+        dependencies=auth,
+        summary="A job's state, progress, queue position, ETA, timings, results or error",
+        responses=_errors(401, 404),
+    )
+    async def get_job(job_id: str) -> JobView:
+        return view(jobs.get(job_id))
+
+    @app.get(
+        "/jobs/{job_id}/events",
+        response_class=EventSourceResponse,
+        dependencies=auth,
+        summary="Server-sent events: the job after every change, ending with its final state",
+        responses={
+            200: {"description": "text/event-stream; each event's id is its number (send Last-Event-ID to "
+                  "resume), its type `progress` or the final state, its data the job as GET /jobs/{id}."},
+            **_errors(401, 404),
+        },
+    )
+    async def job_events(
+        job_id: str,
+        last_event_id: Annotated[int, Header(ge=0, description="Resume after this event number.")] = 0,
+    ) -> AsyncIterable[ServerSentEvent]:
+        jobs.get(job_id)  # 404 before the stream starts
+        async for event in jobs.events(job_id, last_event_id):
+            if event is None:
+                yield ServerSentEvent(comment="keep-alive")
+                continue
+            kind = str(event.job.state) if event.job.state.finished else "progress"
+            yield ServerSentEvent(data=view(event.job).model_dump(mode="json"), event=kind, id=str(event.seq))
+
+    @app.delete(
+        "/jobs/{job_id}",
+        response_model=JobView,
+        dependencies=auth,
+        summary="Cancel a queued or running job (its Triton request too); nothing is written for it",
+        responses=_errors(401, 404, 409),
+    )
+    async def cancel_job(job_id: str) -> JobView:
+        jobs.cancel(job_id)
+        return view(await jobs.wait(job_id))
 
     @app.get(
         "/download/{filename}",
@@ -163,9 +249,9 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         summary="Download a generated file from the outputs directory",
         responses={
             200: {
-                "description": "The file (audio/wav for audio, application/json for sidecars).",
+                "description": "The file: audio in its format's media type, application/json for sidecars.",
                 "content": {
-                    "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                    **AUDIO_CONTENT,
                     "application/json": {"schema": {"type": "object"}},
                 },
                 "headers": DOWNLOAD_HEADERS,
@@ -178,7 +264,9 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         path = store.lookup(filename)
         headers = {"X-Download-Time": f"{time.perf_counter() - start:.6f}", "X-File-Path": str(path)}
         media_type = MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
-        return FileResponse(path, media_type=media_type, headers=headers, filename=path.name)
+        retention.serving_started(path.name)
+        return FileResponse(path, media_type=media_type, headers=headers, filename=path.name,
+                            background=BackgroundTask(retention.serving_finished, path.name))
 
     @app.get(
         "/health",
@@ -199,45 +287,6 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
 
     app.openapi = lambda: _openapi(app)
     return app
-
-
-def _write_audio(store: OutputStore, names: list[str], result: GenerationResult) -> bytes:
-    """Write every item atomically; return the first item's WAV bytes (the response body)."""
-    first = b""
-    for index, name in enumerate(names):
-        data = encode_wav(result.waveforms[index], OUTPUT_SAMPLE_RATE)
-        store.write_bytes(name, data)
-        first = first or data
-    return first
-
-
-def _write_sidecars(
-    store: OutputStore,
-    names: list[str],
-    paths: list[str],
-    request: dict[str, Any],
-    result: GenerationResult,
-    timings: dict[str, Any],
-    settings: Settings,
-) -> None:
-    """One `<stem>_input_params.json` per item: the request as served, the seeds and the timings."""
-    for index, name in enumerate(names):
-        store.write_json(
-            store.sidecar_name(name),
-            {
-                "request": request,
-                "item": index,
-                "seed": result.seeds[index],
-                "actual_seeds": list(result.seeds),
-                "audio_path": paths[index],
-                "audio_paths": paths,
-                "audio_duration": result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE,
-                "target_duration": result.duration_s,
-                "sample_rate": OUTPUT_SAMPLE_RATE,
-                "timings": timings,
-                "triton": {"url": settings.triton_url, "protocol": settings.triton_protocol, "model": ENSEMBLE_NAME},
-            },
-        )
 
 
 def _api_key_check(api_key: str):

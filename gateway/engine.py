@@ -14,6 +14,7 @@ import abc
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,12 +56,28 @@ class GenerationResult:
     connect_seconds: float
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a generation is: the contract stage now running and, in `diffusion`, steps done of all."""
+
+    stage: str
+    step: int = 0
+    steps: int = 0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
 class GenerationEngine(abc.ABC):
-    """Turns validated parameters into audio; raises gateway.errors Engine* errors."""
+    """Turns validated parameters into audio; raises gateway.errors Engine* errors.
+
+    Cancelling the task that awaits `generate` must stop the generation (for Triton: cancel its RPC).
+    """
 
     @abc.abstractmethod
-    async def generate(self, params: GenerationParams) -> GenerationResult:
-        """Generate one item per seed (one item when no seed is given)."""
+    async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
+        """Generate one item per seed (one item when no seed is given), calling `progress` as stages and
+        steps complete where the engine can observe them."""
 
     @abc.abstractmethod
     async def ready(self) -> tuple[bool, str]:
@@ -194,7 +211,7 @@ class TritonEngine(GenerationEngine):
             inputs.append(tensor)
         return inputs
 
-    async def generate(self, params: GenerationParams) -> GenerationResult:
+    async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
         client, connect_seconds = self._connected()
         inputs = self._tensors(params)
         try:

@@ -40,13 +40,37 @@ class EngineFailed(Exception):
     """Triton (or the gateway around it) failed to produce audio; not the client's fault."""
 
 
+class JobNotFound(Exception):
+    """No job with that id (never submitted, or removed by retention)."""
+
+
+class JobConflict(Exception):
+    """The job's state does not allow the action (cancelling a finished job; /generate's job cancelled)."""
+
+
+class Busy(Exception):
+    """The bound on queued plus running generations is reached; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(Exception):
+    """The request did not finish within the deployment's deadline."""
+
+
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     ParameterError: 400,
     EngineRejected: 400,
     NotAuthorized: 401,
     OutputNotFound: 404,
+    JobNotFound: 404,
+    JobConflict: 409,
+    Busy: 429,
     EngineFailed: 500,
     EngineUnavailable: 503,
+    DeadlineExceeded: 504,
 }
 
 
@@ -67,7 +91,7 @@ async def _known_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 500:
         log.error("%s %s failed: %r", request.method, request.url.path, exc, exc_info=exc)
         return _error_response(status, INTERNAL_ERROR_DETAIL)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else getattr(exc, "headers", None)
     return _error_response(status, str(exc), headers)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -12,25 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
 
 from acestep_triton.contract import ParameterError
 from gateway.errors import OutputNotFound
+from gateway.formats import choose_encoding
 
 # One path segment of plain ASCII (names travel in HTTP headers), never hidden:
 # no separators, no '..', no temp files (which start with '.').
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
-AUDIO_SUFFIX = ".wav"
 SIDECAR_SUFFIX = "_input_params.json"
 
 
 def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
-    """A WAV file of 32-bit float samples; waveform [channels, samples]."""
-    if waveform.ndim != 2:
-        raise ValueError(f"waveform must be [channels, samples], got shape {waveform.shape}")
-    buffer = io.BytesIO()
-    soundfile.write(buffer, waveform.T.astype(np.float32), sample_rate, format="WAV", subtype="FLOAT")
-    return buffer.getvalue()
+    """A WAV file of 32-bit float samples (the contract's default format); waveform [channels, samples]."""
+    return choose_encoding("wav").encode(waveform, sample_rate)
 
 
 class OutputStore:
@@ -41,19 +35,20 @@ class OutputStore:
         self.root = root.resolve()
 
     @staticmethod
-    def new_audio_name() -> str:
-        return f"output_{uuid.uuid4().hex}{AUDIO_SUFFIX}"
+    def new_audio_name(suffix: str = ".wav") -> str:
+        return f"output_{uuid.uuid4().hex}{suffix}"
 
-    def check_audio_name(self, name: str, field: str = "output_path") -> str:
-        """`name` if it can be written as an audio file here, else ParameterError naming `field`."""
+    def check_audio_name(self, name: str, suffix: str = ".wav", field: str = "output_path") -> str:
+        """`name` if it can be written here as an audio file ending in `suffix` (the format's), else
+        ParameterError naming `field`."""
         if not _SAFE_NAME.fullmatch(name):
             raise ParameterError(
                 field,
                 "must be a plain file name inside the outputs directory "
                 "(letters, digits, '.', '_', '-'; no directories, no leading '.')",
             )
-        if not name.lower().endswith(AUDIO_SUFFIX):
-            raise ParameterError(field, f"must end with {AUDIO_SUFFIX}")
+        if not name.lower().endswith(suffix):
+            raise ParameterError(field, f"must end with {suffix}, the suffix of the requested format")
         target = self.root / name
         if target.is_dir() and not target.is_symlink():
             raise ParameterError(field, f"{name!r} is a directory in the outputs directory")
@@ -61,13 +56,13 @@ class OutputStore:
 
     @staticmethod
     def item_names(name: str, count: int) -> list[str]:
-        """Names for `count` items: `name` for the first, `<stem>_<i>.wav` for item i >= 1."""
-        stem = name[: -len(AUDIO_SUFFIX)]
-        return [name] + [f"{stem}_{i}{AUDIO_SUFFIX}" for i in range(1, count)]
+        """Names for `count` items: `name` for the first, `<stem>_<i><suffix>` for item i >= 1."""
+        stem, suffix = os.path.splitext(name)
+        return [name] + [f"{stem}_{i}{suffix}" for i in range(1, count)]
 
     @staticmethod
     def sidecar_name(audio_name: str) -> str:
-        return audio_name[: -len(AUDIO_SUFFIX)] + SIDECAR_SUFFIX
+        return os.path.splitext(audio_name)[0] + SIDECAR_SUFFIX
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         """Write `data` to `name` atomically: a temp file in the same directory, then os.replace."""

@@ -12,8 +12,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from acestep_triton.contract import CFG_TYPES, SCHEDULERS, STAGES, GenerationParams
+from gateway.formats import BITRATE_MODES, FORMAT_NAMES, Encoding, choose_encoding
 
 DEPLOY_FIELDS = ("checkpoint_path", "bf16", "torch_compile", "device_id")
+ENCODING_FIELDS = ("format", "bit_depth", "compression_level", "quality", "bitrate_mode")
 
 
 class GenerateRequest(BaseModel):
@@ -97,17 +99,107 @@ class GenerateRequest(BaseModel):
     )
     output_path: str | None = Field(
         default=None,
-        description="File name for the audio inside the outputs directory, ending in .wav "
-        "(letters, digits, '.', '_', '-'); auto-generated (output_<hex>.wav) when null. "
-        "An existing file of that name is replaced.",
+        description="File name for the audio inside the outputs directory, ending in the format's suffix "
+        "(.wav, .flac, .ogg, .opus, .mp3; letters, digits, '.', '_', '-'); auto-generated (output_<hex>.<suffix>) "
+        "when null. An existing file of that name is replaced.",
+    )
+    format: str = Field(
+        default="wav",
+        description="Audio file format: wav (default), flac, ogg (Vorbis), opus (Opus in Ogg) or mp3.",
+        json_schema_extra={"enum": list(FORMAT_NAMES)},
+    )
+    bit_depth: int | None = Field(
+        default=None,
+        description="wav: 16, 24 (PCM) or 32 (float, the default); flac: 16 or 24 (default). Other formats: omit.",
+    )
+    compression_level: int | None = Field(
+        default=None,
+        description="flac only: FLAC compression level 0 (fastest) to 8 (smallest); lossless either way. "
+        "Omitted: libsndfile's default.",
+    )
+    quality: float | None = Field(
+        default=None,
+        description="ogg, opus, mp3 only: 0 (smallest) to 1 (best); mp3 needs > 0. With mp3's constant "
+        "bitrate_mode it picks the bitrate (1.0: 320 kbit/s). Omitted: 0.5.",
+    )
+    bitrate_mode: str | None = Field(
+        default=None,
+        description="mp3 only: constant, average or variable (the default).",
+        json_schema_extra={"enum": list(BITRATE_MODES)},
     )
     guidance_scale_text: float = Field(default=0.0, description="Separate text guidance (0.0 = disabled).")
     guidance_scale_lyric: float = Field(default=0.0, description="Separate lyric guidance (0.0 = disabled).")
 
     def generation_params(self) -> GenerationParams:
         """The run-time parameters, validated by the contract (raises ParameterError)."""
-        fields = self.model_dump(exclude={*DEPLOY_FIELDS, "output_path"})
+        fields = self.model_dump(exclude={*DEPLOY_FIELDS, *ENCODING_FIELDS, "output_path"})
         return GenerationParams(**fields)
+
+    def encoding(self) -> Encoding:
+        """The output format and its options, checked (raises ParameterError naming the field)."""
+        return choose_encoding(**self.model_dump(include=set(ENCODING_FIELDS)))
+
+
+class JobLinks(BaseModel):
+    self: str = Field(description="GET: this job.")
+    events: str = Field(description="GET: its server-sent events.")
+    cancel: str = Field(description="DELETE: cancel it.")
+    downloads: list[str] = Field(description="GET: each written audio file, in item order (empty until it succeeded).")
+
+
+class JobView(BaseModel):
+    """A job as GET /jobs/{id} and every event of its stream show it."""
+
+    id: str
+    state: str = Field(description="queued, running, succeeded, failed or cancelled.")
+    stage: str = Field(
+        description="queued, generating (the engine reports no finer stage), " + ", ".join(STAGES)
+        + ", writing, or done."
+    )
+    step: int = Field(description="Diffusion steps done (of `steps`).")
+    steps: int = Field(description="Diffusion steps the request runs.")
+    progress: float = Field(description="0 to 1, never decreasing.")
+    queue_position: int = Field(description="1 for the next job to start; 0 when not queued.")
+    eta_s: float | None = Field(description="Seconds until it should finish, from measured rates; null before any.")
+    created_at: float = Field(description="Unix time of submission.")
+    started_at: float | None
+    finished_at: float | None
+    timings: dict[str, Any] = Field(description="Seconds, as the /generate headers and sidecar give them.")
+    files: list[str] = Field(description="Audio files written, in item order (each has a _input_params.json sidecar).")
+    seeds: list[int] = Field(description="The seed of each item.")
+    error: str | None = Field(description="Why it failed or was cancelled.")
+    links: JobLinks
+
+    @classmethod
+    def of(cls, job: Any, queue_position: int, eta_s: float | None) -> JobView:
+        return cls(
+            id=job.id,
+            state=str(job.state),
+            stage=job.stage,
+            step=job.step,
+            steps=job.steps,
+            progress=job.progress,
+            queue_position=queue_position,
+            eta_s=eta_s,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            timings=job.timings,
+            files=list(job.files),
+            seeds=list(job.seeds),
+            error=job.error,
+            links=JobLinks(
+                self=f"/jobs/{job.id}",
+                events=f"/jobs/{job.id}/events",
+                cancel=f"/jobs/{job.id}",
+                downloads=[f"/download/{name}" for name in job.files],
+            ),
+        )
+
+
+class JobPage(BaseModel):
+    jobs: list[JobView] = Field(description="Newest first.")
+    next: str | None = Field(description="The next page's URL; null on the last page.")
 
 
 class ErrorBody(BaseModel):
@@ -129,7 +221,7 @@ def _header(description: str, kind: str = "number") -> dict[str, Any]:
 
 
 GENERATE_HEADERS = {
-    "X-Output-Path": _header("Absolute path of the written WAV (the body's item).", "string"),
+    "X-Output-Path": _header("Absolute path of the written audio file (the body's item).", "string"),
     "X-Generation-Time": _header("Total seconds the gateway spent on the request, end to end."),
     "X-Init-Time": _header(
         "Seconds spent getting the pipeline ready for this request: building a Triton client "
@@ -156,11 +248,22 @@ GENERATE_HEADERS = {
         "each has a JSON sidecar <stem>_input_params.json with the request, seeds and timings.",
         "string",
     ),
+    "X-Job-Id": _header("The job this request ran as (GET /jobs/{id} and its events work for it too).", "string"),
     "X-Audio-Duration": _header(
         "Seconds of audio in the file (the requested duration, or the random one for -1, "
         "rounded to the model's latent frame)."
     ),
 }
+
+JOB_HEADERS = {
+    "Location": _header("The job's URL.", "string"),
+    "X-Job-Id": _header("The job's id.", "string"),
+    "Idempotent-Replayed": _header("true when an earlier request with this Idempotency-Key made the job.", "string"),
+}
+IDEMPOTENCY_HELP = (
+    "Any string up to 200 characters: a retry with the same key returns the job the first request made "
+    "(no second generation), for as long as the job is kept."
+)
 
 DOWNLOAD_HEADERS = {
     "X-Download-Time": _header("Seconds spent locating the file."),

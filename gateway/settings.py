@@ -40,6 +40,11 @@ class Settings:
     torch_compile: bool = False
     device_id: int = 0
     api_key: str | None = None
+    max_pending_jobs: int = 16
+    max_running_jobs: int = 4
+    job_deadline_s: float = 600.0
+    retention_s: float = 7 * 24 * 3600.0
+    retention_interval_s: float = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs_dir", Path(self.outputs_dir))
@@ -51,6 +56,11 @@ class Settings:
             raise SettingsError("checkpoint_path (ACESTEP_CHECKPOINT_PATH) is required")
         if self.triton_timeout_s <= 0:
             raise SettingsError("triton_timeout_s must be positive")
+        for name in ("max_pending_jobs", "max_running_jobs", "job_deadline_s", "retention_s", "retention_interval_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.max_running_jobs > self.max_pending_jobs:
+            raise SettingsError("max_running_jobs must not exceed max_pending_jobs")
 
     @property
     def precision(self) -> str:
@@ -77,6 +87,11 @@ class Settings:
             torch_compile=_flag(environ, "ACESTEP_TORCH_COMPILE", False),
             device_id=_number(environ, "ACESTEP_DEVICE_ID", 0, int),
             api_key=environ.get("ACESTEP_API_KEY") or None,
+            max_pending_jobs=_number(environ, "ACESTEP_MAX_PENDING_JOBS", 16, int),
+            max_running_jobs=_number(environ, "ACESTEP_MAX_RUNNING_JOBS", 4, int),
+            job_deadline_s=_number(environ, "ACESTEP_JOB_DEADLINE_S", 600.0, float),
+            retention_s=_number(environ, "ACESTEP_RETENTION_S", 7 * 24 * 3600.0, float),
+            retention_interval_s=_number(environ, "ACESTEP_RETENTION_INTERVAL_S", 600.0, float),
         )
 
 

@@ -1,0 +1,420 @@
+"""Jobs: every generation (POST /jobs and POST /generate alike) is a job run by one JobManager.
+
+The manager holds the bound on queued plus running generations (429 past it), runs at most
+`max_running_jobs` at a time against the engine (the rest wait here, in submission order, so their
+queue position and ETA are known and cancelling them costs Triton nothing), applies the deadline,
+cancels, writes the files, and records every change in the JobStore, whose numbered events feed
+GET /jobs/{id}/events.
+
+Cancellation: cancelling a job cancels the asyncio task awaiting the engine; with the gRPC engine
+that cancels the RPC and Triton sees the request cancelled. Files are written only after the
+engine's answer, as one shielded step; a cancel arriving during it removes what was written, so a
+cancelled job never leaves files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, ParameterError
+from gateway.engine import GenerationEngine, GenerationResult, Progress
+from gateway.errors import (
+    INTERNAL_ERROR_DETAIL,
+    Busy,
+    DeadlineExceeded,
+    JobConflict,
+    JobNotFound,
+    status_of,
+)
+from gateway.formats import Encoding
+from gateway.jobstore import Job, JobEvent, JobState, JobStore
+from gateway.outputs import OutputStore
+from gateway.schema import GenerateRequest
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway")
+
+# Where each stage starts on the 0-1 progress scale (diffusion spreads its steps up to dcae_decoder's
+# start); weights follow measured CPU stage times of short requests, the loop dominating.
+STAGE_START = {
+    "queued": 0.0,
+    "generating": 0.0,
+    "preprocess": 0.0,
+    "text_encoder": 0.02,
+    "condition_encoder": 0.04,
+    "diffusion": 0.06,
+    "dcae_decoder": 0.86,
+    "vocoder": 0.92,
+    "writing": 0.98,
+}
+RESTART_REASON = "the gateway restarted while this job was running"
+CANCEL_REASON = "cancelled by a client"
+DISCONNECT_REASON = "the /generate client disconnected"
+
+
+def progress_of(stage: str, step: int = 0, steps: int = 0) -> float:
+    """0-1 progress at a stage (and step of steps inside diffusion)."""
+    if stage == "diffusion" and steps:
+        return STAGE_START["diffusion"] + (STAGE_START["dcae_decoder"] - STAGE_START["diffusion"]) * step / steps
+    return STAGE_START[stage]
+
+
+class RateMeter:
+    """Measured speed: exponentially weighted seconds per diffusion step and per job outside the loop.
+
+    Jobs whose steps were not observed (an engine without progress) count wholly as steps, so the
+    estimate still scales with infer_step.
+    """
+
+    def __init__(self, smoothing: float = 0.3) -> None:
+        self.smoothing = smoothing
+        self.step_s: float | None = None
+        self.other_s = 0.0
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def record(self, steps: int, loop_s: float | None, total_s: float) -> None:
+        if loop_s is None:
+            self.step_s = self._mix(self.step_s, total_s / max(steps, 1))
+        else:
+            self.step_s = self._mix(self.step_s, loop_s / max(steps, 1))
+            self.other_s = self._mix(self.other_s, max(total_s - loop_s, 0.0))
+
+    def job_s(self, steps: int) -> float | None:
+        return None if self.step_s is None else self.step_s * steps + self.other_s
+
+
+@dataclass
+class _Live:
+    """What the manager keeps in memory for a pending job of this process."""
+
+    job: Job  # its latest state
+    task: asyncio.Task | None = None
+    loop_started: float | None = None  # monotonic time the first diffusion step was seen
+    cancel_reason: str | None = None
+
+
+class JobManager:
+    """Runs jobs for one gateway process (see the module docstring)."""
+
+    def __init__(self, settings: Settings, engine: GenerationEngine, outputs: OutputStore, store: JobStore) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.outputs = outputs
+        self.store = store
+        self.rate = RateMeter()
+        self._live: dict[str, _Live] = {}  # pending jobs of this process, in submission order
+        self._changed: dict[str, asyncio.Event] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._stopping = False
+        self.writing: set[str] = set()  # file names being written now (retention leaves them alone)
+
+    # ---- life cycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take over the store: jobs that were running are failed (their process is gone), queued ones
+        run again in their original order."""
+        self._slots = asyncio.Semaphore(self.settings.max_running_jobs)
+        for job in self.store.pending():
+            if job.state is JobState.RUNNING:
+                self._save(job.evolve(state=JobState.FAILED, finished_at=time.time(), error=RESTART_REASON,
+                                      error_status=500))
+            else:
+                self._schedule(job)
+
+    async def stop(self) -> None:
+        """Stop running jobs without recording an outcome: the next start() settles them."""
+        self._stopping = True
+        tasks = [live.task for live in self._live.values() if live.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- submit, look up, cancel ----------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Validate and queue a request; (job, created). The same idempotency key returns the same job.
+
+        Raises ParameterError (400) for a bad request and Busy (429) past the bound.
+        """
+        if idempotency_key is not None:
+            existing = self.store.find(idempotency_key)
+            if existing is not None:
+                return existing, False
+        check_start = time.perf_counter()
+        served = check_request(request, self.settings, self.outputs)
+        check_s = time.perf_counter() - check_start
+        if len(self._live) >= self.settings.max_pending_jobs:
+            raise Busy(
+                f"{len(self._live)} generations are queued or running (the limit is "
+                f"{self.settings.max_pending_jobs}); retry later",
+                self.retry_after_s(),
+            )
+        job = Job(
+            id=uuid.uuid4().hex,
+            state=JobState.QUEUED,
+            request=served,
+            output_name=served["output_path"],
+            created_at=time.time(),
+            idempotency_key=idempotency_key,
+            steps=request.infer_step if not request.oss_steps else len(request.oss_steps),
+            timings={"check": check_s},
+        )
+        job, created = self.store.create(job)
+        if created:
+            self._schedule(job)
+        return job, created
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"job_id: no job {job_id!r}")
+        return job
+
+    def cancel(self, job_id: str, reason: str = CANCEL_REASON) -> Job:
+        """Cancel a queued or running job (its Triton request too); JobConflict when it has finished."""
+        job = self.get(job_id)
+        live = self._live.get(job_id)
+        if job.state.finished or live is None or live.task is None:
+            raise JobConflict(f"job {job_id} has already finished: {job.state}")
+        live.cancel_reason = reason
+        live.task.cancel()
+        return job
+
+    async def wait(self, job_id: str) -> Job:
+        """The job once it has finished."""
+        while True:
+            changed = self._event(job_id)
+            job = self.get(job_id)
+            if job.state.finished:
+                return job
+            await changed.wait()
+
+    async def events(self, job_id: str, after: int = 0, keepalive_s: float = 15.0) -> AsyncIterator[JobEvent | None]:
+        """The job's events numbered above `after`, live, ending with its final state; None now and then
+        while nothing happens (for keep-alive comments)."""
+        self.get(job_id)
+        while True:
+            changed = self._event(job_id)
+            events = self.store.events_after(job_id, after)
+            for event in events:
+                yield event
+                after = event.seq
+                if event.job.state.finished:
+                    return
+            if not events:
+                if self.get(job_id).state.finished:
+                    return  # the final event was delivered before (Last-Event-ID at or past it)
+                try:
+                    await asyncio.wait_for(changed.wait(), keepalive_s)
+                except TimeoutError:
+                    yield None
+
+    # ---- views ----------------------------------------------------------------------------------------
+
+    def queue_position(self, job: Job) -> int:
+        """1 for the next job to start, 0 when it is not queued (here)."""
+        if job.state is not JobState.QUEUED:
+            return 0
+        queued = [jid for jid, live in self._live.items() if live.job.state is JobState.QUEUED]
+        return queued.index(job.id) + 1 if job.id in queued else 0
+
+    def eta_s(self, job: Job) -> float | None:
+        """Seconds until the job should finish, from the measured rates; None before any measurement."""
+        if job.state.finished:
+            return 0.0
+        expected = self.rate.job_s(job.steps)
+        if expected is None:
+            return None
+        if job.state is JobState.RUNNING:
+            live = self._live.get(job.id)
+            if live is not None and live.loop_started is not None and job.step > 0 and job.stage == "diffusion":
+                per_step = (time.monotonic() - live.loop_started) / job.step
+                return per_step * (job.steps - job.step) + self.rate.other_s
+            return max(expected - (time.time() - (job.started_at or time.time())), 0.0)
+        ahead = max(self.queue_position(job) - 1, 0)
+        running = [live.job for live in self._live.values() if live.job.state is JobState.RUNNING]
+        busy_s = sum(self.eta_s(j) or 0.0 for j in running)
+        return (busy_s + ahead * expected) / self.settings.max_running_jobs + expected
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until a pending slot should free up: the soonest pending job's ETA (1 before any
+        measurement)."""
+        known = [eta for live in self._live.values() if (eta := self.eta_s(live.job)) is not None]
+        return max(1, math.ceil(min(known))) if known else 1
+
+    # ---- running --------------------------------------------------------------------------------------
+
+    def _event(self, job_id: str) -> asyncio.Event:
+        """The event set at the job's next change (one per job, replaced after each change)."""
+        if job_id not in self._changed:
+            self._changed[job_id] = asyncio.Event()
+        return self._changed[job_id]
+
+    def _save(self, job: Job) -> Job:
+        self.store.save(job)
+        if job.id in self._live:
+            self._live[job.id].job = job
+        changed = self._changed.pop(job.id, None)
+        if changed is not None:
+            changed.set()
+        return job
+
+    def _schedule(self, job: Job) -> None:
+        live = _Live(job)
+        self._live[job.id] = live
+        live.task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
+
+    async def _run(self, job: Job) -> None:
+        live = self._live[job.id]
+        request = GenerateRequest.model_validate(job.request)
+        params, encoding = request.generation_params(), request.encoding()
+        start_wall, start = time.time(), time.perf_counter()
+        remaining = job.created_at + self.settings.job_deadline_s - start_wall
+        try:
+            async with asyncio.timeout(remaining):
+                async with self._slots:
+                    job = self._save(job.evolve(state=JobState.RUNNING, started_at=time.time(), stage="generating"))
+                    run_start = time.perf_counter()
+
+                    def on_progress(p: Progress) -> None:
+                        nonlocal job
+                        if p.stage == "diffusion" and live.loop_started is None:
+                            live.loop_started = time.monotonic()
+                        job = self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
+                                                    progress=progress_of(p.stage, p.step, p.steps)))
+
+                    result = await self.engine.generate(params, on_progress)
+                    triton_s = time.perf_counter() - run_start
+            job = self._save(job.evolve(stage="writing", progress=progress_of("writing")))
+            names = self.outputs.item_names(job.output_name, len(result.seeds))
+            self.writing.update(names)
+            write = asyncio.ensure_future(asyncio.to_thread(self._write, job, names, result, encoding,
+                                                            start_wall - job.created_at, triton_s, start))
+            try:
+                timings = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait([write])  # let the write finish, then take it back
+                self._remove(names)
+                raise
+            finally:
+                self.writing.difference_update(names)
+            loop_s = None if live.loop_started is None else result.stage_seconds.get("diffusion")
+            self.rate.record(job.steps, loop_s, triton_s)
+            self._save(job.evolve(state=JobState.SUCCEEDED, finished_at=time.time(), stage="done", progress=1.0,
+                                  step=job.steps, files=tuple(names), seeds=result.seeds, timings=timings))
+        except asyncio.CancelledError:
+            if self._stopping:
+                raise
+            self._save(job.evolve(state=JobState.CANCELLED, finished_at=time.time(),
+                                  error=live.cancel_reason or CANCEL_REASON, error_status=409))
+        except TimeoutError:
+            self._save(job.evolve(
+                state=JobState.FAILED, finished_at=time.time(), error_status=504,
+                error=f"deadline exceeded: the job did not finish within {self.settings.job_deadline_s:g} s "
+                "of its submission",
+            ))
+        except Exception as exc:
+            status = status_of(exc)
+            if status == 500:
+                log.error("job %s failed: %r", job.id, exc, exc_info=exc)
+            self._save(job.evolve(state=JobState.FAILED, finished_at=time.time(), error_status=status,
+                                  error=INTERNAL_ERROR_DETAIL if status == 500 else str(exc)))
+        finally:
+            self._live.pop(job.id, None)
+
+    def _write(self, job: Job, names: list[str], result: GenerationResult, encoding: Encoding, queued_s: float,
+               triton_s: float, start: float) -> dict[str, Any]:
+        """Write every item and its sidecar atomically (in a worker thread); the job's timings."""
+        write_start = time.perf_counter()
+        for index, name in enumerate(names):
+            self.outputs.write_bytes(name, encoding.encode(result.waveforms[index], OUTPUT_SAMPLE_RATE))
+        write_s = time.perf_counter() - write_start
+        timings = _timings(result, job.timings["check"], queued_s, triton_s, write_s,
+                           time.perf_counter() - start + queued_s)
+        paths = [str(self.outputs.root / n) for n in names]
+        for index, name in enumerate(names):
+            self.outputs.write_json(self.outputs.sidecar_name(name), {
+                "job_id": job.id,
+                "request": job.request,
+                "item": index,
+                "seed": result.seeds[index],
+                "actual_seeds": list(result.seeds),
+                "audio_path": paths[index],
+                "audio_paths": paths,
+                "audio_duration": result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE,
+                "target_duration": result.duration_s,
+                "sample_rate": OUTPUT_SAMPLE_RATE,
+                "format": encoding.record(),
+                "timings": timings,
+                "triton": {"url": self.settings.triton_url, "protocol": self.settings.triton_protocol,
+                           "model": ENSEMBLE_NAME},
+            })
+        timings["audio_duration"] = result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE
+        return timings
+
+    def _remove(self, names: list[str]) -> None:
+        for name in names:
+            for path in (self.outputs.root / name, self.outputs.root / self.outputs.sidecar_name(name)):
+                path.unlink(missing_ok=True)
+
+    def referenced_files(self) -> set[str]:
+        """File names that pending jobs of this store will write, and those being written now."""
+        names = set(self.writing)
+        for job in self.store.pending():
+            names.update(self.outputs.item_names(job.output_name, max(1, len(job.request["actual_seeds"]))))
+        return names
+
+
+def _timings(result: GenerationResult, check_s: float, queued_s: float, triton_s: float, write_s: float,
+             total_s: float) -> dict[str, Any]:
+    """Per-request seconds: the contract's four headers' values (prep: the gateway's checks plus Triton's
+    preprocess), every stage, the wait in the queue, the Triton round trip and the writing."""
+    stages = result.stage_seconds
+    return {
+        "total": total_s,
+        "init": result.connect_seconds,
+        "prep": check_s + stages["preprocess"],
+        "generation_detailed": sum(seconds for stage, seconds in stages.items() if stage != "preprocess"),
+        "queued": queued_s,
+        "triton": triton_s,
+        "write": write_s,
+        "stages": dict(stages),
+    }
+
+
+def check_request(request: GenerateRequest, settings: Settings, outputs: OutputStore) -> dict[str, Any]:
+    """Everything about a request that can be refused before it runs (ParameterError naming the field);
+    the request as it will be served: deploy fields resolved, output_path chosen."""
+    check_deployment(request, settings)
+    request.generation_params()
+    suffix = request.encoding().format.suffix
+    name = outputs.new_audio_name(suffix) if request.output_path is None else outputs.check_audio_name(
+        request.output_path, suffix)
+    return request.model_dump() | {"bf16": settings.bf16, "torch_compile": settings.torch_compile,
+                                   "device_id": settings.device_id, "output_path": name}
+
+
+def check_deployment(request: GenerateRequest, settings: Settings) -> None:
+    """Refuse deploy-time choices this deployment does not serve (ParameterError naming the field)."""
+    asked, served = request.checkpoint_path, settings.checkpoint_path
+    if os.path.normpath(asked) != os.path.normpath(served) and os.path.realpath(asked) != os.path.realpath(served):
+        raise ParameterError("checkpoint_path", f"this deployment serves {served!r}, got {asked!r}")
+    for field, served_value in (
+        ("bf16", settings.bf16),
+        ("torch_compile", settings.torch_compile),
+        ("device_id", settings.device_id),
+    ):
+        value = getattr(request, field)
+        if value is not None and value != served_value:
+            raise ParameterError(field, f"this deployment serves {field}={json.dumps(served_value)}, got {json.dumps(value)}")
