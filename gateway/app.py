@@ -122,7 +122,8 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
     auth = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
 
     def view(job: Job) -> JobView:
-        return JobView.of(job, jobs.queue_position(job), jobs.eta_s(job))
+        """The job now: queue position and ETA recomputed."""
+        return JobView.of(jobs.estimated(job))
 
     @app.post(
         "/generate",
@@ -229,7 +230,8 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
                 yield ServerSentEvent(comment="keep-alive")
                 continue
             kind = str(event.job.state) if event.job.state.finished else "progress"
-            yield ServerSentEvent(data=view(event.job).model_dump(mode="json"), event=kind, id=str(event.seq))
+            # the snapshot as it was: a resumed stream repeats exactly what the first one sent
+            yield ServerSentEvent(data=JobView.of(event.job).model_dump(mode="json"), event=kind, id=str(event.seq))
 
     @app.delete(
         "/jobs/{job_id}",

@@ -169,8 +169,9 @@ class JobManager:
             idempotency_key=idempotency_key,
             steps=request.infer_step if not request.oss_steps else len(request.oss_steps),
             timings={"check": check_s},
+            queue_position=sum(live.job.state is JobState.QUEUED for live in self._live.values()) + 1,
         )
-        job, created = self.store.create(job)
+        job, created = self.store.create(self.estimated(job))
         if created:
             self._schedule(job)
         return job, created
@@ -222,12 +223,16 @@ class JobManager:
 
     # ---- views ----------------------------------------------------------------------------------------
 
+    def estimated(self, job: Job) -> Job:
+        """The job with its queue position and ETA as of now."""
+        return job.evolve(queue_position=self.queue_position(job), eta_s=self.eta_s(job))
+
     def queue_position(self, job: Job) -> int:
         """1 for the next job to start, 0 when it is not queued (here)."""
         if job.state is not JobState.QUEUED:
             return 0
         queued = [jid for jid, live in self._live.items() if live.job.state is JobState.QUEUED]
-        return queued.index(job.id) + 1 if job.id in queued else 0
+        return queued.index(job.id) + 1 if job.id in queued else job.queue_position
 
     def eta_s(self, job: Job) -> float | None:
         """Seconds until the job should finish, from the measured rates; None before any measurement."""
@@ -262,13 +267,27 @@ class JobManager:
         return self._changed[job_id]
 
     def _save(self, job: Job) -> Job:
+        """Record a change (with the position and ETA it implies) and wake whoever waits on the job.
+        A job leaving the queue moves the ones behind it up: each gets an event with its new position."""
+        left_queue = job.id in self._live and self._live[job.id].job.state is JobState.QUEUED
+        left_queue = left_queue and job.state is not JobState.QUEUED
+        if job.id in self._live:
+            self._live[job.id].job = job
+        job = self.estimated(job)
         self.store.save(job)
         if job.id in self._live:
             self._live[job.id].job = job
-        changed = self._changed.pop(job.id, None)
+        self._wake(job.id)
+        if left_queue:
+            for live in list(self._live.values()):
+                if live.job.state is JobState.QUEUED and self.queue_position(live.job) != live.job.queue_position:
+                    self._save(live.job)
+        return job
+
+    def _wake(self, job_id: str) -> None:
+        changed = self._changed.pop(job_id, None)
         if changed is not None:
             changed.set()
-        return job
 
     def _schedule(self, job: Job) -> None:
         live = _Live(job)

@@ -49,7 +49,8 @@ class Job:
     request: the body as submitted (GenerateRequest.model_dump()); output_name: the first item's
     file name, fixed at submission; files: every file written (audio items and sidecars), set on
     success; timings: the /generate timings (seconds); error / error_status: why it failed and the
-    HTTP status /generate answers for it. Times are Unix seconds.
+    HTTP status /generate answers for it; queue_position and eta_s: as they were when this snapshot
+    was taken (GET /jobs/{id} recomputes them). Times are Unix seconds.
     """
 
     id: str
@@ -69,6 +70,8 @@ class Job:
     timings: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     error_status: int | None = None
+    queue_position: int = 0
+    eta_s: float | None = None
 
     def evolve(self, **changes: Any) -> Job:
         return replace(self, **changes)

@@ -171,7 +171,7 @@ class JobView(BaseModel):
     links: JobLinks
 
     @classmethod
-    def of(cls, job: Any, queue_position: int, eta_s: float | None) -> JobView:
+    def of(cls, job: Any) -> JobView:
         return cls(
             id=job.id,
             state=str(job.state),
@@ -179,8 +179,8 @@ class JobView(BaseModel):
             step=job.step,
             steps=job.steps,
             progress=job.progress,
-            queue_position=queue_position,
-            eta_s=eta_s,
+            queue_position=job.queue_position,
+            eta_s=job.eta_s,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

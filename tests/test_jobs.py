@@ -1,0 +1,261 @@
+"""Jobs against the real stack: submit, events, cancel, backpressure, deadline, restart, disconnect.
+
+Every test talks to the session's real tritonserver (conftest `acestep_triton_server`, the tiny
+checkpoint on CPU) through the real gateway. The module's gateway runs one generation at a time
+(max_running_jobs=1) with room for three (max_pending_jobs=3), so queue positions and the bound are
+exact. Whether the loop stopped is read from Triton's own metrics: the count of `dit_step` requests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+import uvicorn
+from fastapi.testclient import TestClient
+
+from gateway import Settings, create_app
+from gateway.jobs import DISCONNECT_REASON, RESTART_REASON
+
+FINAL = {"succeeded", "failed", "cancelled"}
+LONG_STEPS = 300  # a generation that runs for many seconds on the tiny checkpoint, cancelled by the tests
+
+
+def body_for(checkpoint: Path, **changes) -> dict:
+    """Example 1 of the contract on the tiny checkpoint, 5 s and 4 steps."""
+    return {
+        "checkpoint_path": str(checkpoint),
+        "audio_duration": 5.0,
+        "prompt": "pop, rock, electronic, upbeat, energetic",
+        "lyrics": "[verse]\nWalking through the city streets at night",
+        "infer_step": 4,
+        "guidance_scale": 15.0,
+        "scheduler_type": "euler",
+        "cfg_type": "apg",
+        "omega_scale": 10.0,
+        "actual_seeds": [1234567890],
+        "guidance_interval": 0.5,
+        "guidance_interval_decay": 0.0,
+        "min_guidance_scale": 3.0,
+        "use_erg_tag": True,
+        "use_erg_lyric": True,
+        "use_erg_diffusion": True,
+        "oss_steps": [],
+    } | changes
+
+
+def parse_sse(text: str) -> list[dict]:
+    """Events of a text/event-stream body: id, event, data (parsed JSON); comments dropped."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields: dict = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            key, _, value = line.partition(":")
+            fields[key] = value.removeprefix(" ")
+        if "data" in fields:
+            fields["data"] = json.loads(fields["data"])
+            events.append(fields)
+    return events
+
+
+def dit_steps_done(server) -> int:
+    """Triton's count of finished dit_step requests (each is one loop step of one generation)."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as answer:
+        text = answer.read().decode()
+    found = re.search(r'^nv_inference_request_success\{model="dit_step",version="1"\} (\d+)', text, re.M)
+    assert found, "no dit_step metrics"
+    return int(found.group(1))
+
+
+def wait_for(predicate, timeout_s: float = 120.0, every_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every_s)
+
+
+def settings_for(server, checkpoint: Path, outputs: Path, **overrides) -> Settings:
+    values = dict(
+        checkpoint_path=str(checkpoint),
+        triton_url=server.grpc_url,
+        outputs_dir=outputs,
+        max_running_jobs=1,
+        max_pending_jobs=3,
+    )
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def gateway(acestep_triton_server, tiny_checkpoint, tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("jobs-outputs")
+    with TestClient(create_app(settings_for(acestep_triton_server, tiny_checkpoint, outputs))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def finished_job(gateway, tiny_checkpoint):
+    """One job run to the end, with its whole event stream."""
+    submitted = gateway.post("/jobs", json=body_for(tiny_checkpoint, output_path="job.wav"))
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    stream = gateway.get(job["links"]["events"])
+    assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+    return job, parse_sse(stream.text)
+
+
+def test_events_are_numbered_monotone_and_end_with_the_final_state(finished_job):
+    job, events = finished_job
+    assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))
+    states = [e["data"]["state"] for e in events]
+    assert states[0] == "queued" and states[-1] == "succeeded" and "running" in states
+    assert [e["event"] for e in events[:-1]] == ["progress"] * (len(events) - 1) and events[-1]["event"] == "succeeded"
+    progress = [e["data"]["progress"] for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    steps = [e["data"]["step"] for e in events]
+    assert steps == sorted(steps) and steps[-1] == 4
+    last = events[-1]["data"]
+    assert last["id"] == job["id"] and last["files"] == ["job.wav"] and last["links"]["downloads"] == ["/download/job.wav"]
+    assert last["seeds"] == [1234567890] and last["eta_s"] == 0.0 and last["timings"]["total"] > 0
+
+
+def test_events_resume_after_last_event_id_without_duplicates(gateway, finished_job):
+    job, events = finished_job
+    resumed = parse_sse(gateway.get(job["links"]["events"], headers={"Last-Event-ID": "2"}).text)
+    assert resumed == events[2:]
+    assert parse_sse(gateway.get(job["links"]["events"], headers={"Last-Event-ID": events[-1]["id"]}).text) == []
+
+
+def test_job_result_equals_generate_for_the_same_request(gateway, finished_job, tiny_checkpoint):
+    job, _ = finished_job
+    status = gateway.get(f"/jobs/{job['id']}").json()
+    assert status["state"] == "succeeded" and status["queue_position"] == 0
+    from_job = gateway.get(status["links"]["downloads"][0])
+    generated = gateway.post("/generate", json=body_for(tiny_checkpoint, output_path="sync.wav"))
+    assert generated.status_code == 200, generated.text
+    assert gateway.get(f"/jobs/{generated.headers['X-Job-Id']}").json()["state"] == "succeeded"
+    decoded = [soundfile.read(io.BytesIO(r.content), dtype="float32")[0] for r in (from_job, generated)]
+    assert np.array_equal(decoded[0], decoded[1])
+    sidecar = gateway.get("/download/job_input_params.json").json()
+    assert sidecar["job_id"] == job["id"] and sidecar["format"]["format"] == "wav"
+
+
+def test_idempotency_key_returns_the_same_job(gateway, tiny_checkpoint):
+    headers = {"Idempotency-Key": "retry-me-1"}
+    first = gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=2), headers=headers)
+    again = gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=2), headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers and first.headers["Location"] == f"/jobs/{first.json()['id']}"
+    parse_sse(gateway.get(first.json()["links"]["events"]).text)  # let it finish before the next test
+
+
+def test_unknown_job_is_404_and_cancelling_a_finished_job_is_409(gateway, finished_job):
+    job, _ = finished_job
+    for method, url in (("GET", "/jobs/nope"), ("GET", "/jobs/nope/events"), ("DELETE", "/jobs/nope")):
+        response = gateway.request(method, url)
+        assert response.status_code == 404 and response.json()["detail"].startswith("job_id"), (method, url)
+    conflict = gateway.delete(f"/jobs/{job['id']}")
+    assert conflict.status_code == 409 and "succeeded" in conflict.json()["detail"]
+
+
+def test_jobs_list_is_newest_first_and_paginated(gateway, finished_job):
+    first = gateway.get("/jobs", params={"limit": 1}).json()
+    assert len(first["jobs"]) == 1 and first["next"]
+    second = gateway.get(first["next"]).json()
+    assert second["jobs"][0]["created_at"] < first["jobs"][0]["created_at"]
+    every = gateway.get("/jobs", params={"limit": 100}).json()
+    assert finished_job[0]["id"] in [j["id"] for j in every["jobs"]] and every["next"] is None
+    assert gateway.get("/jobs", params={"limit": 0}).status_code == 400
+
+
+def test_cancel_mid_loop_stops_within_a_step_and_writes_nothing(gateway, acestep_triton_server, tiny_checkpoint):
+    before = dit_steps_done(acestep_triton_server)
+    job = gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS, output_path="never.wav")).json()
+    first = wait_for(lambda: (n := dit_steps_done(acestep_triton_server)) >= before + 2 and n)
+    started = time.monotonic()
+    at_cancel = wait_for(lambda: (n := dit_steps_done(acestep_triton_server)) >= first + 3 and n)
+    step_s = (time.monotonic() - started) / (at_cancel - first)
+    cancelled = gateway.delete(f"/jobs/{job['id']}")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    # a step in flight may finish; then nothing more, however long we look
+    time.sleep(max(10 * step_s, 2.0))
+    assert dit_steps_done(acestep_triton_server) <= at_cancel + 1
+    assert not (Path(gateway.app.state.store.root) / "never.wav").exists()
+    assert not (Path(gateway.app.state.store.root) / "never_input_params.json").exists()
+    events = parse_sse(gateway.get(job["links"]["events"]).text)
+    assert events[-1]["event"] == "cancelled" and events[-1]["data"]["error"]
+
+
+def test_past_the_bound_jobs_and_generate_answer_429_with_retry_after(gateway, tiny_checkpoint):
+    long = body_for(tiny_checkpoint, infer_step=LONG_STEPS)
+    ids = [gateway.post("/jobs", json=long).json()["id"] for _ in range(3)]
+    try:
+        assert [gateway.get(f"/jobs/{i}").json()["queue_position"] for i in ids[1:]] == [1, 2]
+        for refused in (gateway.post("/jobs", json=long), gateway.post("/generate", json=long)):
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["Retry-After"]) >= 1 and "limit" in refused.json()["detail"]
+    finally:
+        for job_id in reversed(ids):
+            assert gateway.delete(f"/jobs/{job_id}").json()["state"] == "cancelled"
+    assert gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=1)).status_code == 202
+
+
+def test_past_the_deadline_generate_answers_504_and_the_job_fails(acestep_triton_server, tiny_checkpoint, tmp_path):
+    settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path, job_deadline_s=1.5)
+    with TestClient(create_app(settings)) as client:
+        started = time.monotonic()
+        response = client.post("/generate", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS))
+        assert response.status_code == 504 and "deadline" in response.json()["detail"]
+        assert time.monotonic() - started < 10
+        job = client.get(f"/jobs/{response.headers['X-Job-Id']}").json()
+        assert job["state"] == "failed" and "deadline" in job["error"]
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+
+
+def test_restart_runs_the_queued_job_and_fails_the_running_one(acestep_triton_server, tiny_checkpoint, tmp_path):
+    settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path)
+    with TestClient(create_app(settings)) as before:
+        running = before.post("/jobs", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS)).json()
+        queued = before.post("/jobs", json=body_for(tiny_checkpoint, output_path="after.wav")).json()
+        wait_for(lambda: before.get(f"/jobs/{running['id']}").json()["state"] == "running")
+        assert before.get(f"/jobs/{queued['id']}").json()["state"] == "queued"
+    with TestClient(create_app(settings)) as after:
+        failed = after.get(f"/jobs/{running['id']}").json()
+        assert failed["state"] == "failed" and failed["error"] == RESTART_REASON
+        events = parse_sse(after.get(queued["links"]["events"]).text)
+        assert events[-1]["event"] == "succeeded" and events[-1]["data"]["files"] == ["after.wav"]
+        assert after.get("/download/after.wav").status_code == 200
+
+
+def test_a_client_leaving_generate_cancels_its_generation(acestep_triton_server, tiny_checkpoint, tmp_path):
+    settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started and server.servers)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/generate", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS), timeout=3.0)
+        job = httpx.get(f"{base}/jobs", params={"limit": 1}).json()["jobs"][0]
+        job = wait_for(lambda: (j := httpx.get(f"{base}/jobs/{job['id']}").json())["state"] in FINAL and j)
+        assert job["state"] == "cancelled" and job["error"] == DISCONNECT_REASON
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
