@@ -179,3 +179,14 @@ ENSEMBLE_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
     TensorSpec("DURATION", "TYPE_FP32", (1,)),
 ) + tuple(TensorSpec(stage_time_name(s), "TYPE_FP32", (-1, 1)) for s in STAGES)
+
+# `acestep_stream`: the same stages as the ensemble in one decoupled model, for clients that want
+# progress and cancellation (gRPC streaming). Every response but the last carries PROGRESS_OUTPUTS:
+# STAGE (the stage starting, or "diffusion" after each step), STEP (steps done) and STEPS (all
+# steps); the last carries the ensemble's outputs.
+STREAM_MODEL_NAME = "acestep_stream"
+PROGRESS_OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("STAGE", "TYPE_STRING", (1,)),
+    TensorSpec("STEP", "TYPE_INT32", (1,)),
+    TensorSpec("STEPS", "TYPE_INT32", (1,)),
+)

@@ -15,6 +15,7 @@ Profiles (where each component runs; the ensemble wiring is the same for all):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ from acestep_triton.contract import (
     ENSEMBLE_NAME,
     ENSEMBLE_OUTPUTS,
     MAX_DURATION_S,
+    PROGRESS_OUTPUTS,
+    STREAM_MODEL_NAME,
     TensorSpec,
     stage_time_name,
 )
@@ -278,6 +281,31 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
     )
 
 
+def stream_model(models: dict[str, ModelSpec], profile: Profile) -> ModelSpec:
+    """`acestep_stream`: the ensemble's stages in one decoupled python model that reports progress.
+
+    It calls preprocess, text_encoder, condition_encoder, dcae_decoder and vocoder by BLS (their
+    tensor names, read from their specs, go in the STAGES parameter) and runs the sampling loop
+    itself with the `diffusion` model's code, so it takes the diffusion model's parameters and
+    instances (one stream runs one loop at a time).
+    """
+    ensemble = models[ENSEMBLE_NAME]
+    stages = [
+        {"model": step.model_name, "inputs": list(step.input_map), "outputs": list(step.output_map)}
+        for step in ensemble.ensemble_steps
+    ]
+    loop = models["diffusion"]
+    return ModelSpec(
+        name=STREAM_MODEL_NAME,
+        backend="python",
+        inputs=ensemble.inputs,
+        outputs=(*ensemble.outputs, *PROGRESS_OUTPUTS),
+        instance_group=InstanceGroup("KIND_CPU", profile.diffusion_instances),
+        parameters={**loop.parameters, "STAGES": json.dumps(stages), "LOOP_STAGE": "diffusion"},
+        decoupled=True,
+    )
+
+
 def build_repository(
     profile: str,
     checkpoint: str | os.PathLike,
@@ -313,6 +341,7 @@ def build_repository(
         else:
             models[name] = component_model(spec, ckpt, chosen, onnx_path)
     models[ENSEMBLE_NAME] = ensemble_model(models)
+    models[STREAM_MODEL_NAME] = stream_model(models, chosen)
     for name, spec in models.items():
         source = MODEL_SOURCES / name / "1" / "model.py"
         model_dir = write_model(spec, out, source if spec.backend == "python" else None)

@@ -74,6 +74,7 @@ class ModelSpec:
     instance_group: InstanceGroup | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)
     ensemble_steps: tuple[EnsembleStep, ...] = ()
+    decoupled: bool = False  # any number of responses per request (model_transaction_policy)
 
     def __post_init__(self) -> None:
         if bool(self.backend) == bool(self.platform):
@@ -131,6 +132,8 @@ def to_config_dict(spec: ModelSpec) -> dict[str, Any]:
         if spec.instance_group.profiles:
             group["profile"] = list(spec.instance_group.profiles)
         config["instance_group"] = [group]
+    if spec.decoupled:
+        config["model_transaction_policy"] = {"decoupled": True}
     if spec.parameters:
         config["parameters"] = {k: {"string_value": str(v)} for k, v in spec.parameters.items()}
     if spec.ensemble_steps:

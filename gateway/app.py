@@ -121,6 +121,10 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
     install_error_handlers(app)
     auth = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
 
+    def known_job(job_id: str) -> Job:
+        """The job, or 404 before a streaming answer starts (a stream cannot change its status later)."""
+        return jobs.get(job_id)
+
     def view(job: Job) -> JobView:
         """The job now: queue position and ETA recomputed."""
         return JobView.of(jobs.estimated(job))
@@ -221,11 +225,10 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         },
     )
     async def job_events(
-        job_id: str,
         last_event_id: Annotated[int, Header(ge=0, description="Resume after this event number.")] = 0,
+        job: Job = Depends(known_job),  # a local dependency: not inside Annotated, which resolves globally
     ) -> AsyncIterable[ServerSentEvent]:
-        jobs.get(job_id)  # 404 before the stream starts
-        async for event in jobs.events(job_id, last_event_id):
+        async for event in jobs.events(job.id, last_event_id):
             if event is None:
                 yield ServerSentEvent(comment="keep-alive")
                 continue

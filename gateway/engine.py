@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
@@ -28,6 +29,7 @@ from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
     ENSEMBLE_NAME,
     STAGES,
+    STREAM_MODEL_NAME,
     GenerationParams,
     TensorSpec,
     stage_time_name,
@@ -143,6 +145,8 @@ class TritonEngine(GenerationEngine):
         self.probe_timeout_s = probe_timeout_s
         self._client: TritonClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # the models a request may use: the stream (gRPC) or the ensemble (HTTP, and direct clients)
+        self.models = (ENSEMBLE_NAME, STREAM_MODEL_NAME) if protocol == "grpc" else (ENSEMBLE_NAME,)
 
     def _new_client(self) -> TritonClient:
         if self.protocol == "grpc":
@@ -185,7 +189,10 @@ class TritonEngine(GenerationEngine):
         probes = (
             (client.is_server_live, (), "Triton at {url} is not live"),
             (client.is_server_ready, (), "Triton at {url} is not ready"),
-            (client.is_model_ready, (ENSEMBLE_NAME,), f"model '{ENSEMBLE_NAME}' on Triton at {{url}} is not ready"),
+            *(
+                (client.is_model_ready, (model,), f"model '{model}' on Triton at {{url}} is not ready")
+                for model in self.models
+            ),
         )
         try:
             for probe, args, failure in probes:
@@ -212,10 +219,22 @@ class TritonEngine(GenerationEngine):
         return inputs
 
     async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
+        """Over gRPC: `acestep_stream`, reporting every stage and step to `progress`; cancelling the
+        awaiting task cancels the stream and Triton stops the loop after the step in flight. Over
+        HTTP: the `acestep` ensemble, no progress, and a cancel only closes the connection (Triton's
+        HTTP front end has no request cancellation: the generation runs to its end there)."""
         client, connect_seconds = self._connected()
         inputs = self._tensors(params)
         try:
-            result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs), self.timeout_s)
+            if self.protocol == "grpc":
+                result = await asyncio.wait_for(self._stream(client, inputs, progress), self.timeout_s)
+            else:
+                result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs), self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise EngineFailed(f"Triton's stream failed ({exc.code()}): {exc.details()}") from exc
+            await self._disconnect(client)
+            raise EngineUnavailable(f"Triton at {self.url} is unreachable") from None
         except InferenceServerException as exc:
             await self._raise_for(client, exc)
         except asyncio.TimeoutError:
@@ -224,6 +243,32 @@ class TritonEngine(GenerationEngine):
             await self._disconnect(client)
             raise EngineUnavailable(f"Triton at {self.url} is unreachable") from None
         return _parse_result(result, connect_seconds)
+
+    async def _stream(self, client: grpcclient.InferenceServerClient, inputs: list,
+                      progress: ProgressCallback | None):
+        """One request to `acestep_stream`: progress responses to `progress`, the final one returned.
+
+        tritonclient's stream hands errors over as text only (no status code): a stream error is
+        EngineFailed, whatever Triton's code was (the gateway has validated the request already).
+        """
+
+        async def one_request():
+            yield {"model_name": STREAM_MODEL_NAME, "inputs": inputs}
+
+        responses = client.stream_infer(one_request())
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise EngineFailed(f"Triton failed: {error.message()}")
+                if result.as_numpy("WAVEFORM") is not None:
+                    return result
+                if progress is not None:
+                    stage = result.as_numpy("STAGE").reshape(-1)[0].decode()
+                    step, steps = (int(result.as_numpy(n).reshape(-1)[0]) for n in ("STEP", "STEPS"))
+                    progress(Progress(stage, step, steps))
+        finally:
+            responses.cancel()  # a no-op once the final response came; cancels Triton's request otherwise
+        raise EngineFailed(f"{STREAM_MODEL_NAME} ended its stream without a result")
 
     async def _raise_for(self, client: TritonClient, exc: InferenceServerException) -> None:
         status = str(exc.status())

@@ -64,7 +64,8 @@ DISCONNECT_REASON = "the /generate client disconnected"
 def progress_of(stage: str, step: int = 0, steps: int = 0) -> float:
     """0-1 progress at a stage (and step of steps inside diffusion)."""
     if stage == "diffusion" and steps:
-        return STAGE_START["diffusion"] + (STAGE_START["dcae_decoder"] - STAGE_START["diffusion"]) * step / steps
+        span = STAGE_START["dcae_decoder"] - STAGE_START["diffusion"]
+        return round(STAGE_START["diffusion"] + span * step / steps, 6)  # the last step lands on 0.86 exactly
     return STAGE_START[stage]
 
 

@@ -127,6 +127,11 @@ def test_events_are_numbered_monotone_and_end_with_the_final_state(finished_job)
     assert progress == sorted(progress) and progress[-1] == 1.0
     steps = [e["data"]["step"] for e in events]
     assert steps == sorted(steps) and steps[-1] == 4
+    # the loop itself reports: one event per step, then the decoders
+    diffusion = [e["data"]["step"] for e in events if e["data"]["stage"] == "diffusion"]
+    assert diffusion == [0, 1, 2, 3, 4]
+    stages = [e["data"]["stage"] for e in events]
+    assert stages.index("vocoder") > stages.index("dcae_decoder") > stages.index("diffusion")
     last = events[-1]["data"]
     assert last["id"] == job["id"] and last["files"] == ["job.wav"] and last["links"]["downloads"] == ["/download/job.wav"]
     assert last["seeds"] == [1234567890] and last["eta_s"] == 0.0 and last["timings"]["total"] > 0
@@ -259,3 +264,40 @@ def test_a_client_leaving_generate_cancels_its_generation(acestep_triton_server,
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_stream_model_reports_every_stage_and_step_and_ends_with_the_ensembles_answer(acestep_triton_server):
+    """`acestep_stream` straight over gRPC: progress responses in pipeline order, every step once, and a
+    final answer equal to the `acestep` ensemble's for the same request."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from acestep_triton.contract import ENSEMBLE_NAME, STREAM_MODEL_NAME, GenerationParams
+    from gateway.engine import TritonEngine
+
+    params = GenerationParams(prompt="pop", lyrics="[verse]\nla la", audio_duration=3.0, infer_step=3,
+                              actual_seeds=(7,))
+    engine = TritonEngine(acestep_triton_server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(STREAM_MODEL_NAME, engine._tensors(params))
+        progress = []
+        while True:
+            result, error = answers.get(timeout=300)
+            assert error is None, error
+            if result.as_numpy("WAVEFORM") is not None:
+                break
+            progress.append((result.as_numpy("STAGE")[0].decode(), int(result.as_numpy("STEP")[0]),
+                             int(result.as_numpy("STEPS")[0])))
+        client.stop_stream()
+        direct = client.infer(ENSEMBLE_NAME, engine._tensors(params), client_timeout=300)
+    finally:
+        client.close()
+    assert progress == [("preprocess", 0, 3), ("text_encoder", 0, 3), ("condition_encoder", 0, 3),
+                        ("diffusion", 0, 3), ("diffusion", 1, 3), ("diffusion", 2, 3), ("diffusion", 3, 3),
+                        ("dcae_decoder", 0, 3), ("vocoder", 0, 3)]
+    assert np.array_equal(result.as_numpy("WAVEFORM"), direct.as_numpy("WAVEFORM"))
+    assert result.as_numpy("SEEDS").tolist() == [7] and result.as_numpy("TIME_DIFFUSION") is not None

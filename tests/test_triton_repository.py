@@ -51,7 +51,7 @@ def pipeline(tiny_checkpoint, lyric_vocab) -> Text2MusicPipeline:
 def test_configs_are_generated_and_parse(model_repository: Path) -> None:
     names = sorted(p.name for p in model_repository.iterdir() if (p / "config.pbtxt").is_file())
     assert names == sorted([ENSEMBLE_NAME, "preprocess", "text_encoder", "condition_encoder", "diffusion",
-                            "dit_step", "dcae_decoder", "vocoder"])
+                            "dit_step", "dcae_decoder", "vocoder", "acestep_stream"])
     dit = read_model_config(model_repository / "dit_step" / "config.pbtxt")
     assert dit.max_batch_size > 1 and dit.HasField("dynamic_batching")
     assert {i.name for i in dit.input if i.allow_ragged_batch} == {"LATENTS", "ATTENTION_MASK", "ENCODER_STATES",

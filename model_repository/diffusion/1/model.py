@@ -79,6 +79,12 @@ class TritonPythonModel:
         velocity = pb_utils.get_output_tensor_by_name(result, DIT_OUTPUT)
         return torch.from_dlpack(velocity.to_dlpack()).to(self.device)
 
+    def after_step(self, request, step: int, total: int) -> None:
+        """Runs after each step (0-based `step` of `total`): stops a cancelled request. `acestep_stream`
+        extends it to report the step."""
+        if request.is_cancelled():
+            raise Cancelled(f"cancelled after step {step + 1} of {total}")
+
     def _one(self, request):
         start = time.perf_counter()
         loop = None
@@ -96,11 +102,7 @@ class TritonPythonModel:
             total = len(flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps).timesteps)
             loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, total)
 
-            def check_cancelled(step, total):
-                if request.is_cancelled():
-                    raise Cancelled(f"cancelled after step {step + 1} of {total}")
-
-            latents = denoise(loop.step, params, noise, generators, check_cancelled)
+            latents = denoise(loop.step, params, noise, generators, lambda i, total: self.after_step(request, i, total))
         except Exception as exc:
             if loop is not None:
                 loop.release()
