@@ -298,6 +298,6 @@ def test_stream_model_reports_every_stage_and_step_and_ends_with_the_ensembles_a
         client.close()
     assert progress == [("preprocess", 0, 3), ("text_encoder", 0, 3), ("condition_encoder", 0, 3),
                         ("diffusion", 0, 3), ("diffusion", 1, 3), ("diffusion", 2, 3), ("diffusion", 3, 3),
-                        ("dcae_decoder", 0, 3), ("vocoder", 0, 3)]
+                        ("dcae_decoder", 3, 3), ("vocoder", 3, 3)]
     assert np.array_equal(result.as_numpy("WAVEFORM"), direct.as_numpy("WAVEFORM"))
     assert result.as_numpy("SEEDS").tolist() == [7] and result.as_numpy("TIME_DIFFUSION") is not None

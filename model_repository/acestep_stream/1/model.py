@@ -1,7 +1,8 @@
 """Triton python model `acestep_stream` (decoupled): the `acestep` ensemble's stages, reporting progress.
 
 Inputs: the ensemble's (acestep_triton.contract.ENSEMBLE_INPUTS). Responses: one per stage start
-and one after every diffusion step, each with STAGE [1] (string), STEP [1] and STEPS [1] (int32);
+and one after every diffusion step, each with STAGE [1] (string), STEP [1] (steps done, never
+decreasing) and STEPS [1] (int32);
 then the last, flagged final, with the ensemble's outputs (WAVEFORM [items, 2, samples], SEEDS,
 DURATION, TIME_<STAGE>) or an error.
 
@@ -97,13 +98,15 @@ class TritonPythonModel(diffusion.TritonPythonModel):
         steps = int(tensors["INFER_STEP"].as_numpy().reshape(-1)[0])
         oss = tensors["OSS_STEPS"].as_numpy().reshape(-1)
         steps = len(oss) if oss.size else steps
+        done = 0  # steps done: 0 before the loop, all of them after it
         for stage in self.stages:
             if sender.is_cancelled():
                 raise diffusion.Cancelled(f"cancelled before {stage['model']}")
-            sender.send(progress_response(stage["model"], 0, steps))
+            sender.send(progress_response(stage["model"], done, steps))
             inputs = {name: tensors[name] for name in stage["inputs"]}
             if stage["model"] == self.loop_stage:
                 answer = self._one(_LoopRequest(inputs, sender))
+                done = steps
             else:
                 answer = pb_utils.InferenceRequest(
                     model_name=stage["model"], requested_output_names=stage["outputs"], inputs=list(inputs.values())
