@@ -220,7 +220,8 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         summary="Server-sent events: the job after every change, ending with its final state",
         responses={
             200: {"description": "text/event-stream; each event's id is its number (send Last-Event-ID to "
-                  "resume), its type `progress` or the final state, its data the job as GET /jobs/{id}."},
+                  "resume), its type `progress` or the final state, its data the job as GET /jobs/{id} "
+                  "at that moment; `: ping` comments keep a quiet stream open."},
             **_errors(401, 404),
         },
     )
@@ -229,9 +230,6 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         job: Job = Depends(known_job),  # a local dependency: not inside Annotated, which resolves globally
     ) -> AsyncIterable[ServerSentEvent]:
         async for event in jobs.events(job.id, last_event_id):
-            if event is None:
-                yield ServerSentEvent(comment="keep-alive")
-                continue
             kind = str(event.job.state) if event.job.state.finished else "progress"
             # the snapshot as it was: a resumed stream repeats exactly what the first one sent
             yield ServerSentEvent(data=JobView.of(event.job).model_dump(mode="json"), event=kind, id=str(event.seq))

@@ -196,31 +196,27 @@ class JobManager:
     async def wait(self, job_id: str) -> Job:
         """The job once it has finished."""
         while True:
-            changed = self._event(job_id)
             job = self.get(job_id)
             if job.state.finished:
                 return job
-            await changed.wait()
+            await self._event(job_id).wait()  # no await since the read: no change can slip between
 
-    async def events(self, job_id: str, after: int = 0, keepalive_s: float = 15.0) -> AsyncIterator[JobEvent | None]:
-        """The job's events numbered above `after`, live, ending with its final state; None now and then
-        while nothing happens (for keep-alive comments)."""
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
+        """The job's events numbered above `after`, live, ending with its final state (FastAPI's event
+        stream sends keep-alive comments while nothing happens)."""
         self.get(job_id)
         while True:
-            changed = self._event(job_id)
             events = self.store.events_after(job_id, after)
             for event in events:
                 yield event
                 after = event.seq
                 if event.job.state.finished:
                     return
-            if not events:
-                if self.get(job_id).state.finished:
-                    return  # the final event was delivered before (Last-Event-ID at or past it)
-                try:
-                    await asyncio.wait_for(changed.wait(), keepalive_s)
-                except TimeoutError:
-                    yield None
+            if events:
+                continue
+            if self.get(job_id).state.finished:
+                return  # the final event was delivered before (Last-Event-ID at or past it)
+            await self._event(job_id).wait()  # no await since the read: no change can slip between
 
     # ---- views ----------------------------------------------------------------------------------------
 
