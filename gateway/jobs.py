@@ -31,6 +31,7 @@ from gateway.errors import (
     INTERNAL_ERROR_DETAIL,
     Busy,
     DeadlineExceeded,
+    EngineFailed,
     JobConflict,
     JobNotFound,
     status_of,
@@ -129,7 +130,7 @@ class JobManager:
         for job in self.store.pending():
             if job.state is JobState.RUNNING:
                 self._save(job.evolve(state=JobState.FAILED, finished_at=time.time(), error=RESTART_REASON,
-                                      error_status=500))
+                                      error_status=status_of(EngineFailed(RESTART_REASON))))
             else:
                 self._schedule(job)
 
@@ -332,22 +333,24 @@ class JobManager:
         except asyncio.CancelledError:
             if self._stopping:
                 raise
-            self._save(job.evolve(state=JobState.CANCELLED, finished_at=time.time(),
-                                  error=live.cancel_reason or CANCEL_REASON, error_status=409))
+            self._finish(job, JobState.CANCELLED, JobConflict(live.cancel_reason or CANCEL_REASON))
         except TimeoutError:
-            self._save(job.evolve(
-                state=JobState.FAILED, finished_at=time.time(), error_status=504,
-                error=f"deadline exceeded: the job did not finish within {self.settings.job_deadline_s:g} s "
-                "of its submission",
+            self._finish(job, JobState.FAILED, DeadlineExceeded(
+                f"deadline exceeded: the job did not finish within {self.settings.job_deadline_s:g} s of its submission"
             ))
         except Exception as exc:
-            status = status_of(exc)
-            if status == 500:
-                log.error("job %s failed: %r", job.id, exc, exc_info=exc)
-            self._save(job.evolve(state=JobState.FAILED, finished_at=time.time(), error_status=status,
-                                  error=INTERNAL_ERROR_DETAIL if status == 500 else str(exc)))
+            self._finish(job, JobState.FAILED, exc)
         finally:
             self._live.pop(job.id, None)
+
+    def _finish(self, job: Job, state: JobState, exc: Exception) -> None:
+        """Record a job's end by `exc`: the status /generate answers comes from the one error table, the
+        text is the exception's (a fixed one for 500s, whose cause goes to the log)."""
+        status = status_of(exc)
+        if status == 500:
+            log.error("job %s failed: %r", job.id, exc, exc_info=exc)
+        self._save(job.evolve(state=state, finished_at=time.time(), error_status=status,
+                              error=INTERNAL_ERROR_DETAIL if status == 500 else str(exc)))
 
     def _write(self, job: Job, names: list[str], result: GenerationResult, encoding: Encoding, queued_s: float,
                triton_s: float, start: float) -> dict[str, Any]:
