@@ -647,3 +647,18 @@ def test_e2e_triton_restart_needs_no_gateway_restart(e2e_app, acestep_triton_ser
         assert time.monotonic() < deadline, e2e_app.get("/health").json()
         time.sleep(0.2)
     assert e2e_app.post("/generate", json=quick).status_code == 200
+
+
+def test_job_settings_from_environment():
+    env = {"ACESTEP_CHECKPOINT_PATH": "/ckpt", "ACESTEP_MAX_PENDING_JOBS": "5", "ACESTEP_MAX_RUNNING_JOBS": "2",
+           "ACESTEP_JOB_DEADLINE_S": "30", "ACESTEP_RETENTION_S": "3600", "ACESTEP_RETENTION_INTERVAL_S": "60"}
+    settings = Settings.from_env(env)
+    assert (settings.max_pending_jobs, settings.max_running_jobs, settings.job_deadline_s) == (5, 2, 30.0)
+    assert (settings.retention_s, settings.retention_interval_s) == (3600.0, 60.0)
+    for bad, match in (
+        ({"ACESTEP_MAX_PENDING_JOBS": "0"}, "max_pending_jobs"),
+        ({"ACESTEP_MAX_PENDING_JOBS": "1", "ACESTEP_MAX_RUNNING_JOBS": "2"}, "max_running_jobs"),
+        ({"ACESTEP_JOB_DEADLINE_S": "soon"}, "ACESTEP_JOB_DEADLINE_S"),
+    ):
+        with pytest.raises(SettingsError, match=match):
+            Settings.from_env(env | bad)

@@ -301,3 +301,20 @@ def test_stream_model_reports_every_stage_and_step_and_ends_with_the_ensembles_a
                         ("dcae_decoder", 3, 3), ("vocoder", 3, 3)]
     assert np.array_equal(result.as_numpy("WAVEFORM"), direct.as_numpy("WAVEFORM"))
     assert result.as_numpy("SEEDS").tolist() == [7] and result.as_numpy("TIME_DIFFUSION") is not None
+
+
+def test_http_mode_runs_jobs_through_the_ensemble_without_step_progress(acestep_triton_server, tiny_checkpoint,
+                                                                       tmp_path):
+    """HTTP reaches the plain ensemble: the job succeeds, its stage goes straight from `generating` to
+    writing (no stream, so no steps), and the audio equals the gRPC stream's."""
+    settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path, triton_protocol="http",
+                            triton_url=acestep_triton_server.http_url)
+    with TestClient(create_app(settings)) as client:
+        job = client.post("/jobs", json=body_for(tiny_checkpoint, infer_step=2, output_path="http.wav")).json()
+        events = parse_sse(client.get(job["links"]["events"]).text)
+        assert [e["data"]["stage"] for e in events] == ["queued", "generating", "writing", "done"]
+        over_http = client.get("/download/http.wav").content
+    settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path / "grpc")
+    with TestClient(create_app(settings)) as client:
+        over_grpc = client.post("/generate", json=body_for(tiny_checkpoint, infer_step=2)).content
+    assert soundfile.read(io.BytesIO(over_http))[0].tolist() == soundfile.read(io.BytesIO(over_grpc))[0].tolist()
