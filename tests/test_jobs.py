@@ -203,6 +203,7 @@ def test_cancel_mid_loop_stops_within_a_step_and_writes_nothing(gateway, acestep
     assert not (Path(gateway.app.state.store.root) / "never_input_params.json").exists()
     events = parse_sse(gateway.get(job["links"]["events"]).text)
     assert events[-1]["event"] == "cancelled" and events[-1]["data"]["error"]
+    assert 3 <= events[-1]["data"]["step"] < LONG_STEPS and events[-1]["data"]["stage"] == "diffusion"
 
 
 def test_past_the_bound_jobs_and_generate_answer_429_with_retry_after(gateway, tiny_checkpoint):
@@ -210,6 +211,9 @@ def test_past_the_bound_jobs_and_generate_answer_429_with_retry_after(gateway, t
     ids = [gateway.post("/jobs", json=long).json()["id"] for _ in range(3)]
     try:
         assert [gateway.get(f"/jobs/{i}").json()["queue_position"] for i in ids[1:]] == [1, 2]
+        # earlier jobs measured the step time: every pending job has an ETA, later ones later
+        etas = [gateway.get(f"/jobs/{i}").json()["eta_s"] for i in ids]
+        assert all(eta > 0 for eta in etas) and etas == sorted(etas)
         for refused in (gateway.post("/jobs", json=long), gateway.post("/generate", json=long)):
             assert refused.status_code == 429, refused.text
             assert int(refused.headers["Retry-After"]) >= 1 and "limit" in refused.json()["detail"]
