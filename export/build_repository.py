@@ -281,13 +281,13 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
     )
 
 
-def stream_model(models: dict[str, ModelSpec], profile: Profile) -> ModelSpec:
+def stream_model(models: dict[str, ModelSpec]) -> ModelSpec:
     """`acestep_stream`: the ensemble's stages in one decoupled python model that reports progress.
 
     It calls preprocess, text_encoder, condition_encoder, dcae_decoder and vocoder by BLS (their
     tensor names, read from their specs, go in the STAGES parameter) and runs the sampling loop
     itself with the `diffusion` model's code, so it takes the diffusion model's parameters and
-    instances (one stream runs one loop at a time).
+    instance group (one stream runs one loop at a time, on the loop's device).
     """
     ensemble = models[ENSEMBLE_NAME]
     stages = [
@@ -300,7 +300,7 @@ def stream_model(models: dict[str, ModelSpec], profile: Profile) -> ModelSpec:
         backend="python",
         inputs=ensemble.inputs,
         outputs=(*ensemble.outputs, *PROGRESS_OUTPUTS),
-        instance_group=InstanceGroup("KIND_CPU", profile.diffusion_instances),
+        instance_group=loop.instance_group,
         parameters={**loop.parameters, "STAGES": json.dumps(stages), "LOOP_STAGE": "diffusion"},
         decoupled=True,
     )
@@ -341,7 +341,7 @@ def build_repository(
         else:
             models[name] = component_model(spec, ckpt, chosen, onnx_path)
     models[ENSEMBLE_NAME] = ensemble_model(models)
-    models[STREAM_MODEL_NAME] = stream_model(models, chosen)
+    models[STREAM_MODEL_NAME] = stream_model(models)
     for name, spec in models.items():
         source = MODEL_SOURCES / name / "1" / "model.py"
         model_dir = write_model(spec, out, source if spec.backend == "python" else None)
