@@ -15,7 +15,8 @@
 - cuDNN benchmark mode picks the fastest convolution algorithms for the shapes it sees; float32
   matrix products (only the linear attention's) use TF32, as upstream's GPU pipeline sets.
 
-`accelerate_engine` also warms each component up, so compilation and capture happen at load.
+`accelerate_engine` applies what every component shares, then the component's own hook (its
+registry `acceleration`: `accelerate_dit_step`, `accelerate_vocoder`), which also warms it up, so compilation and capture happen at load.
 Run the process with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set before CUDA starts):
 without it the caching allocator's fragmentation reserves ~40 % more than is allocated at 240 s.
 """
@@ -23,13 +24,24 @@ without it the caching allocator's fragmentation reserves ~40 % more than is all
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.engines import TorchEngine
+from acestep_triton.registry import component, resolve
+
+
+class TorchEngine(Protocol):
+    """What the speed-ups use of acestep_triton.engines.TorchEngine; a Protocol so that this module
+    does not import engines, which loads it (no import cycle)."""
+
+    device: torch.device
+    module: torch.nn.Module
+
+    def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -151,25 +163,33 @@ def _dit_warmup_batch(engine: TorchEngine, rows: int, frames: int, tokens: int) 
 
 
 def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = Acceleration()) -> None:
-    """Apply `settings` to a loaded CUDA engine in place and warm it up."""
+    """Apply `settings` to a loaded CUDA engine in place and warm it up (the component's registry hook)."""
     if engine.device.type != "cuda":
         raise ValueError(f"accelerate: the gpu speed-ups need a CUDA device, got {engine.device}")
     torch.backends.cudnn.benchmark = settings.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = settings.tf32_matmul
-    module = engine.module
-    if name == "dit_step":
-        if settings.compile_blocks:
-            compile_blocks(module.transformer)
-        module.decode = BucketedDecode(module.transformer.decode, settings)
-        # different frame and token counts, so dynamic shapes do not tie the two together
-        for rows in (1, 2):
-            engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, 3 * settings.token_bucket))
-    elif name == "vocoder":
-        module.vocoder.head.channels_last = settings.vocoder_channels_last
-        module.window_frames = settings.vocoder_window_frames
-        if settings.vocoder_window_frames is not None:
-            if settings.vocoder_graphs:
-                module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
-            n_mels = module.vocoder.config.n_mels
-            engine.run({"MEL": torch.randn(1, 2, n_mels, 2 * settings.vocoder_window_frames) - 5.0})
+    hook = component(name).acceleration
+    if hook:
+        resolve(hook)(engine, settings)
     torch.cuda.synchronize(engine.device)
+
+
+def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
+    module = engine.module
+    if settings.compile_blocks:
+        compile_blocks(module.transformer)
+    module.decode = BucketedDecode(module.transformer.decode, settings)
+    # different frame and token counts, so dynamic shapes do not tie the two together
+    for rows in (1, 2):
+        engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, 3 * settings.token_bucket))
+
+
+def accelerate_vocoder(engine: TorchEngine, settings: Acceleration) -> None:
+    module = engine.module
+    module.vocoder.head.channels_last = settings.vocoder_channels_last
+    module.window_frames = settings.vocoder_window_frames
+    if settings.vocoder_window_frames is not None:
+        if settings.vocoder_graphs:
+            module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
+        n_mels = module.vocoder.config.n_mels
+        engine.run({"MEL": torch.randn(1, 2, n_mels, 2 * settings.vocoder_window_frames) - 5.0})

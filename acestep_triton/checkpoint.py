@@ -14,6 +14,7 @@ from pathlib import Path
 
 HUB_REPO_ID = "ACE-Step/ACE-Step-v1-3.5B"
 LYRIC_VOCAB_ENV = "ACESTEP_LYRIC_VOCAB"
+CHECKPOINT_ENV = "ACESTEP_CHECKPOINT"
 LYRIC_VOCAB_FILENAME = "lyric_vocab.json"
 UPSTREAM_LYRIC_VOCAB_URL = (
     "https://raw.githubusercontent.com/ace-step/ACE-Step/d612523f50e252c0e138e68ae75b06223f96e934/"
@@ -110,6 +111,16 @@ def validate_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if problems:
         raise CheckpointError(f"checkpoint {root} is incomplete: " + "; ".join(problems))
     return Checkpoint(root)
+
+
+def deployment_checkpoint(parameter: str) -> Checkpoint:
+    """The checkpoint a Triton model serves: its CHECKPOINT parameter, validated; where that is empty
+    (the committed model_repository/ leaves it to the deployment), the directory in $ACESTEP_CHECKPOINT."""
+    path = parameter or os.environ.get(CHECKPOINT_ENV, "")
+    if not path:
+        raise CheckpointError(f"no checkpoint: the model's CHECKPOINT parameter is empty and {CHECKPOINT_ENV} is "
+                              f"not set; set {CHECKPOINT_ENV} to the checkpoint directory the deployment serves")
+    return validate_checkpoint(path)
 
 
 def find_lyric_vocab(checkpoint: Checkpoint, explicit: str | os.PathLike | None = None) -> Path:

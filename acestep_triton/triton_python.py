@@ -53,8 +53,9 @@ def response(outputs: Mapping[str, object]):
 
 
 def error_response(exc: BaseException):
-    """Bad input -> INVALID_ARG with its message; anything else -> INTERNAL without internals."""
-    if isinstance(exc, (ParameterError, ValueError)):
+    """The client's fault (ParameterError, naming the field) -> INVALID_ARG with its message; anything
+    else, a ValueError of our own code included, -> INTERNAL without internals (they go to the log)."""
+    if isinstance(exc, ParameterError):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
         )
@@ -100,10 +101,10 @@ def request_params(request) -> GenerationParams:
 
 def _engine(name: str, params: Mapping[str, str]):
     """The engine a component model's config parameters ask for."""
-    from acestep_triton.checkpoint import validate_checkpoint
-    from acestep_triton.specs import component_spec
+    from acestep_triton.checkpoint import deployment_checkpoint
+    from acestep_triton.registry import component_spec
 
-    ckpt = validate_checkpoint(params["CHECKPOINT"])
+    ckpt = deployment_checkpoint(params["CHECKPOINT"])
     if params.get("ENGINE", "pytorch") == "onnx":
         from acestep_triton.onnx_engine import OnnxEngine
 

@@ -57,7 +57,7 @@ from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
 from acestep_triton.pipeline import Text2MusicPipeline
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import NEURAL_COMPONENTS, component_spec
+from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
 
 HERE = Path(__file__).resolve().parent
 FULL_SIZE_CONFIGS = HERE / "full_size_configs"

@@ -1,6 +1,12 @@
 """Generate a Triton model repository for a profile: every config.pbtxt from Python, model.py copied.
 
     python -m export.build_repository --profile cpu|gpu|onnx|tensorrt --checkpoint DIR --out DIR
+    python -m export.build_repository --profile cpu --out model_repository   # the committed one
+
+Without --checkpoint (pytorch-engine profiles only) the dims come from the published checkpoint's
+configs (PUBLISHED_CONFIGS) and the models' CHECKPOINT and LYRIC_VOCAB are left empty: the
+deployment names its checkpoint in $ACESTEP_CHECKPOINT (checkpoint.deployment_checkpoint). That is
+how the committed `model_repository/` is made (tests/test_committed_repository.py holds it to it).
 
 Profiles (where each component runs; the ensemble wiring is the same for all):
   cpu   python backend, PyTorch float32 on the CPU (the embedded default and CI)
@@ -21,25 +27,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
-from acestep_triton.contract import ENSEMBLE_INPUTS, ENSEMBLE_NAME, ENSEMBLE_OUTPUTS, TensorSpec, stage_time_name
-from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT, NEURAL_COMPONENTS, ComponentSpec, component_spec
+from acestep_triton.contract import (
+    ENSEMBLE_INPUTS,
+    ENSEMBLE_NAME,
+    ENSEMBLE_OUTPUTS,
+    SAMPLING_PARAMS,
+    STAGES,
+    TensorSpec,
+    stage_time_name,
+)
+from acestep_triton.geometry import latent_geometry
+from acestep_triton.registry import NEURAL_COMPONENTS, component, component_spec
+from acestep_triton.specs import ComponentSpec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
-MODEL_SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
-DIFFUSION_PARAMS = (
-    "infer_step", "guidance_scale", "scheduler_type", "cfg_type", "omega_scale", "guidance_interval",
-    "guidance_interval_decay", "min_guidance_scale", "use_erg_diffusion", "oss_steps",
-    "guidance_scale_text", "guidance_scale_lyric",
-)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_SOURCES = REPO_ROOT / "model_repository"
+# The published checkpoint's config.json files (as golden/full-size-configs): the dims of the
+# committed repository.
+PUBLISHED_CONFIGS = REPO_ROOT / "benchmarks" / "full_size_configs"
 
 
 @dataclass(frozen=True)
 class Profile:
+    """A deployment profile: where and how every component runs (not TensorRT's optimisation profiles)."""
+
+    name: str
     engine: str  # "pytorch" | "onnx" | "tensorrt"
     device: str
     dtype: str
     instance_kind: str
-    dit_queue_delay_us: int
     accelerate: bool = False
     # concurrent sampling loops: each diffusion instance runs one request's loop at a time, and only
     # loops running side by side give dit_step rows from several requests to batch
@@ -48,11 +65,11 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
-    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 2000, accelerate=True, diffusion_instances=16,
+    "cpu": Profile("cpu", "pytorch", "cpu", "float32", "KIND_CPU", diffusion_instances=4),
+    "gpu": Profile("gpu", "pytorch", "cuda", "bfloat16", "KIND_GPU", accelerate=True, diffusion_instances=16,
                    loop_threads=1),
-    "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
-    "tensorrt": Profile("tensorrt", "cuda", "bfloat16", "KIND_GPU", 2000, diffusion_instances=16, loop_threads=1),
+    "onnx": Profile("onnx", "onnx", "cpu", "float32", "KIND_CPU", diffusion_instances=4),
+    "tensorrt": Profile("tensorrt", "tensorrt", "cuda", "bfloat16", "KIND_GPU", diffusion_instances=16, loop_threads=1),
 }
 
 
@@ -65,7 +82,7 @@ def _unbatched(spec: TensorSpec) -> TensorSpec:
     return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
 
 
-def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path) -> ModelSpec:
+def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: str) -> ModelSpec:
     text = component_spec("text_encoder", ckpt)
     cond = component_spec("condition_encoder", ckpt)
     branch_rows = [text.input("TEXT_IDS"), text.input("TEXT_MASK"), text.input("TEXT_Q_SCALE"),
@@ -80,28 +97,28 @@ def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path) -> ModelSpec:
                  TensorSpec("DURATION", "TYPE_FP32", (1,)),
                  _time("preprocess", (1, 1))),
         instance_group=InstanceGroup("KIND_CPU", 1),
-        parameters={"CHECKPOINT": str(ckpt.root), "LYRIC_VOCAB": str(lyric_vocab)},
+        parameters={"CHECKPOINT": checkpoint, "LYRIC_VOCAB": lyric_vocab},
     )
 
 
-def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onnx_dir: Path | None) -> ModelSpec:
+def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx_dir: Path | None) -> ModelSpec:
     """A neural component behind the python backend; dynamic batching, ragged inputs padded."""
-    parameters = {"CHECKPOINT": str(ckpt.root), "DEVICE": profile.device, "DTYPE": profile.dtype,
+    parameters = {"CHECKPOINT": checkpoint, "DEVICE": profile.device, "DTYPE": profile.dtype,
                   "ENGINE": profile.engine}
     if onnx_dir is not None:
         parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
     if profile.accelerate:
         parameters["ACCELERATE"] = "1"
-    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else 1000
+    batching = component(spec.name).batching
     return ModelSpec(
         name=spec.name,
         backend="python",
         inputs=spec.inputs,
         outputs=(*spec.outputs, _time(spec.name)),
         max_batch_size=spec.max_batch_size,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=batching.queue_delay_us),
         ragged_inputs=frozenset(spec.ragged_inputs),
-        instance_group=InstanceGroup(profile.instance_kind, 1),
+        instance_group=InstanceGroup(profile.instance_kind, batching.instance_count(profile.name)),
         parameters=parameters,
     )
 
@@ -124,28 +141,29 @@ def plan_model(spec: ComponentSpec, ckpt: Checkpoint, onnx_file: Path, profile: 
 
     inputs, outputs = triton_io(onnx_file)
     profiles = optimisation_profiles(spec.name, ckpt, EngineProfile())
-    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else 1000
+    batching = component(spec.name).batching
     return ModelSpec(
         name=spec.name,
         platform="tensorrt_plan",
         inputs=inputs,
         outputs=outputs,
         max_batch_size=spec.max_batch_size,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
-        instance_group=InstanceGroup("KIND_GPU", 1, profiles=tuple(str(i) for i in range(len(profiles)))),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=batching.queue_delay_us),
+        instance_group=InstanceGroup("KIND_GPU", batching.instance_count(profile.name), profiles=tuple(str(i) for i in range(len(profiles)))),
     )
 
 
 def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched."""
     cond = component_spec("condition_encoder", ckpt)
-    params = tuple(t for t in ENSEMBLE_INPUTS if t.param in DIFFUSION_PARAMS)
+    geometry = latent_geometry(ckpt)
+    params = tuple(t for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS)
     return ModelSpec(
         name="diffusion",
         backend="python",
         inputs=(*map(_unbatched, cond.outputs), TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
                 TensorSpec("DURATION", "TYPE_FP32", (1,)), *params),
-        outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, LATENT_CHANNELS, LATENT_HEIGHT, -1)),
+        outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, geometry.channels, geometry.height, -1)),
                  _time("diffusion", (1, 1))),
         instance_group=InstanceGroup("KIND_CPU", profile.diffusion_instances),
         parameters={"DIT_MODEL": "dit_step",
@@ -162,11 +180,10 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
 
     Tensor names are shared end to end, so every map is the identity.
     """
-    order = ("preprocess", "text_encoder", "condition_encoder", "diffusion", "dcae_decoder", "vocoder")
     steps = tuple(
-        EnsembleStep(name, _identity(models[name].inputs), _identity(models[name].outputs)) for name in order
+        EnsembleStep(name, _identity(models[name].inputs), _identity(models[name].outputs)) for name in STAGES
     )
-    produced = {t.name for name in order for t in models[name].outputs}
+    produced = {t.name for name in STAGES for t in models[name].outputs}
     return ModelSpec(
         name=ENSEMBLE_NAME,
         platform="ensemble",
@@ -178,18 +195,26 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
 
 def build_repository(
     profile: str,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     lyric_vocab: str | os.PathLike | None = None,
     onnx_dir: str | os.PathLike | None = None,
     engine_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write the whole repository for `profile` into `out_dir` and return it."""
+    """Write the whole repository for `profile` into `out_dir` and return it.
+
+    `checkpoint` None: the deployment names it (see the module docstring), pytorch profiles only.
+    """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    ckpt = validate_checkpoint(checkpoint)
-    vocab = find_lyric_vocab(ckpt, lyric_vocab)
     chosen = PROFILES[profile]
+    if checkpoint is None:
+        if chosen.engine != "pytorch":
+            raise ValueError(f"the {profile} profile exports the checkpoint's graphs: give --checkpoint")
+        ckpt, checkpoint_param, vocab = Checkpoint(PUBLISHED_CONFIGS), "", ""
+    else:
+        ckpt = validate_checkpoint(checkpoint)
+        checkpoint_param, vocab = str(ckpt.root), str(find_lyric_vocab(ckpt, lyric_vocab))
     out = Path(out_dir).resolve()
     if chosen.engine == "tensorrt" and engine_dir is None:
         raise ValueError("the tensorrt profile needs --engine-dir: engines built by `python -m export.tensorrt_build` "
@@ -202,7 +227,8 @@ def build_repository(
         for name in NEURAL_COMPONENTS:
             export_component(name, ckpt, onnx_path)
 
-    models = {"preprocess": preprocess_model(ckpt, vocab), "diffusion": diffusion_model(ckpt, chosen)}
+    models = {"preprocess": preprocess_model(ckpt, checkpoint_param, vocab),
+              "diffusion": diffusion_model(ckpt, chosen)}
     engines = {}
     for name in NEURAL_COMPONENTS:
         spec = component_spec(name, ckpt)
@@ -210,7 +236,7 @@ def build_repository(
             engines[name] = find_engine(Path(engine_dir), name)
             models[name] = plan_model(spec, ckpt, onnx_path / f"{name}.onnx", chosen)
         else:
-            models[name] = component_model(spec, ckpt, chosen, onnx_path)
+            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
     models[ENSEMBLE_NAME] = ensemble_model(models)
     for name, spec in models.items():
         source = MODEL_SOURCES / name / "1" / "model.py"
@@ -223,7 +249,8 @@ def build_repository(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (published layout)")
+    parser.add_argument("--checkpoint", help="checkpoint directory (published layout); leave out for the "
+                        "committed repository, whose deployment sets $ACESTEP_CHECKPOINT")
     parser.add_argument("--out", required=True, help="model repository to write")
     parser.add_argument("--lyric-vocab", help="lyric vocabulary (default: <checkpoint>/lyric_vocab.json)")
     parser.add_argument("--onnx-dir", help="ONNX graphs for the onnx/tensorrt profiles (default: <out>/onnx)")

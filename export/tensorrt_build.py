@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from acestep_triton.checkpoint import VOCODER_DIR, Checkpoint, CheckpointError, validate_checkpoint
+from acestep_triton.checkpoint import Checkpoint, CheckpointError, validate_checkpoint
 from acestep_triton.contract import MAX_DURATION_S
-from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import component_spec
+from acestep_triton.registry import component_spec
+from acestep_triton.geometry import latent_geometry
 from acestep_triton.text_tokenizer import TEXT_MAX_TOKENS
 from acestep_triton.versions import TENSORRT_VERSION
 from export.onnx_export import (
@@ -50,7 +50,7 @@ from export.onnx_export import (
 )
 from export.parity import ParityResult, compare_outputs
 from export.progress import stage
-from export.samples import PARITY_SIZES, Sizes, dcae_time_compression, input_shapes, sample_inputs
+from export.samples import PARITY_SIZES, Sizes, input_shapes, sample_inputs
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # Bound on the engine vs float32 PyTorch error (TF32 is on in fp32 builds). Starting points,
@@ -92,11 +92,6 @@ class EngineProfile:
 Shapes = dict[str, tuple[int, ...]]
 
 
-def _latent_frames(ckpt: Checkpoint, duration_s: float) -> int:
-    vocoder = ckpt.config(VOCODER_DIR)
-    return latent_frames(duration_s, vocoder["sampling_rate"], vocoder["hop_length"], dcae_time_compression(ckpt))
-
-
 def optimisation_profiles(name: str, ckpt: Checkpoint, profile: EngineProfile) -> list[dict[str, tuple]]:
     """[{input name: (min shape, opt shape, max shape)}], one dict per TensorRT optimisation profile."""
     spec = component_spec(name, ckpt)
@@ -107,7 +102,7 @@ def optimisation_profiles(name: str, ckpt: Checkpoint, profile: EngineProfile) -
                 lyric_tokens=min(profile.opt_lyric_tokens, max_lyric), latent_frames=1)
     high = Sizes(batch=max_batch, text_tokens=TEXT_MAX_TOKENS, lyric_tokens=max_lyric, latent_frames=1)
     has_frames = input_shapes(name, ckpt, low) != input_shapes(name, ckpt, replace(low, latent_frames=2))
-    buckets = [_latent_frames(ckpt, d) for d in profile.durations_s] if has_frames else [1]
+    buckets = [latent_geometry(ckpt).frames(d) for d in profile.durations_s] if has_frames else [1]
     profiles, previous = [], 0
     for frames in buckets:
         shapes = [input_shapes(name, ckpt, replace(s, latent_frames=f))

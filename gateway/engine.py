@@ -14,45 +14,18 @@ import abc
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import aiohttp
-import numpy as np
 import tritonclient.grpc.aio as grpcclient
 import tritonclient.http.aio as httpclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+from tritonclient.utils import InferenceServerException
 
-from acestep_triton.contract import (
-    ENSEMBLE_INPUTS,
-    ENSEMBLE_NAME,
-    STAGES,
-    GenerationParams,
-    TensorSpec,
-    stage_time_name,
-)
+from acestep_triton.contract import ENSEMBLE_NAME, GenerationParams, GenerationResult
+from acestep_triton.ensemble_client import MalformedAnswer, infer_inputs, read_result
 from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
 
 log = logging.getLogger("gateway")
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What one request produced.
-
-    waveforms: [items, 2, samples] float32 at OUTPUT_SAMPLE_RATE, one item per seed.
-    seeds: the seed each item was drawn with (len == items).
-    duration_s: the target duration in seconds (a requested -1 resolved); the waveform is that rounded
-        to whole latent frames.
-    stage_seconds: seconds per pipeline stage, keyed by contract.STAGES.
-    connect_seconds: seconds spent building a Triton client for this request (0 when reused).
-    """
-
-    waveforms: np.ndarray
-    seeds: tuple[int, ...]
-    duration_s: float
-    stage_seconds: dict[str, float]
-    connect_seconds: float
 
 
 class GenerationEngine(abc.ABC):
@@ -70,23 +43,94 @@ class GenerationEngine(abc.ABC):
         """Release connections; the engine may be used again afterwards."""
 
 
-def wire_dtype(spec: TensorSpec) -> str:
-    """Config spelling (TYPE_STRING, TYPE_FP32) to wire spelling (BYTES, FP32)."""
-    name = spec.dtype.removeprefix("TYPE_")
-    return "BYTES" if name == "STRING" else name
+_UNAVAILABLE_GRPC = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.NOT_FOUND",
+    "StatusCode.CANCELLED",
+}
+# Triton's HTTP front end answers 404 for NOT_FOUND and 503 for UNAVAILABLE, but folds UNKNOWN and
+# CANCELLED into 400 along with INVALID_ARG; gRPC (the default protocol) keeps them apart.
+_UNAVAILABLE_HTTP = {"404", "503"}
 
 
-def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
-    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes."""
-    arrays = {}
-    for spec in ENSEMBLE_INPUTS:
-        value = getattr(params, spec.param)
-        values = list(value) if spec.dims == (-1,) else [value]
-        if spec.dtype == "TYPE_STRING":
-            arrays[spec.name] = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-        else:
-            arrays[spec.name] = np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
-    return arrays
+TritonClient = grpcclient.InferenceServerClient | httpclient.InferenceServerClient
+
+
+class TritonEngine(GenerationEngine):
+    """The `acestep` ensemble on a Triton server at `url` (host:port), over "grpc" or "http"."""
+
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 600.0, probe_timeout_s: float = 2.0) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.url = url
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self._client: TritonClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _new_client(self) -> TritonClient:
+        if self.protocol == "grpc":
+            options = [
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                # Reconnect within a second of Triton coming back, not after gRPC's default 2-minute backoff.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ]
+            return grpcclient.InferenceServerClient(self.url, channel_args=options)
+        return httpclient.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
+
+    def _connected(self) -> tuple[TritonClient, float]:
+        """The client for the running loop, and the seconds spent building it (0 when reused)."""
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is loop:
+            return self._client, 0.0
+        start = time.perf_counter()
+        # A client bound to another (finished) loop cannot be closed from here; drop it.
+        self._client, self._loop = self._new_client(), loop
+        return self._client, time.perf_counter() - start
+
+    async def _disconnect(self, client: TritonClient) -> None:
+        """Drop `client` (if still current) so that the next call connects afresh."""
+        if client is self._client:
+            self._client = self._loop = None
+            try:
+                await client.close()
+            except Exception:  # closing a broken connection may fail too; it is dropped either way
+                log.debug("closing the Triton client failed", exc_info=True)
+
+    async def aclose(self) -> None:
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._disconnect(self._client)
+        self._client = self._loop = None
+
+    async def ready(self) -> tuple[bool, str]:
+        client, _ = self._connected()
+        probes = (
+            (client.is_server_live, (), "Triton at {url} is not live"),
+            (client.is_server_ready, (), "Triton at {url} is not ready"),
+            (client.is_model_ready, (ENSEMBLE_NAME,), f"model '{ENSEMBLE_NAME}' on Triton at {{url}} is not ready"),
+        )
+        try:
+            for probe, args, failure in probes:
+                if not await asyncio.wait_for(probe(*args), self.probe_timeout_s):
+                    return False, failure.format(url=self.url)
+        except (InferenceServerException, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            await self._disconnect(client)
+            return False, f"Triton at {self.url} is unreachable"
+        return True, ""
+
+    async def generate(self, params: GenerationParams) -> GenerationResult:
+        """Generate one item per seed (one item when no seed is given)."""
+
+    @abc.abstractmethod
+    async def ready(self) -> tuple[bool, str]:
+        """(True, "") when a request could be served now, else (False, why)."""
+
+    async def aclose(self) -> None:
+        """Release connections; the engine may be used again afterwards."""
 
 
 _UNAVAILABLE_GRPC = {
@@ -185,7 +229,7 @@ class TritonEngine(GenerationEngine):
 
     async def generate(self, params: GenerationParams) -> GenerationResult:
         client, connect_seconds = self._connected()
-        inputs = self._tensors(params)
+        inputs = infer_inputs(grpcclient if self.protocol == "grpc" else httpclient, params)
         try:
             result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs), self.timeout_s)
         except InferenceServerException as exc:
@@ -195,7 +239,10 @@ class TritonEngine(GenerationEngine):
         except (aiohttp.ClientError, OSError):
             await self._disconnect(client)
             raise EngineUnavailable(f"Triton at {self.url} is unreachable") from None
-        return _parse_result(result, connect_seconds)
+        try:
+            return read_result(result, connect_seconds)
+        except MalformedAnswer as exc:
+            raise EngineFailed(str(exc)) from None
 
     async def _raise_for(self, client: TritonClient, exc: InferenceServerException) -> None:
         status = str(exc.status())
@@ -206,28 +253,3 @@ class TritonEngine(GenerationEngine):
             await self._disconnect(client)
             raise EngineUnavailable(f"Triton at {self.url} is unreachable or '{ENSEMBLE_NAME}' is not loaded") from None
         raise EngineFailed(f"Triton failed ({status}): {exc.message()}") from exc
-
-
-def _parse_result(result, connect_seconds: float) -> GenerationResult:
-    """Check the ensemble's outputs against the contract and collect them."""
-    waveforms = result.as_numpy("WAVEFORM")
-    seeds = result.as_numpy("SEEDS")
-    duration = result.as_numpy("DURATION")
-    if waveforms is None or seeds is None or duration is None:
-        raise EngineFailed("Triton's answer lacks WAVEFORM, SEEDS or DURATION")
-    if waveforms.ndim != 3 or waveforms.shape[1] != 2 or waveforms.shape[0] != seeds.shape[0] or waveforms.shape[0] == 0:
-        raise EngineFailed(f"WAVEFORM {waveforms.shape} does not match [items, 2, samples] with {seeds.shape[0]} seeds")
-    stage_seconds = {}
-    for stage in STAGES:
-        seconds = result.as_numpy(stage_time_name(stage))
-        if seconds is not None:  # TensorRT plans cannot time themselves: their stages are left out
-            stage_seconds[stage] = float(seconds.reshape(-1)[0])
-    if "preprocess" not in stage_seconds:
-        raise EngineFailed("Triton's answer lacks TIME_PREPROCESS")
-    return GenerationResult(
-        waveforms=np.ascontiguousarray(waveforms, dtype=np.float32),
-        seeds=tuple(int(s) for s in seeds.reshape(-1)),
-        duration_s=float(duration.reshape(-1)[0]),
-        stage_seconds=stage_seconds,
-        connect_seconds=connect_seconds,
-    )

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_CASES = ("a_euler_apg_erg", "b_heun_cfg_noerg", "e_empty_lyrics")
 
 
 def _golden_dir() -> Path:

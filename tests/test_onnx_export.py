@@ -18,7 +18,7 @@ from acestep_triton.components import load_component
 from acestep_triton.engines import TorchEngine
 from acestep_triton.onnx_engine import OnnxEngine
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import component_spec
+from acestep_triton.registry import component_spec
 from acestep_triton.text_tokenizer import TEXT_MAX_TOKENS
 from acestep_triton.versions import VERSIONS_FILE, read_versions
 from export import onnx_export

@@ -14,7 +14,7 @@ import pytest
 
 from acestep_triton.checkpoint import validate_checkpoint
 from acestep_triton.contract import ENSEMBLE_NAME, stage_time_name
-from acestep_triton.specs import NEURAL_COMPONENTS, component_spec
+from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
 from export.build_repository import build_repository
 from export.graph_io import triton_io
 from export.model_config import read_model_config

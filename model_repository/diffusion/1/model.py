@@ -12,9 +12,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.contract import ParameterError
-from acestep_triton.pipeline import Conditions, dit_inputs
-from acestep_triton.preprocess import BRANCHES
+from acestep_triton.contract import BRANCHES, ParameterError
+from acestep_triton.sampling.conditions import Conditions, dit_inputs
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.seeds import initial_noise, latent_frames, make_generators
 from acestep_triton.triton_python import (
