@@ -552,7 +552,7 @@ class Bench:
             runs["dcae_decoder"] = spy
             pipe = Text2MusicPipeline(HashPromptTokenizer(self.vocab_size),
                                       LyricTokenizer.from_file(Path(self.args.lyric_vocab)), runs, self.device)
-            wave = pipe(params).waveforms
+            wave = torch.from_numpy(pipe(params).waveforms)
             outputs[name] = {"velocity": velocity, "latents": captured["latents"], "waveform": wave}
         reference = outputs.pop("float32")
         report = {"duration_s": params.audio_duration, "steps": params.infer_step,

@@ -30,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from acestep_triton.checkpoint import (
@@ -41,7 +40,8 @@ from acestep_triton.checkpoint import (
     VOCODER_DIR,
     validate_checkpoint,
 )
-from acestep_triton.contract import ENSEMBLE_INPUTS, ENSEMBLE_NAME, ENSEMBLE_OUTPUTS, STAGES, GenerationParams
+from acestep_triton.contract import ENSEMBLE_NAME, STAGES, GenerationParams
+from acestep_triton.ensemble_client import infer_inputs, read_result
 from benchmarks.bench_pipeline import (
     DEFAULT_LYRIC_VOCAB,
     FULL_SIZE_CONFIGS,
@@ -131,35 +131,15 @@ class MemoryPeak:
         self._thread.join()
 
 
-def request_tensors(params: GenerationParams):
-    """gRPC inputs and requested outputs of the `acestep` ensemble for `params`."""
-    import tritonclient.grpc.aio as grpcclient
-    from tritonclient.utils import triton_to_np_dtype
-
-    inputs = []
-    for spec in ENSEMBLE_INPUTS:
-        value = getattr(params, spec.param)
-        values = list(value) if spec.dims == (-1,) else [value]
-        wire = "BYTES" if spec.dtype == "TYPE_STRING" else spec.dtype.removeprefix("TYPE_")
-        if wire == "BYTES":
-            array = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-        else:
-            array = np.array(values, dtype=triton_to_np_dtype(wire))
-        tensor = grpcclient.InferInput(spec.name, list(array.shape), wire)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs, [grpcclient.InferRequestedOutput(spec.name) for spec in ENSEMBLE_OUTPUTS]
-
-
 async def one_request(client, params: GenerationParams) -> dict:
-    inputs, outputs = request_tensors(params)
+    import tritonclient.grpc.aio as grpcclient
+
+    inputs = infer_inputs(grpcclient, params)
     start = time.perf_counter()
-    result = await client.infer(ENSEMBLE_NAME, inputs, outputs=outputs, client_timeout=600)
+    result = read_result(await client.infer(ENSEMBLE_NAME, inputs, client_timeout=600))
     latency = time.perf_counter() - start
-    wave = result.as_numpy("WAVEFORM")
-    stages = {stage: float(result.as_numpy(f"TIME_{stage.upper()}").reshape(-1)[0]) for stage in STAGES}
-    return {"latency_s": latency, "audio_s": float(result.as_numpy("DURATION").reshape(-1)[0]),
-            "samples": int(wave.shape[-1]), "stages": stages}
+    return {"latency_s": latency, "audio_s": result.duration, "samples": int(result.waveforms.shape[-1]),
+            "stages": result.timings}
 
 
 async def load_level(url: str, params: GenerationParams, concurrency: int, per_worker: int) -> dict:
