@@ -15,6 +15,7 @@ from pathlib import Path
 HUB_REPO_ID = "ACE-Step/ACE-Step-v1-3.5B"
 LYRIC_VOCAB_ENV = "ACESTEP_LYRIC_VOCAB"
 CHECKPOINT_ENV = "ACESTEP_CHECKPOINT"
+DEPLOYMENT_CHECKPOINT = f"${CHECKPOINT_ENV}"
 LYRIC_VOCAB_FILENAME = "lyric_vocab.json"
 UPSTREAM_LYRIC_VOCAB_URL = (
     "https://raw.githubusercontent.com/ace-step/ACE-Step/d612523f50e252c0e138e68ae75b06223f96e934/"
@@ -114,13 +115,15 @@ def validate_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def deployment_checkpoint(parameter: str) -> Checkpoint:
-    """The checkpoint a Triton model serves: its CHECKPOINT parameter, validated; where that is empty
-    (the committed model_repository/ leaves it to the deployment), the directory in $ACESTEP_CHECKPOINT."""
-    path = parameter or os.environ.get(CHECKPOINT_ENV, "")
-    if not path:
-        raise CheckpointError(f"no checkpoint: the model's CHECKPOINT parameter is empty and {CHECKPOINT_ENV} is "
-                              f"not set; set {CHECKPOINT_ENV} to the checkpoint directory the deployment serves")
-    return validate_checkpoint(path)
+    """The checkpoint a Triton model serves, from its CHECKPOINT parameter: a directory, or
+    DEPLOYMENT_CHECKPOINT ("$ACESTEP_CHECKPOINT", what the committed model_repository/ holds), which
+    names the environment variable the deployment sets to its checkpoint directory."""
+    if parameter != DEPLOYMENT_CHECKPOINT:
+        return validate_checkpoint(parameter)
+    if not os.environ.get(CHECKPOINT_ENV):
+        raise CheckpointError(f"the model's CHECKPOINT is {DEPLOYMENT_CHECKPOINT} but {CHECKPOINT_ENV} is not set; "
+                              f"set it to the checkpoint directory this deployment serves")
+    return validate_checkpoint(os.environ[CHECKPOINT_ENV])
 
 
 def find_lyric_vocab(checkpoint: Checkpoint, explicit: str | os.PathLike | None = None) -> Path:

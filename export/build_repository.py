@@ -4,8 +4,9 @@
     python -m export.build_repository --profile cpu --out model_repository   # the committed one
 
 Without --checkpoint (pytorch-engine profiles only) the dims come from the published checkpoint's
-configs (PUBLISHED_CONFIGS) and the models' CHECKPOINT and LYRIC_VOCAB are left empty: the
-deployment names its checkpoint in $ACESTEP_CHECKPOINT (checkpoint.deployment_checkpoint). That is
+configs (PUBLISHED_CONFIGS), every model's CHECKPOINT is "$ACESTEP_CHECKPOINT" and preprocess has
+no LYRIC_VOCAB: the deployment sets ACESTEP_CHECKPOINT to its checkpoint directory
+(checkpoint.deployment_checkpoint), whose lyric vocabulary is found as find_lyric_vocab says. That is
 how the committed `model_repository/` is made (tests/test_committed_repository.py holds it to it).
 
 Profiles (where each component runs; the ensemble wiring is the same for all):
@@ -26,7 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
+from acestep_triton.checkpoint import DEPLOYMENT_CHECKPOINT, Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
     ENSEMBLE_NAME,
@@ -82,7 +83,7 @@ def _unbatched(spec: TensorSpec) -> TensorSpec:
     return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
 
 
-def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: str) -> ModelSpec:
+def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None) -> ModelSpec:
     text = component_spec("text_encoder", ckpt)
     cond = component_spec("condition_encoder", ckpt)
     branch_rows = [text.input("TEXT_IDS"), text.input("TEXT_MASK"), text.input("TEXT_Q_SCALE"),
@@ -97,7 +98,7 @@ def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: str) -> Mod
                  TensorSpec("DURATION", "TYPE_FP32", (1,)),
                  _time("preprocess", (1, 1))),
         instance_group=InstanceGroup("KIND_CPU", 1),
-        parameters={"CHECKPOINT": checkpoint, "LYRIC_VOCAB": lyric_vocab},
+        parameters={"CHECKPOINT": checkpoint, **({"LYRIC_VOCAB": str(lyric_vocab)} if lyric_vocab else {})},
     )
 
 
@@ -211,10 +212,10 @@ def build_repository(
     if checkpoint is None:
         if chosen.engine != "pytorch":
             raise ValueError(f"the {profile} profile exports the checkpoint's graphs: give --checkpoint")
-        ckpt, checkpoint_param, vocab = Checkpoint(PUBLISHED_CONFIGS), "", ""
+        ckpt, checkpoint_param, vocab = Checkpoint(PUBLISHED_CONFIGS), DEPLOYMENT_CHECKPOINT, None
     else:
         ckpt = validate_checkpoint(checkpoint)
-        checkpoint_param, vocab = str(ckpt.root), str(find_lyric_vocab(ckpt, lyric_vocab))
+        checkpoint_param, vocab = str(ckpt.root), find_lyric_vocab(ckpt, lyric_vocab)
     out = Path(out_dir).resolve()
     if chosen.engine == "tensorrt" and engine_dir is None:
         raise ValueError("the tensorrt profile needs --engine-dir: engines built by `python -m export.tensorrt_build` "

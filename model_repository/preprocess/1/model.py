@@ -21,7 +21,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         ckpt = deployment_checkpoint(params["CHECKPOINT"])
         self.text_tokenizer = TextTokenizer.from_pretrained(ckpt.text_encoder)
-        self.lyric_tokenizer = LyricTokenizer.from_file(find_lyric_vocab(ckpt, params["LYRIC_VOCAB"] or None))
+        self.lyric_tokenizer = LyricTokenizer.from_file(find_lyric_vocab(ckpt, params.get("LYRIC_VOCAB")))
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
