@@ -22,6 +22,7 @@ Profiles (where each component runs; the ensemble wiring is the same for all):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -135,13 +136,14 @@ def find_engine(engine_dir: Path, name: str) -> Path:
     return found[0]
 
 
-def plan_model(spec: ComponentSpec, ckpt: Checkpoint, onnx_file: Path, profile: Profile) -> ModelSpec:
-    """A neural component as a TensorRT plan: I/O exactly as the ONNX graph it was built from declares."""
+def plan_model(spec: ComponentSpec, engine: Path, onnx_file: Path, profile: Profile) -> ModelSpec:
+    """A neural component as a TensorRT plan: I/O exactly as the ONNX graph it was built from declares,
+    every optimisation profile the engine's manifest records usable by its instances."""
     from export.graph_io import triton_io
-    from export.tensorrt_build import EngineProfile, optimisation_profiles
+    from export.tensorrt_build import engine_manifest
 
     inputs, outputs = triton_io(onnx_file)
-    profiles = optimisation_profiles(spec.name, ckpt, EngineProfile())
+    profiles = json.loads(engine_manifest(engine).read_text())["profiles"]
     batching = component(spec.name).batching
     return ModelSpec(
         name=spec.name,
@@ -150,7 +152,8 @@ def plan_model(spec: ComponentSpec, ckpt: Checkpoint, onnx_file: Path, profile: 
         outputs=outputs,
         max_batch_size=spec.max_batch_size,
         dynamic_batching=DynamicBatching(max_queue_delay_us=batching.queue_delay_us),
-        instance_group=InstanceGroup("KIND_GPU", batching.instance_count(profile.name), profiles=tuple(str(i) for i in range(len(profiles)))),
+        instance_group=InstanceGroup("KIND_GPU", batching.instance_count(profile.name),
+                                     profiles=tuple(str(i) for i in range(len(profiles)))),
     )
 
 
@@ -235,7 +238,7 @@ def build_repository(
         spec = component_spec(name, ckpt)
         if chosen.engine == "tensorrt":
             engines[name] = find_engine(Path(engine_dir), name)
-            models[name] = plan_model(spec, ckpt, onnx_path / f"{name}.onnx", chosen)
+            models[name] = plan_model(spec, engines[name], onnx_path / f"{name}.onnx", chosen)
         else:
             models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
     models[ENSEMBLE_NAME] = ensemble_model(models)

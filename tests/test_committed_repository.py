@@ -11,8 +11,6 @@ from acestep_triton.registry import NEURAL_COMPONENTS
 from export.build_repository import MODEL_SOURCES, build_repository
 from export.model_config import read_model_config
 
-pytestmark = pytest.mark.fast
-
 
 def _files(repo: Path) -> dict[str, str]:
     return {str(p.relative_to(repo)): p.read_text() for p in sorted(repo.rglob("*")) if p.is_file()

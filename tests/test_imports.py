@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.fast
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("acestep_triton", "export", "gateway")
 
