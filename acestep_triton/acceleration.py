@@ -16,7 +16,8 @@
   matrix products (only the linear attention's) use TF32, as upstream's GPU pipeline sets.
 
 `accelerate_engine` applies what every component shares, then the component's own hook (its
-registry `acceleration`: `accelerate_dit_step`, `accelerate_vocoder`), which also warms it up, so compilation and capture happen at load.
+registry `acceleration`: `accelerate_dit_step`, `accelerate_vocoder`), which also warms it up, so
+compilation and capture happen at load.
 Run the process with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set before CUDA starts):
 without it the caching allocator's fragmentation reserves ~40 % more than is allocated at 240 s.
 """
@@ -175,6 +176,7 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
 
 
 def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
+    """dit_step's hook: compiled blocks, bucketed CUDA-graph decodes, warmed up at two row counts."""
     module = engine.module
     if settings.compile_blocks:
         compile_blocks(module.transformer)
@@ -185,6 +187,7 @@ def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
 
 
 def accelerate_vocoder(engine: TorchEngine, settings: Acceleration) -> None:
+    """vocoder's hook: channels-last head, windowed decode replayed from a CUDA graph, warmed up."""
     module = engine.module
     module.vocoder.head.channels_last = settings.vocoder_channels_last
     module.window_frames = settings.vocoder_window_frames

@@ -81,6 +81,8 @@ def resolve(reference: str) -> Any:
     return target
 
 
+# condition_encoder and dit_step share it; `projectors`, its training-only SSL heads, are in neither's
+# parts, so no process keeps them.
 _TRANSFORMER = "acestep_triton.models.transformer:ACEStepTransformer.from_pretrained"
 
 # In pipeline order (contract.STAGES; a test holds them to it).

@@ -631,6 +631,7 @@ def test_e2e_http_protocol_gives_the_same_audio(acestep_triton_server, tiny_chec
     assert np.array_equal(soundfile.read(io.BytesIO(response.content), dtype="float32")[0], first)
 
 
+@pytest.mark.slow
 def test_e2e_triton_restart_needs_no_gateway_restart(model_repository, tiny_checkpoint, tmp_path):
     """Stops and restarts a server of its own, so no other test sees Triton go away."""
     quick = e2e_payload(tiny_checkpoint, audio_duration=2.0, infer_step=2, actual_seeds=[5])

@@ -9,6 +9,8 @@ from acestep_triton.contract import STAGES, GenerationParams
 from acestep_triton.pipeline import Text2MusicPipeline
 from tests.golden_cases import GOLDEN_CASES, golden_params, golden_tensors
 
+pytestmark = pytest.mark.slow  # whole generations through the in-process pipeline
+
 
 @pytest.fixture(scope="module")
 def pipeline(golden_ckpt, lyric_vocab) -> Text2MusicPipeline:

@@ -12,6 +12,8 @@ from acestep_triton.contract import GenerationParams
 from acestep_triton.pipeline import Text2MusicPipeline
 from acestep_triton.tiny import build_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # builds a checkpoint and generates with it
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:

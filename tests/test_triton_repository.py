@@ -119,6 +119,7 @@ def test_bad_tensors_get_an_error_naming_the_problem(acestep_triton_server, over
     assert infer(acestep_triton_server, params).waveforms.shape[0] == 1
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_path_fails_readiness_naming_it(tmp_path, tiny_checkpoint, lyric_vocab) -> None:
     repo = build_repository("cpu", tiny_checkpoint, tmp_path / "repo", lyric_vocab)
     config = repo / "vocoder" / "config.pbtxt"
