@@ -13,17 +13,20 @@ from export.model_config import read_model_config
 
 
 def _files(repo: Path) -> dict[str, str]:
-    return {str(p.relative_to(repo)): p.read_text() for p in sorted(repo.rglob("*")) if p.is_file()
-            and "__pycache__" not in p.parts}
+    """Every file but git's `.gitkeep` (it keeps the ensemble's empty version directory) and bytecode."""
+    return {str(p.relative_to(repo)): p.read_text() for p in sorted(repo.rglob("*"))
+            if p.is_file() and p.name != ".gitkeep" and "__pycache__" not in p.parts}
 
 
 def test_committed_repository_is_the_generators_output(tmp_path: Path) -> None:
     """Regenerate with `python -m export.build_repository --profile cpu --out model_repository` when this fails."""
-    generated = _files(build_repository("cpu", None, tmp_path / "repo"))
-    committed = _files(MODEL_SOURCES)
+    generated_repo = build_repository("cpu", None, tmp_path / "repo")
+    generated, committed = _files(generated_repo), _files(MODEL_SOURCES)
     assert sorted(committed) == sorted(generated)
     for name, text in generated.items():
         assert committed[name] == text, f"model_repository/{name} differs from the generator's output"
+    versions = sorted(str(p.relative_to(generated_repo)) for p in generated_repo.glob("*/1"))
+    assert versions == sorted(str(p.relative_to(MODEL_SOURCES)) for p in MODEL_SOURCES.glob("*/1"))
 
 
 def test_committed_models_take_the_checkpoint_from_the_deployment() -> None:
