@@ -57,6 +57,7 @@ def test_bucketed_decode_equals_plain_decode(transformer: ACEStepTransformer, ro
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=1e-5 * max(1.0, expected.abs().max().item()))
 
 
+@pytest.mark.slow  # many vocoder decodes of 500 frames: minutes on a loaded CPU
 @torch.no_grad()
 def test_windowed_vocoder_equals_whole_decode(vocoder: ADaMoSHiFiGAN) -> None:
     """Windows overlapping by the receptive field give the whole decode, up to float32 rounding."""
