@@ -15,8 +15,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, ParameterError
-from gateway.engine import GenerationEngine, GenerationResult, TritonEngine
+from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, GenerationResult, ParameterError
+from gateway.engine import GenerationEngine, TritonEngine
 from gateway.errors import NotAuthorized, install_error_handlers
 from gateway.outputs import OutputStore, encode_wav
 from gateway.schema import (
@@ -63,7 +63,7 @@ def _timings(
     result: GenerationResult, gateway_prep_s: float, triton_s: float, write_s: float, total_s: float
 ) -> dict[str, Any]:
     """Per-request seconds: the contract's four headers' values plus every stage."""
-    stages = result.stage_seconds
+    stages = result.timings
     return {
         "total": total_s,
         "init": result.connect_seconds,
@@ -232,7 +232,7 @@ def _write_sidecars(
                 "audio_path": paths[index],
                 "audio_paths": paths,
                 "audio_duration": result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE,
-                "target_duration": result.duration_s,
+                "target_duration": result.duration,
                 "sample_rate": OUTPUT_SAMPLE_RATE,
                 "timings": timings,
                 "triton": {"url": settings.triton_url, "protocol": settings.triton_protocol, "model": ENSEMBLE_NAME},

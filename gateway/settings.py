@@ -52,10 +52,6 @@ class Settings:
         if self.triton_timeout_s <= 0:
             raise SettingsError("triton_timeout_s must be positive")
 
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Read `ACESTEP_*` variables (see README, 'Gateway settings')."""

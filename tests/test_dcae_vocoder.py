@@ -25,8 +25,8 @@ from acestep_triton.models.dcae import (
     load_dcae,
 )
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN, load_vocoder
+from tests.golden_cases import GOLDEN_CASES
 
-GOLDEN_CASES = ("a_euler_apg_erg", "b_heun_cfg_noerg", "e_empty_lyrics")
 STAGE_TOL = 1e-5  # teacher-forced stages: atol = STAGE_TOL * max(1, max|ref|)
 BOOKKEEPING_TOL = 1e-6
 CHAIN_WAVE_TOL = 1e-4

@@ -34,11 +34,11 @@ from acestep_triton.condition_cache import (
 )
 from acestep_triton.contract import GenerationParams
 from acestep_triton.engines import load_engines
-from acestep_triton.pipeline import Conditions
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, make_generators
-from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT
+from acestep_triton.geometry import PUBLISHED_GEOMETRY
+from acestep_triton.sampling.conditions import Conditions
 from export.build_repository import build_repository
 
 PARAMS = GenerationParams(prompt="p", lyrics="", audio_duration=2.0, infer_step=6, actual_seeds=(3,))
@@ -159,7 +159,7 @@ def step_batch(cond: Conditions, rows: list[int], frames: int = FRAMES, seed: in
     g = torch.Generator().manual_seed(seed)
     n = len(rows)
     return {
-        "LATENTS": torch.randn(n, LATENT_CHANNELS, LATENT_HEIGHT, frames, generator=g).numpy(),
+        "LATENTS": torch.randn(n, PUBLISHED_GEOMETRY.channels, PUBLISHED_GEOMETRY.height, frames, generator=g).numpy(),
         "ATTENTION_MASK": np.ones((n, frames), np.float32),
         "ENCODER_STATES": cond.states[rows].numpy(),
         "ENCODER_MASK": cond.mask[rows].numpy(),

@@ -27,9 +27,8 @@ import triton_python_backend_utils as pb_utils
 
 from acestep_triton.bls_loop import DitStepError, StepLoop
 from acestep_triton.condition_cache import ConditionSender, new_request_id
-from acestep_triton.contract import ParameterError
-from acestep_triton.pipeline import Conditions
-from acestep_triton.preprocess import BRANCHES
+from acestep_triton.contract import BRANCHES, ParameterError
+from acestep_triton.sampling.conditions import Conditions
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, latent_frames, make_generators
