@@ -18,7 +18,9 @@
 - cuDNN benchmark mode picks the fastest convolution algorithms for the shapes it sees; float32
   matrix products (only the linear attention's) use TF32, as upstream's GPU pipeline sets.
 
-`accelerate_engine` also warms each component up, so compilation and capture happen at load.
+`accelerate_engine` applies what every component shares, then the component's own hook (its
+registry `acceleration`: `accelerate_dit_step`, `accelerate_vocoder`), which also warms it up, so
+compilation and capture happen at load.
 Run the process with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set before CUDA starts):
 without it the caching allocator's fragmentation reserves ~40 % more than is allocated at 240 s.
 """
@@ -26,17 +28,29 @@ without it the caching allocator's fragmentation reserves ~40 % more than is all
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.engines import TorchEngine
 from acestep_triton.models.dcae import decode_local_part
+from acestep_triton.registry import component, resolve
 from acestep_triton.sampling.seeds import latent_frames
+
+
+class TorchEngine(Protocol):
+    """What the speed-ups use of acestep_triton.engines.TorchEngine; a Protocol so that this module
+    does not import engines, which loads it (no import cycle)."""
+
+    device: torch.device
+    module: torch.nn.Module
+    spec: object
+
+    def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -263,46 +277,67 @@ def _encoder_warmup_batch(engine: TorchEngine, rows: int = 2, tokens: int = 64) 
 
 
 def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = Acceleration()) -> None:
-    """Apply `settings` to a loaded CUDA engine in place and warm it up (compilation, the decode
-    graphs of the common shapes, the vocoder's window graph and cuDNN search happen here)."""
+    """Apply `settings` to a loaded CUDA engine in place and warm it up through the component's
+    registry hook (compilation, the decode graphs of the common shapes, the decoders' window graphs
+    and cuDNN search happen there)."""
     if engine.device.type != "cuda":
         raise ValueError(f"accelerate: the gpu speed-ups need a CUDA device, got {engine.device}")
     torch.backends.cudnn.benchmark = settings.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = settings.tf32_matmul
-    module = engine.module
-    if name == "dit_step":
-        if settings.fused_linear_attention:
-            from acestep_triton.models.linear_attention_kernel import fused_linear_attention
-
-            for block in module.transformer.transformer_blocks:
-                block.attn.fused = fused_linear_attention
-        if settings.compile_blocks:
-            compile_blocks(module.transformer)
-        module.decode = BucketedDecode(module.transformer, settings)
-        # first calls: different frame and token counts, so dynamic shapes do not tie the two together
-        for rows in (1, 2):
-            engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, settings.token_bucket))
-        for seconds in settings.warm_seconds:
-            for rows in settings.warm_rows:
-                engine.run(_dit_warmup_batch(engine, rows, latent_frames(seconds), settings.token_bucket))
-    elif name in ("text_encoder", "condition_encoder"):
-        # eager: one run loads the kernels and cuBLAS handles the first request would otherwise wait for
-        engine.run(_encoder_warmup_batch(engine))
-    elif name == "dcae_decoder":
-        module.forward = _without_cudnn_search(module.forward)
-        module.window_frames = settings.dcae_window_frames
-        if settings.dcae_window_frames is not None:
-            module.window_batch = 1
-            module.decode_window = CudaGraphs(partial(decode_local_part, module.dcae), max_graphs=2)
-        channels, height, _ = engine.spec.inputs[0].dims
-        engine.run({"LATENTS": torch.randn(1, channels, height, latent_frames(settings.warm_seconds[0]))})
-    elif name == "vocoder":
-        module.vocoder.head.channels_last = settings.vocoder_channels_last
-        module.window_frames = settings.vocoder_window_frames
-        module.window_batch = settings.vocoder_window_batch
-        if settings.vocoder_window_frames is not None:
-            if settings.vocoder_graphs:
-                module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
-            n_mels = module.vocoder.config.n_mels
-            engine.run({"MEL": torch.randn(1, 2, n_mels, 2 * settings.vocoder_window_frames) - 5.0})
+    hook = component(name).acceleration
+    if hook:
+        resolve(hook)(engine, settings)
     torch.cuda.synchronize(engine.device)
+
+
+def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
+    """dit_step's hook: (optionally) the fused linear attention, compiled blocks, bucketed CUDA-graph
+    decodes; warmed up at two row counts, then the graphs of the common lengths captured."""
+    module = engine.module
+    if settings.fused_linear_attention:
+        from acestep_triton.models.linear_attention_kernel import fused_linear_attention
+
+        for block in module.transformer.transformer_blocks:
+            block.attn.fused = fused_linear_attention
+    if settings.compile_blocks:
+        compile_blocks(module.transformer)
+    module.decode = BucketedDecode(module.transformer, settings)
+    # first calls: different frame and token counts, so dynamic shapes do not tie the two together
+    for rows in (1, 2):
+        engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, settings.token_bucket))
+    for seconds in settings.warm_seconds:
+        for rows in settings.warm_rows:
+            engine.run(_dit_warmup_batch(engine, rows, latent_frames(seconds), settings.token_bucket))
+
+
+def accelerate_encoder(engine: TorchEngine, settings: Acceleration) -> None:
+    """text_encoder's and condition_encoder's hook: eager, run once so that the kernels and cuBLAS
+    handles the first request would otherwise wait for are loaded."""
+    engine.run(_encoder_warmup_batch(engine))
+
+
+def accelerate_dcae_decoder(engine: TorchEngine, settings: Acceleration) -> None:
+    """dcae_decoder's hook: no per-length cuDNN search; the local upsampling part in windows
+    replayed from a CUDA graph; warmed up."""
+    module = engine.module
+    module.forward = _without_cudnn_search(module.forward)
+    module.window_frames = settings.dcae_window_frames
+    if settings.dcae_window_frames is not None:
+        module.window_batch = 1
+        module.decode_window = CudaGraphs(partial(decode_local_part, module.dcae), max_graphs=2)
+    channels, height, _ = engine.spec.inputs[0].dims
+    engine.run({"LATENTS": torch.randn(1, channels, height, latent_frames(settings.warm_seconds[0]))})
+
+
+def accelerate_vocoder(engine: TorchEngine, settings: Acceleration) -> None:
+    """vocoder's hook: channels-last head, windows of all items and channels decoded in fixed groups
+    replayed from a CUDA graph; warmed up."""
+    module = engine.module
+    module.vocoder.head.channels_last = settings.vocoder_channels_last
+    module.window_frames = settings.vocoder_window_frames
+    module.window_batch = settings.vocoder_window_batch
+    if settings.vocoder_window_frames is not None:
+        if settings.vocoder_graphs:
+            module.decode_window = CudaGraphs(module.vocoder.decode, max_graphs=2)
+        n_mels = module.vocoder.config.n_mels
+        engine.run({"MEL": torch.randn(1, 2, n_mels, 2 * settings.vocoder_window_frames) - 5.0})

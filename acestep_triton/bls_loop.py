@@ -6,13 +6,13 @@ server. Semantics of the keys, misses and releases: acestep_triton.condition_cac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from acestep_triton.condition_cache import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS, ConditionSender, is_miss
-from acestep_triton.pipeline import Conditions, branch_inputs
+from acestep_triton.sampling.conditions import Conditions, branch_inputs
 
 # One dit_step request: named tensors / arrays -> VELOCITY; raises DitStepError when it answers an error.
 Call = Callable[[Mapping[str, torch.Tensor | np.ndarray]], torch.Tensor]
@@ -34,9 +34,12 @@ class StepLoop:
     """
 
     def __init__(self, call: Call, conditions: Conditions, use_erg_diffusion: bool, sender: ConditionSender | None,
-                 total_steps: int) -> None:
+                 plan: Sequence[Sequence[str]]) -> None:
+        """`plan[i]` lists the branches step i evaluates (Guidance.branches): a branch's rows carry
+        CONDITION_RELEASE at the last step that uses it."""
         self.call, self.conditions, self.use_erg_diffusion = call, conditions, use_erg_diffusion
-        self.sender, self.total_steps = sender, total_steps
+        self.sender = sender
+        self.last_use = {branch: i for i, branches in enumerate(plan) for branch in branches}
         self.per_branches: dict[tuple[str, ...], dict] = {}
         self.calls = 0
         self.last: tuple[torch.Tensor, tuple[str, ...]] | None = None
@@ -56,10 +59,10 @@ class StepLoop:
                 **self._branch_inputs(branches, items, latents.shape[-1])}
         if self.sender is None:
             return self.call(base)
-        last = self.calls == self.total_steps
+        done = tuple(b for b in branches if self.last_use[b] == self.calls - 1)
         extra = {CONDITION_KEY: self.sender.row_keys(branches, items)}
-        if last:
-            extra[CONDITION_RELEASE] = np.ones((latents.shape[0], 1), dtype=bool)
+        if done:
+            extra[CONDITION_RELEASE] = np.array([b in done for b in branches for _ in range(items)]).reshape(-1, 1)
         velocity = None
         if self.sender.holds(branches):
             try:
@@ -71,15 +74,13 @@ class StepLoop:
         if velocity is None:
             velocity = self.call({**base, **extra})
             self.sender.sent(branches)
-        if last:  # this step's keys went with it; branches it did not use are released on their own
-            self.sender.forget(branches)
-            self.release()
+        self.sender.forget(done)
         return velocity
 
     def release(self) -> None:
-        """Free the conditions dit_step holds for this loop (it stopped, or finished with branches
-        its last step did not use): one row per held branch, by key, with CONDITION_RELEASE. The
-        result and errors are ignored (a miss means nothing was left to free)."""
+        """Free the conditions dit_step still holds for a loop that stopped early: one row per held
+        branch, by key, with CONDITION_RELEASE. The result and errors are ignored (a miss means
+        nothing was left to free)."""
         if self.sender is None or self.last is None or not self.sender.held():
             return
         latents, _ = self.last

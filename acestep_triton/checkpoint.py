@@ -14,6 +14,8 @@ from pathlib import Path
 
 HUB_REPO_ID = "ACE-Step/ACE-Step-v1-3.5B"
 LYRIC_VOCAB_ENV = "ACESTEP_LYRIC_VOCAB"
+CHECKPOINT_ENV = "ACESTEP_CHECKPOINT"
+DEPLOYMENT_CHECKPOINT = f"${CHECKPOINT_ENV}"
 LYRIC_VOCAB_FILENAME = "lyric_vocab.json"
 UPSTREAM_LYRIC_VOCAB_URL = (
     "https://raw.githubusercontent.com/ace-step/ACE-Step/d612523f50e252c0e138e68ae75b06223f96e934/"
@@ -110,6 +112,18 @@ def validate_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if problems:
         raise CheckpointError(f"checkpoint {root} is incomplete: " + "; ".join(problems))
     return Checkpoint(root)
+
+
+def deployment_checkpoint(parameter: str) -> Checkpoint:
+    """The checkpoint a Triton model serves, from its CHECKPOINT parameter: a directory, or
+    DEPLOYMENT_CHECKPOINT ("$ACESTEP_CHECKPOINT", what the committed model_repository/ holds), which
+    names the environment variable the deployment sets to its checkpoint directory."""
+    if parameter != DEPLOYMENT_CHECKPOINT:
+        return validate_checkpoint(parameter)
+    if not os.environ.get(CHECKPOINT_ENV):
+        raise CheckpointError(f"the model's CHECKPOINT is {DEPLOYMENT_CHECKPOINT} but {CHECKPOINT_ENV} is not set; "
+                              f"set it to the checkpoint directory this deployment serves")
+    return validate_checkpoint(os.environ[CHECKPOINT_ENV])
 
 
 def find_lyric_vocab(checkpoint: Checkpoint, explicit: str | os.PathLike | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""The five neural components as modules whose forward is exactly their spec (acestep_triton.specs).
+"""The neural components as modules whose forward is exactly their spec (acestep_triton.registry).
 
 forward takes the spec's inputs positionally, in spec order, and returns its outputs as a
 tuple in spec order. The same module is run by the in-process pipeline, by the Triton python
@@ -7,6 +7,7 @@ models (`pytorch` engine) and exported to ONNX, so all three compute one functio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -15,13 +16,11 @@ from torch import nn
 from acestep_triton.audio import resample
 from acestep_triton.checkpoint import Checkpoint
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE
-from acestep_triton.models.dcae import decode_local_part, latents_to_mel, latents_to_mel_windowed, load_dcae
+from acestep_triton.models.dcae import decode_local_part, latents_to_mel, latents_to_mel_windowed
 from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
-from acestep_triton.models.vocoder import ADaMoSHiFiGAN, load_vocoder
-from acestep_triton.specs import NEURAL_COMPONENTS
-
-SPEAKER_EMBEDDING_DIM = 512
+from acestep_triton.models.vocoder import ADaMoSHiFiGAN
+from acestep_triton.registry import COMPONENTS, component, resolve
 
 
 class TextEncoderComponent(nn.Module):
@@ -49,7 +48,7 @@ class ConditionEncoderComponent(nn.Module):
         self.transformer = transformer
 
     def forward(self, text_states, text_mask, text_scale, lyric_ids, lyric_mask, lyric_q_scale):
-        speaker = text_states.new_zeros(text_states.shape[0], SPEAKER_EMBEDDING_DIM)
+        speaker = text_states.new_zeros(text_states.shape[0], self.transformer.config.speaker_embedding_dim)
         states, mask = self.transformer.encode(
             text_states * text_scale[:, :, None], text_mask, speaker, lyric_ids, lyric_mask,
             lyric_q_scale=lyric_q_scale[:, 0],
@@ -124,66 +123,42 @@ class VocoderComponent(nn.Module):
         return (resample(wave, self.vocoder.config.sampling_rate, OUTPUT_SAMPLE_RATE),)
 
 
-# The ACEStepTransformer submodules each transformer component runs. Loading keeps only those,
-# so a process serving one of them holds only its weights on the device (`projectors`, the
-# training-only SSL heads, are never kept).
-TRANSFORMER_PARTS = {
-    "condition_encoder": ("speaker_embedder", "genre_embedder", "lyric_embs", "lyric_encoder", "lyric_proj"),
-    "dit_step": ("transformer_blocks", "time_proj", "timestep_embedder", "t_block", "proj_in", "final_layer"),
-}
-
-
-def keep_transformer_parts(transformer: ACEStepTransformer, components) -> ACEStepTransformer:
-    """Drop (in place) every submodule that none of `components` runs."""
-    kept = {part for name in components for part in TRANSFORMER_PARTS[name]}
-    for child, _ in list(transformer.named_children()):
+def keep_parts(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Drop (in place) every submodule of a shared model that none of the components `names` runs
+    (registry `parts`), so a process serving some of them holds only their weights on the device."""
+    kept = {part for name in names for part in component(name).parts}
+    for child, _ in list(model.named_children()):
         if child not in kept:
-            setattr(transformer, child, None)
-    return transformer
+            setattr(model, child, None)
+    return model
 
 
-def component_module(name: str, model: nn.Module) -> nn.Module:
-    """The component `name` around its loaded model (the transformer for both transformer components)."""
-    if name == "text_encoder":
-        return TextEncoderComponent(model)
-    if name == "condition_encoder":
-        return ConditionEncoderComponent(model)
-    if name == "dit_step":
-        return DiTStepComponent(model)
-    if name == "dcae_decoder":
-        return DcaeDecoderComponent(model)
-    if name == "vocoder":
-        return VocoderComponent(model)
-    raise KeyError(f"unknown component {name!r}; known: {list(NEURAL_COMPONENTS)}")
-
-
-def load_components(names, ckpt: Checkpoint, device: str | torch.device = "cpu",
+def load_components(names: Sequence[str], ckpt: Checkpoint, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """Load components from their published folders, in eval mode on `device`.
+    """Load components from their checkpoint folders, in eval mode on `device`.
 
-    condition_encoder and dit_step share one transformer, pruned to what they run.
+    Components with the same loader and folder (condition_encoder and dit_step) share one model,
+    pruned to the parts they run.
     """
-    unknown = [name for name in names if name not in NEURAL_COMPONENTS]
+    unknown = [name for name in names if name not in COMPONENTS]
     if unknown:
-        raise KeyError(f"unknown components {unknown}; known: {list(NEURAL_COMPONENTS)}")
-    transformer_users = [name for name in names if name in TRANSFORMER_PARTS]
+        raise KeyError(f"unknown components {unknown}; known: {list(COMPONENTS)}")
+    users: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        users.setdefault((component(name).loader, component(name).folder), []).append(name)
     models = {}
-    if transformer_users:
-        transformer = keep_transformer_parts(ACEStepTransformer.from_pretrained(ckpt.transformer), transformer_users)
-        models.update(dict.fromkeys(transformer_users, transformer))
-    if "text_encoder" in names:
-        models["text_encoder"] = TextEncoder.from_pretrained(ckpt.text_encoder)
-    if "dcae_decoder" in names:
-        models["dcae_decoder"] = load_dcae(ckpt.dcae)
-    if "vocoder" in names:
-        models["vocoder"] = load_vocoder(ckpt.vocoder)
+    for (loader, folder), sharing in users.items():
+        model = resolve(loader)(ckpt.root / folder)
+        if any(component(name).parts for name in sharing):
+            model = keep_parts(model, sharing)
+        models.update(dict.fromkeys(sharing, model))
     return {
-        name: component_module(name, models[name]).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        name: resolve(component(name).module)(models[name]).to(device=device, dtype=dtype).eval().requires_grad_(False)
         for name in names
     }
 
 
 def load_component(name: str, ckpt: Checkpoint, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load one component from its published folder, in eval mode on `device`."""
+    """Load one component from its checkpoint folder, in eval mode on `device`."""
     return load_components([name], ckpt, device, dtype)[name]

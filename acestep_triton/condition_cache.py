@@ -23,12 +23,12 @@ Semantics (the contract between the `diffusion` loop and the `dit_step` model):
                      and nothing is computed for it: the loop re-sends its conditions inline;
     neither          the request fails (INVALID_ARG).
   Rows sharing a key must carry equal conditions (the loop's rows of one branch do).
-- Lifetime. An entry is freed by CONDITION_RELEASE (the rows of the request that carries it are
-  computed from copies, so it applies at once). The loop sets it on its last step, and sends a
-  release request (one row per branch still held, by key) for branches its last step did not use
-  and when it stops early (cancelled, failed). An entry is also freed when a request naming it fails
-  inside `dit_step` (e.g. out of memory), and as a safety net by a TTL since last use and an LRU
-  bound on bytes. Releasing a key that is not held is not an error.
+- Lifetime. A row's CONDITION_RELEASE frees its key once the request is resolved (its rows are
+  computed from copies). The loop sets it on a branch's rows at the last step that uses the branch,
+  so a finished request holds nothing without an extra call; a loop that stops early (cancelled,
+  failed) sends a release request (one row per branch still held, by key). An entry is also freed
+  when a request naming it fails inside `dit_step` (e.g. out of memory), and as a safety net by a
+  TTL since last use and an LRU bound on bytes. Releasing a key that is not held is not an error.
 - Misses are never answered wrongly: another `dit_step` instance, a restarted stub or an evicted
   entry all look the same (the key is not held), and the loop answers every miss by sending the
   conditions again. With several `dit_step` instances each instance fills its own cache on its
@@ -219,18 +219,18 @@ def request_conditions(
     cache: ConditionCache,
     sent: Mapping[str, torch.Tensor],
     keys: Sequence[str] | None,
-    release: bool,
+    release: Sequence[bool] | None,
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """`dit_step`'s handling of one request: `resolve_conditions`, then, when the request carries
-    CONDITION_RELEASE, its keys are dropped whatever the outcome (the rows this execution needs
-    were copied out of the cache already)."""
+    """`dit_step`'s handling of one request: `resolve_conditions`, then the keys of the rows whose
+    CONDITION_RELEASE is set are dropped whatever the outcome (the rows this execution needs were
+    copied out of the cache already)."""
     try:
         return resolve_conditions(cache, sent, keys, device, dtype)
     finally:
-        if release and keys is not None:
-            cache.release(keys)
+        if release is not None and keys is not None:
+            cache.release([key for key, flag in zip(keys, release) if flag])
 
 
 def decode_keys(array: np.ndarray) -> list[str]:

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from acestep_triton.geometry import PUBLISHED_GEOMETRY
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEDULERS = ("euler", "heun", "pingpong")
 CFG_TYPES = ("apg", "cfg", "cfg_star")
@@ -20,6 +25,7 @@ MAX_PROMPT_CHARS = 4096
 MAX_LYRICS_CHARS = 16384
 MAX_SEEDS = 16
 MAX_GUIDANCE_SCALE = 200.0
+SEED_RANGE = 2**32
 
 OUTPUT_SAMPLE_RATE = 48000
 
@@ -67,6 +73,23 @@ class GenerationParams:
         return out
 
 
+# The GenerationParams fields the sampling loop reads (schedule, guidance, ERG-diffusion): the
+# ensemble inputs the `diffusion` model takes. The rest is read by `preprocess` only.
+SAMPLING_PARAMS = frozenset({
+    "infer_step", "scheduler_type", "omega_scale", "oss_steps", "guidance_scale", "cfg_type", "guidance_interval",
+    "guidance_interval_decay", "min_guidance_scale", "guidance_scale_text", "guidance_scale_lyric",
+    "use_erg_diffusion",
+})
+
+# Guidance branches: CFG and ERG (specs.ERG_Q_SCALE) evaluate the model under up to
+# three conditions. `preprocess` lays out one row per branch in BRANCHES order (the first two,
+# or all three with double-condition guidance), and ENCODER_STATES keeps that row order.
+COND = "cond"
+NULL = "null"
+NO_LYRIC = "no_lyric"
+BRANCHES = (COND, NULL, NO_LYRIC)
+
+
 def uses_double_condition(p: GenerationParams) -> bool:
     """Upstream's double-condition guidance: both separate scales above 1 (it then overrides cfg_type)."""
     return p.guidance_scale_text > 1.0 and p.guidance_scale_lyric > 1.0
@@ -94,6 +117,9 @@ def validate(p: GenerationParams) -> None:
     _finite("audio_duration", p.audio_duration, -1.0, MAX_DURATION_S)
     if p.audio_duration != -1 and p.audio_duration <= 0:
         raise ParameterError("audio_duration", "must be -1 (random 30-240 s) or in (0, 240]")
+    if p.audio_duration != -1 and PUBLISHED_GEOMETRY.frames(p.audio_duration) < 1:
+        raise ParameterError("audio_duration", f"must give at least one latent frame "
+                                               f"({PUBLISHED_GEOMETRY.frame_seconds:.4f} s), got {p.audio_duration}")
     if isinstance(p.infer_step, bool) or not isinstance(p.infer_step, int):
         raise ParameterError("infer_step", "must be an integer")
     if not 1 <= p.infer_step <= MAX_INFER_STEP:
@@ -107,7 +133,7 @@ def validate(p: GenerationParams) -> None:
     if len(p.actual_seeds) > MAX_SEEDS:
         raise ParameterError("actual_seeds", f"at most {MAX_SEEDS} seeds")
     for s in p.actual_seeds:
-        if not 0 <= s < 2**32:
+        if not 0 <= s < SEED_RANGE:
             raise ParameterError("actual_seeds", f"seeds must be in [0, 2**32), got {s}")
     _finite("guidance_interval", p.guidance_interval, 0.0, 1.0)
     _finite("guidance_interval_decay", p.guidance_interval_decay, 0.0, 1.0)
@@ -162,6 +188,27 @@ ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("GUIDANCE_SCALE_LYRIC", "TYPE_FP32", (1,), "guidance_scale_lyric"),
 )
 
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one generation produced, in process (pipeline) or through Triton (ensemble_client).
+
+    waveforms: [items, 2, samples] float32 at OUTPUT_SAMPLE_RATE, one item per seed.
+    seeds: the seed each item was drawn with (len == items).
+    duration: the target duration in seconds (a requested -1 resolved); the waveform is that
+        rounded down to whole latent frames.
+    timings: seconds per stage, keyed by STAGES (a deployment of TensorRT plans leaves out the
+        stages that cannot time themselves).
+    connect_seconds: seconds spent building a Triton client for this request (0 when reused or
+        in process).
+    """
+
+    waveforms: np.ndarray
+    seeds: tuple[int, ...]
+    duration: float
+    timings: dict[str, float]
+    connect_seconds: float = 0.0
+
+
 # WAVEFORM holds one 48 kHz stereo item per seed (one item when no seed is given),
 # SEEDS the seed each item was drawn with, DURATION the seconds actually generated.
 # TIME_<STAGE> is one row per row of that stage's batch, all equal (engines that cannot
@@ -171,6 +218,7 @@ STAGES = ("preprocess", "text_encoder", "condition_encoder", "diffusion", "dcae_
 
 
 def stage_time_name(stage: str) -> str:
+    """The output that carries `stage`'s seconds."""
     return f"TIME_{stage.upper()}"
 
 

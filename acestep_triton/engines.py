@@ -12,7 +12,8 @@ import torch
 
 from acestep_triton.checkpoint import Checkpoint
 from acestep_triton.components import load_components
-from acestep_triton.specs import ComponentSpec, component_spec
+from acestep_triton.registry import component_spec
+from acestep_triton.specs import ComponentSpec
 
 
 class TorchEngine:

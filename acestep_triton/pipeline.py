@@ -8,106 +8,32 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
-from acestep_triton.contract import OUTPUT_SAMPLE_RATE, GenerationParams
+from acestep_triton.contract import GenerationParams, GenerationResult
 from acestep_triton.engines import load_engines
+from acestep_triton.geometry import PUBLISHED_GEOMETRY, LatentGeometry, latent_geometry
 from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.preprocess import PreparedRequest, prepare_request
+from acestep_triton.registry import NEURAL_COMPONENTS
+from acestep_triton.sampling.conditions import Conditions, branch_inputs
 from acestep_triton.sampling.loop import ProgressFn, denoise
 from acestep_triton.sampling.seeds import initial_noise, make_generators
-from acestep_triton.specs import ERG_Q_SCALE, NEURAL_COMPONENTS
 from acestep_triton.text_tokenizer import TextTokenizer
 
 Engine = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Conditions:
-    """Encoder states per guidance branch: states [K, L, D], mask [K, L], row k is branches[k]."""
-
-    branches: tuple[str, ...]
-    states: torch.Tensor
-    mask: torch.Tensor
-
-
-def branch_inputs(
-    conditions: Conditions, branches: Sequence[str], items: int, frames: int, use_erg_diffusion: bool
-) -> dict[str, torch.Tensor]:
-    """The `dit_step` inputs that depend only on the branches of a step (rows branch-major,
-    N = len(branches) * items), on the conditions' device: the same for every step with these branches.
-
-    ERG-diffusion weakens only the "null" rows, as upstream's hooks do on the uncond pass.
-    """
-    device = conditions.states.device
-    rows = torch.tensor([conditions.branches.index(b) for b in branches]).repeat_interleave(items)
-    q_scale = torch.tensor(
-        [ERG_Q_SCALE if (b == "null" and use_erg_diffusion) else 1.0 for b in branches]
-    ).repeat_interleave(items)
-    rows = rows.to(device)
-    return {
-        "ATTENTION_MASK": torch.ones(rows.shape[0], frames, device=device),
-        "ENCODER_STATES": conditions.states[rows],
-        "ENCODER_MASK": conditions.mask[rows],
-        "Q_SCALE": q_scale.reshape(-1, 1).to(device),
-    }
-
-
-def dit_inputs(
-    conditions: Conditions,
-    latents: torch.Tensor,
-    timestep: torch.Tensor,
-    branches: Sequence[str],
-    use_erg_diffusion: bool,
-) -> dict[str, torch.Tensor]:
-    """The `dit_step` batch for one loop step (see sampling.loop: rows branch-major, N = len(branches)*B)."""
-    items = latents.shape[0] // len(branches)
-    batch = branch_inputs(conditions, branches, items, latents.shape[-1], use_erg_diffusion)
-    batch["ATTENTION_MASK"] = batch["ATTENTION_MASK"].to(latents)
-    batch["Q_SCALE"] = batch["Q_SCALE"].to(latents)
-    return {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1).to(latents.dtype), **batch}
-
-
-def text_encoder_inputs(prepared: PreparedRequest) -> dict[str, torch.Tensor]:
-    return {
-        "TEXT_IDS": torch.from_numpy(prepared.text_ids),
-        "TEXT_MASK": torch.from_numpy(prepared.text_mask),
-        "TEXT_Q_SCALE": torch.from_numpy(prepared.text_q_scale),
-    }
-
-
-def condition_encoder_inputs(prepared: PreparedRequest, text_states: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {
-        "TEXT_STATES": text_states,
-        "TEXT_MASK": torch.from_numpy(prepared.text_mask),
-        "TEXT_SCALE": torch.from_numpy(prepared.text_scale),
-        "LYRIC_IDS": torch.from_numpy(prepared.lyric_ids),
-        "LYRIC_MASK": torch.from_numpy(prepared.lyric_mask),
-        "LYRIC_Q_SCALE": torch.from_numpy(prepared.lyric_q_scale),
-    }
-
-
-@dataclass
-class GenerationResult:
-    """waveforms [B, 2, N] float32 at `sample_rate`; one item per seed."""
-
-    waveforms: torch.Tensor
-    seeds: tuple[int, ...]
-    duration: float
-    timings: dict[str, float] = field(default_factory=dict)
-    sample_rate: int = OUTPUT_SAMPLE_RATE
 
 
 class Text2MusicPipeline:
     """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings."""
 
     def __init__(self, text_tokenizer: TextTokenizer, lyric_tokenizer: LyricTokenizer,
-                 engines: Mapping[str, Engine], device: torch.device) -> None:
+                 engines: Mapping[str, Engine], device: torch.device,
+                 geometry: LatentGeometry = PUBLISHED_GEOMETRY) -> None:
         missing = set(NEURAL_COMPONENTS) - set(engines)
         if missing:
             raise ValueError(f"engines missing for {sorted(missing)}")
@@ -115,6 +41,7 @@ class Text2MusicPipeline:
         self.lyric_tokenizer = lyric_tokenizer
         self.engines = dict(engines)
         self.device = device
+        self.geometry = geometry
 
     @classmethod
     def from_checkpoint(
@@ -135,6 +62,7 @@ class Text2MusicPipeline:
             LyricTokenizer.from_file(find_lyric_vocab(ckpt, lyric_vocab)),
             engines,
             torch.device(device),
+            latent_geometry(ckpt),
         )
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
@@ -153,15 +81,16 @@ class Text2MusicPipeline:
 
         with stage("preprocess"):
             prepared = self.prepare(params)
+            rows = {name: torch.from_numpy(array) for name, array in prepared.tensors().items()}
         with stage("text_encoder"):
-            text_states = self.engines["text_encoder"](text_encoder_inputs(prepared))["TEXT_STATES"]
+            text_states = self.engines["text_encoder"](rows)["TEXT_STATES"]
         with stage("condition_encoder"):
-            out = self.engines["condition_encoder"](condition_encoder_inputs(prepared, text_states))
+            out = self.engines["condition_encoder"]({**rows, "TEXT_STATES": text_states})
             conditions = Conditions(prepared.branches, out["ENCODER_STATES"].to(self.device),
                                     out["ENCODER_MASK"].to(self.device))
         with stage("diffusion"):
             generators = make_generators(prepared.seeds)
-            noise = initial_noise(generators, prepared.frames, device=self.device)
+            noise = initial_noise(generators, self.geometry.frames(prepared.duration), self.geometry, self.device)
 
             per_branches: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
@@ -178,4 +107,4 @@ class Text2MusicPipeline:
             mel = self.engines["dcae_decoder"]({"LATENTS": latents})["MEL"]
         with stage("vocoder"):
             waveforms = self.engines["vocoder"]({"MEL": mel})["WAVEFORM"].float().cpu()
-        return GenerationResult(waveforms, prepared.seeds, prepared.duration, timings)
+        return GenerationResult(waveforms.numpy(), prepared.seeds, prepared.duration, timings)

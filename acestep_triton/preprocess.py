@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from acestep_triton.contract import GenerationParams, uses_double_condition
-from acestep_triton.sampling.seeds import latent_frames, resolve_duration, resolve_seeds
+from acestep_triton.contract import BRANCHES, COND, NO_LYRIC, NULL, GenerationParams, uses_double_condition
+from acestep_triton.sampling.seeds import resolve_duration, resolve_seeds
 from acestep_triton.specs import ERG_Q_SCALE
 
-BRANCHES = ("cond", "null", "no_lyric")
 EMPTY_LYRICS = ([0], [0])
 
 
@@ -42,9 +41,20 @@ class PreparedRequest:
     seeds: tuple[int, ...]  # one per batch item
     duration: float  # seconds actually generated (-1 resolved from the first seed)
 
-    @property
-    def frames(self) -> int:
-        return latent_frames(self.duration)
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The `preprocess` model's outputs (its time aside) by tensor name; the in-process pipeline
+        feeds the encoders from the same dict, which picks its inputs by name."""
+        return {
+            "TEXT_IDS": self.text_ids,
+            "TEXT_MASK": self.text_mask,
+            "TEXT_Q_SCALE": self.text_q_scale,
+            "TEXT_SCALE": self.text_scale,
+            "LYRIC_IDS": self.lyric_ids,
+            "LYRIC_MASK": self.lyric_mask,
+            "LYRIC_Q_SCALE": self.lyric_q_scale,
+            "SEEDS": np.asarray(self.seeds, dtype=np.int64),
+            "DURATION": np.asarray([self.duration], dtype=np.float32),
+        }
 
 
 def prepare_request(
@@ -65,13 +75,13 @@ def prepare_request(
 
     # branch -> (text q scale, text scale, lyric ids, lyric q scale)
     rows = {
-        "cond": (1.0, 1.0, lyric_ids, 1.0),
-        "null": (
+        COND: (1.0, 1.0, lyric_ids, 1.0),
+        NULL: (
             (ERG_Q_SCALE if erg_tag else 1.0, 1.0 if erg_tag else 0.0, lyric_ids, ERG_Q_SCALE)
             if erg_lyric
             else (1.0, 0.0, zero_lyrics, 1.0)
         ),
-        "no_lyric": (1.0, 1.0, lyric_ids, ERG_Q_SCALE) if erg_lyric else (1.0, 1.0, zero_lyrics, 1.0),
+        NO_LYRIC: (1.0, 1.0, lyric_ids, ERG_Q_SCALE) if erg_lyric else (1.0, 1.0, zero_lyrics, 1.0),
     }
     branches = BRANCHES if uses_double_condition(params) else BRANCHES[:2]
     k = len(branches)

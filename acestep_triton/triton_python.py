@@ -85,14 +85,15 @@ def response(outputs: Mapping[str, torch.Tensor | np.ndarray]):
 
 
 def error_response(exc: BaseException):
-    """The error response for `exc`: bad input -> INVALID_ARG with its message; a condition cache
-    miss -> NOT_FOUND (the loop re-sends); out of GPU memory -> UNAVAILABLE (a retry may fit);
-    anything else -> INTERNAL without internals (logged with its traceback)."""
+    """The error response for `exc`: the client's fault (ParameterError, naming the field) ->
+    INVALID_ARG with its message; a condition cache miss -> NOT_FOUND (the loop re-sends); out of
+    GPU memory -> UNAVAILABLE (a retry may fit); anything else, a ValueError of our own code
+    included, -> INTERNAL without internals (logged with its traceback)."""
     from acestep_triton.condition_cache import ConditionMiss
 
     if isinstance(exc, ConditionMiss):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.NOT_FOUND))
-    if isinstance(exc, (ParameterError, ValueError)):
+    if isinstance(exc, ParameterError):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
         )
@@ -142,10 +143,10 @@ def request_params(request) -> GenerationParams:
 
 def _engine(name: str, params: Mapping[str, str]):
     """The engine a component model's config parameters ask for."""
-    from acestep_triton.checkpoint import validate_checkpoint
-    from acestep_triton.specs import component_spec
+    from acestep_triton.checkpoint import deployment_checkpoint
+    from acestep_triton.registry import component_spec
 
-    ckpt = validate_checkpoint(params["CHECKPOINT"])
+    ckpt = deployment_checkpoint(params["CHECKPOINT"])
     if params.get("ENGINE", "pytorch") == "onnx":
         from acestep_triton.onnx_engine import OnnxEngine
 

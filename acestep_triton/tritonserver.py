@@ -43,7 +43,7 @@ from types import TracebackType
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+STOP_GRACE_S = 20.0
 
 
 class TritonServerError(RuntimeError):
@@ -213,10 +213,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _bool_flag(value: bool) -> str:
-    return "true" if value else "false"
-
-
 def process_group_pids(pgid: int) -> list[int]:
     """Live pids in process group `pgid` (the server and the stubs it spawned)."""
     members = []
@@ -251,21 +247,12 @@ class TritonServer:
         metrics_port: int = 0,
         log_path: Path | None = None,
         log_verbose: int = 0,
-        model_control_mode: str = "none",
-        load_models: Sequence[str] = (),
-        exit_on_error: bool = True,
-        strict_readiness: bool = True,
         startup_timeout_s: float = 120.0,
         stop_grace_s: float = 20.0,
         backend_dir: Path | None = None,
         python: Path | None = None,
         env: Mapping[str, str] | None = None,
-        extra_args: Sequence[str] = (),
     ) -> None:
-        if model_control_mode not in MODEL_CONTROL_MODES:
-            raise ValueError(f"model_control_mode: must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}")
-        if load_models and model_control_mode != "explicit":
-            raise ValueError("load_models: only valid with model_control_mode='explicit'")
         repos = [model_repository] if isinstance(model_repository, (str, Path)) else list(model_repository)
         self.model_repositories = [Path(r).resolve() for r in repos]
         for repo in self.model_repositories:
@@ -281,16 +268,11 @@ class TritonServer:
             log_path = Path(name)
         self.log_path = Path(log_path)
         self.log_verbose = log_verbose
-        self.model_control_mode = model_control_mode
-        self.load_models = tuple(load_models)
-        self.exit_on_error = exit_on_error
-        self.strict_readiness = strict_readiness
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.backend_dir = backend_dir
         self.python = Path(python) if python is not None else Path(sys.executable)
         self.extra_env = dict(env or {})
-        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -321,12 +303,10 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
-            f"--model-control-mode={self.model_control_mode}",
-            f"--exit-on-error={_bool_flag(self.exit_on_error)}",
-            f"--strict-readiness={_bool_flag(self.strict_readiness)}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
         ]
-        cmd += [f"--load-model={name}" for name in self.load_models]
-        return cmd + list(self.extra_args)
+        return cmd
 
     def start(self) -> None:
         """Launch the server and block until it is ready (or raise with the log tail)."""
@@ -408,7 +388,7 @@ class TritonServer:
         return f"{headline}{models}\nerrors:\n{errors}\nlog {self.log_path} (tail):\n{self.log_tail(15)}"
 
     def stop(self) -> None:
-        """SIGTERM the server, SIGKILL its process group after `stop_grace_s`; idempotent."""
+        """SIGTERM the server, SIGKILL its process group after STOP_GRACE_S; idempotent."""
         process, self.process = self.process, None
         if process is None:
             return
@@ -416,7 +396,7 @@ class TritonServer:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=self.stop_grace_s)
+                process.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -449,8 +429,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8012)
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--log-file", type=Path, default=None)
-    parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none")
-    parser.add_argument("--load-model", action="append", default=[])
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--python", type=Path, default=None,
                         help="interpreter whose packages the python models import (default: this one)")
@@ -463,8 +441,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         log_path=args.log_file,
         log_verbose=args.log_verbose,
-        model_control_mode=args.model_control_mode,
-        load_models=args.load_model,
         startup_timeout_s=args.startup_timeout,
         python=args.python,
     )

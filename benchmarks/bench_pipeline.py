@@ -65,7 +65,7 @@ from acestep_triton.pipeline import Text2MusicPipeline
 from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import NEURAL_COMPONENTS, component_spec
+from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
 
 HERE = Path(__file__).resolve().parent
 FULL_SIZE_CONFIGS = HERE / "full_size_configs"
@@ -648,7 +648,7 @@ class Bench:
             runs["dcae_decoder"] = spy
             pipe = Text2MusicPipeline(HashPromptTokenizer(self.vocab_size),
                                       LyricTokenizer.from_file(Path(self.args.lyric_vocab)), runs, self.device)
-            wave = pipe(params).waveforms
+            wave = torch.from_numpy(pipe(params).waveforms)
             outputs[name] = {"velocity": velocity, "latents": captured["latents"], "waveform": wave}
         self.models = self.engines = self.pipe = None  # a later section builds (and accelerates) its own
         self.accelerated = False
@@ -666,9 +666,9 @@ class Bench:
         return report
 
 
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """||actual - reference|| / ||reference|| in float64."""
-    actual, reference = actual.double(), reference.double()
+def relative_error(actual, reference) -> float:
+    """||actual - reference|| / ||reference|| in float64, for tensors or arrays (pipeline waveforms are numpy)."""
+    actual, reference = torch.as_tensor(actual).double(), torch.as_tensor(reference).double()
     return float((actual - reference).norm() / reference.norm())
 
 

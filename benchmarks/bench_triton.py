@@ -71,7 +71,8 @@ from acestep_triton.checkpoint import (
     VOCODER_DIR,
     validate_checkpoint,
 )
-from acestep_triton.contract import ENSEMBLE_INPUTS, ENSEMBLE_NAME, ENSEMBLE_OUTPUTS, STAGES, GenerationParams
+from acestep_triton.contract import ENSEMBLE_NAME, STAGES, GenerationParams
+from acestep_triton.ensemble_client import infer_inputs, read_result
 from benchmarks.bench_pipeline import (
     DEFAULT_LYRIC_VOCAB,
     FULL_SIZE_CONFIGS,
@@ -136,7 +137,7 @@ def in_process(checkpoint: Path, lyric_vocab: Path, params: GenerationParams, ru
     if cuda:
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
-    wave = result.waveforms.numpy()
+    wave = result.waveforms
     del pipe, result
     if cuda:
         torch.cuda.empty_cache()
@@ -200,21 +201,6 @@ class MemoryPeak:
 # ----------------------------------------------------------------------------- Triton clients
 
 
-def request_tensors(params: GenerationParams):
-    """gRPC inputs and requested outputs of the `acestep` ensemble for `params`."""
-    import tritonclient.grpc.aio as grpcclient
-
-    from gateway.engine import input_arrays, wire_dtype
-
-    specs = {t.name: t for t in ENSEMBLE_INPUTS}
-    inputs = []
-    for name, array in input_arrays(params).items():
-        tensor = grpcclient.InferInput(name, list(array.shape), wire_dtype(specs[name]))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs, [grpcclient.InferRequestedOutput(spec.name) for spec in ENSEMBLE_OUTPUTS]
-
-
 def grpc_client(url: str):
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
@@ -225,16 +211,17 @@ def grpc_client(url: str):
 
 
 async def one_request(client, params: GenerationParams, keep_wave: bool = False) -> dict:
-    inputs, outputs = request_tensors(params)
+    """One `acestep` request through the shared ensemble client: latency, audio seconds, stage times."""
+    import tritonclient.grpc.aio as grpcclient
+
+    inputs = infer_inputs(grpcclient, params)
     start = time.perf_counter()
-    result = await client.infer(ENSEMBLE_NAME, inputs, outputs=outputs, client_timeout=600)
-    wave = result.as_numpy("WAVEFORM")
+    result = read_result(await client.infer(ENSEMBLE_NAME, inputs, client_timeout=600))
     latency = time.perf_counter() - start
-    stages = {stage: float(result.as_numpy(f"TIME_{stage.upper()}").reshape(-1)[0]) for stage in STAGES}
-    out = {"latency_s": latency, "audio_s": float(result.as_numpy("DURATION").reshape(-1)[0]),
-           "samples": int(wave.shape[-1]), "stages": stages}
+    out = {"latency_s": latency, "audio_s": result.duration, "samples": int(result.waveforms.shape[-1]),
+           "stages": result.timings}
     if keep_wave:
-        out["wave"] = wave
+        out["wave"] = result.waveforms
     return out
 
 

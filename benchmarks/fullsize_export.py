@@ -31,7 +31,7 @@ import torch
 from acestep_triton.checkpoint import DCAE_DIR, TEXT_ENCODER_DIR, TRANSFORMER_DIR, VOCODER_DIR, Checkpoint
 from acestep_triton.components import component_module, keep_transformer_parts
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import component_spec
+from acestep_triton.registry import component_spec
 from acestep_triton.versions import ONNX_OPSET
 from export.onnx_export import COMPONENTS, export_onnx, parameter_bytes
 from export.progress import stage

@@ -23,11 +23,11 @@ from pathlib import Path
 from acestep_triton.checkpoint import validate_checkpoint
 from acestep_triton.contract import ENSEMBLE_NAME, GenerationParams
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import component_spec
+from acestep_triton.ensemble_client import input_arrays
+from acestep_triton.registry import component_spec
 from acestep_triton.tritonserver import TritonServer
 from benchmarks.perf_analyzer import parse_concurrency, run_perf_analyzer
 from export.build_repository import build_repository
-from gateway.engine import input_arrays
 
 HERE = Path(__file__).resolve().parent
 INPUTS_DIR = HERE / "perf_inputs"

@@ -1,6 +1,13 @@
 """Generate a Triton model repository for a profile: every config.pbtxt from Python, model.py copied.
 
     python -m export.build_repository --profile cpu|gpu|onnx|tensorrt --checkpoint DIR --out DIR
+    python -m export.build_repository --profile cpu --out model_repository   # the committed one
+
+Without --checkpoint (pytorch-engine profiles only) the dims come from the published checkpoint's
+configs (PUBLISHED_CONFIGS), every model's CHECKPOINT is "$ACESTEP_CHECKPOINT" and preprocess has
+no LYRIC_VOCAB: the deployment sets ACESTEP_CHECKPOINT to its checkpoint directory
+(checkpoint.deployment_checkpoint), whose lyric vocabulary is found as find_lyric_vocab says. That is
+how the committed `model_repository/` is made (tests/test_committed_repository.py holds it to it).
 
 Profiles (where each component runs; the ensemble wiring is the same for all):
   cpu   python backend, PyTorch float32 on the CPU (the embedded default and CI)
@@ -22,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
+from acestep_triton.checkpoint import DEPLOYMENT_CHECKPOINT, Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.condition_cache import CONDITION_INPUTS, KEYED_INPUTS
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
@@ -30,26 +37,31 @@ from acestep_triton.contract import (
     ENSEMBLE_OUTPUTS,
     MAX_DURATION_S,
     PROGRESS_OUTPUTS,
+    SAMPLING_PARAMS,
+    STAGES,
     STREAM_MODEL_NAME,
     TensorSpec,
     stage_time_name,
 )
+from acestep_triton.geometry import latent_geometry
+from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT, NEURAL_COMPONENTS, ComponentSpec, component_spec
+from acestep_triton.specs import ComponentSpec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
-MODEL_SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
-DIFFUSION_PARAMS = (
-    "infer_step", "guidance_scale", "scheduler_type", "cfg_type", "omega_scale", "guidance_interval",
-    "guidance_interval_decay", "min_guidance_scale", "use_erg_diffusion", "oss_steps",
-    "guidance_scale_text", "guidance_scale_lyric",
-)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_SOURCES = REPO_ROOT / "model_repository"
+# The published checkpoint's config.json files (as golden/full-size-configs): the dims of the
+# committed repository.
+PUBLISHED_CONFIGS = REPO_ROOT / "benchmarks" / "full_size_configs"
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Where and how each model runs. Every field is a named setting the measurements choose
-    (`build_repository(..., overrides=...)` and benchmarks/bench_triton.py's --set change them).
+    """A deployment profile (not TensorRT's optimisation profiles): where and how each model runs.
+    Every field is a named setting the measurements choose (`build_repository(..., overrides=...)`
+    and benchmarks/bench_triton.py's --set change them); the components' own facts (tensors, max
+    batch size) are in acestep_triton.registry.
 
     Instances: a python-backend instance is a process that runs one execute() at a time, so a
     stage with one instance makes concurrent requests queue behind each other. `preprocess` is
@@ -59,6 +71,7 @@ class Profile:
     `gpus` lists the devices KIND_GPU instances go to (empty: every visible GPU, `count` on each).
     """
 
+    name: str
     engine: str  # "pytorch" | "onnx" | "tensorrt"
     device: str
     dtype: str
@@ -104,13 +117,13 @@ class Profile:
 GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocoder_instances": 2}
 
 PROFILES = {
-    "cpu": Profile("pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
-    "gpu": Profile("pytorch", "cuda", "bfloat16", "KIND_GPU", 0, accelerate=True, queue_delay_us=0, diffusion_instances=16,
-                   loop_threads=1, dit_max_row_frames=16 * latent_frames(MAX_DURATION_S), **GPU_INSTANCES),
-    "onnx": Profile("onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
-    "tensorrt": Profile("tensorrt", "cuda", "bfloat16", "KIND_GPU", 0, queue_delay_us=0, diffusion_instances=16,
-                        loop_threads=1,
-                        **GPU_INSTANCES),
+    "cpu": Profile("cpu", "pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
+    "gpu": Profile("gpu", "pytorch", "cuda", "bfloat16", "KIND_GPU", 0, accelerate=True, queue_delay_us=0,
+                   diffusion_instances=16, loop_threads=1, dit_max_row_frames=16 * latent_frames(MAX_DURATION_S),
+                   **GPU_INSTANCES),
+    "onnx": Profile("onnx", "onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
+    "tensorrt": Profile("tensorrt", "tensorrt", "cuda", "bfloat16", "KIND_GPU", 0, queue_delay_us=0,
+                        diffusion_instances=16, loop_threads=1, **GPU_INSTANCES),
 }
 # The loop's own allocator when it runs on CUDA: its tensors are sent through BLS with CUDA IPC,
 # which cannot export memory from PyTorch's expandable segments.
@@ -144,7 +157,7 @@ def _unbatched(spec: TensorSpec) -> TensorSpec:
     return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
 
 
-def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path, profile: Profile) -> ModelSpec:
+def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None, profile: Profile) -> ModelSpec:
     text = component_spec("text_encoder", ckpt)
     cond = component_spec("condition_encoder", ckpt)
     branch_rows = [text.input("TEXT_IDS"), text.input("TEXT_MASK"), text.input("TEXT_Q_SCALE"),
@@ -159,18 +172,23 @@ def preprocess_model(ckpt: Checkpoint, lyric_vocab: Path, profile: Profile) -> M
                  TensorSpec("DURATION", "TYPE_FP32", (1,)),
                  _time("preprocess", (1, 1))),
         instance_group=InstanceGroup("KIND_CPU", profile.preprocess_instances),
-        parameters={"CHECKPOINT": str(ckpt.root), "LYRIC_VOCAB": str(lyric_vocab)},
+        parameters={"CHECKPOINT": checkpoint, **({"LYRIC_VOCAB": str(lyric_vocab)} if lyric_vocab else {})},
     )
 
 
-def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onnx_dir: Path | None) -> ModelSpec:
+def queue_delay_us(profile: Profile, name: str) -> int:
+    """How long model `name` waits for requests of other loops before it runs."""
+    return profile.dit_queue_delay_us if name == "dit_step" else profile.queue_delay_us
+
+
+def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx_dir: Path | None) -> ModelSpec:
     """A neural component behind the python backend; dynamic batching, ragged inputs padded.
 
     On CUDA it takes its inputs where they are (FORCE_CPU_ONLY_INPUT_TENSORS=no), so tensors made
     on the GPU by the previous model stay there. dit_step also takes the condition cache's inputs
     (acestep_triton.condition_cache), which make its conditions optional.
     """
-    parameters = {"CHECKPOINT": str(ckpt.root), "DEVICE": profile.device, "DTYPE": profile.dtype,
+    parameters = {"CHECKPOINT": checkpoint, "DEVICE": profile.device, "DTYPE": profile.dtype,
                   "ENGINE": profile.engine}
     if onnx_dir is not None:
         parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
@@ -184,14 +202,13 @@ def component_model(spec: ComponentSpec, ckpt: Checkpoint, profile: Profile, onn
         parameters["MAX_ROW_FRAMES"] = str(profile.dit_max_row_frames)
         parameters["CONDITION_CACHE_MIB"] = str(profile.condition_cache_mib)
         parameters["CONDITION_CACHE_TTL_S"] = str(profile.condition_cache_ttl_s)
-    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else profile.queue_delay_us
     return ModelSpec(
         name=spec.name,
         backend="python",
         inputs=inputs,
         outputs=(*spec.outputs, _time(spec.name)),
         max_batch_size=spec.max_batch_size,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=queue_delay_us(profile, spec.name)),
         ragged_inputs=frozenset(spec.ragged_inputs),
         optional_inputs=optional,
         instance_group=instance_group(profile, spec.name),
@@ -210,21 +227,21 @@ def find_engine(engine_dir: Path, name: str) -> Path:
     return found[0]
 
 
-def plan_model(spec: ComponentSpec, ckpt: Checkpoint, onnx_file: Path, profile: Profile) -> ModelSpec:
-    """A neural component as a TensorRT plan: I/O exactly as the ONNX graph it was built from declares."""
+def plan_model(spec: ComponentSpec, engine: Path, onnx_file: Path, profile: Profile) -> ModelSpec:
+    """A neural component as a TensorRT plan: I/O exactly as the ONNX graph it was built from declares,
+    every optimisation profile the engine's manifest records usable by its instances."""
     from export.graph_io import triton_io
-    from export.tensorrt_build import EngineProfile, optimisation_profiles
+    from export.tensorrt_build import engine_manifest
 
     inputs, outputs = triton_io(onnx_file)
-    profiles = optimisation_profiles(spec.name, ckpt, EngineProfile())
-    delay = profile.dit_queue_delay_us if spec.name == "dit_step" else profile.queue_delay_us
+    profiles = json.loads(engine_manifest(engine).read_text())["profiles"]
     return ModelSpec(
         name=spec.name,
         platform="tensorrt_plan",
         inputs=inputs,
         outputs=outputs,
         max_batch_size=spec.max_batch_size,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=delay),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=queue_delay_us(profile, spec.name)),
         instance_group=replace(instance_group(profile, spec.name), profiles=tuple(str(i) for i in range(len(profiles)))),
     )
 
@@ -236,7 +253,8 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     cannot, so the loop sends them with every step there.
     """
     cond = component_spec("condition_encoder", ckpt)
-    params = tuple(t for t in ENSEMBLE_INPUTS if t.param in DIFFUSION_PARAMS)
+    geometry = latent_geometry(ckpt)
+    params = tuple(t for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS)
     parameters = {"DIT_MODEL": "dit_step", "LOOP_DEVICE": profile.loop_device,
                   "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1"}
     if profile.loop_threads:
@@ -251,7 +269,7 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
         backend="python",
         inputs=(*map(_unbatched, cond.outputs), TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
                 TensorSpec("DURATION", "TYPE_FP32", (1,)), *params),
-        outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, LATENT_CHANNELS, LATENT_HEIGHT, -1)),
+        outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, geometry.channels, geometry.height, -1)),
                  _time("diffusion", (1, 1))),
         instance_group=group,
         parameters=parameters,
@@ -267,11 +285,10 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
 
     Tensor names are shared end to end, so every map is the identity.
     """
-    order = ("preprocess", "text_encoder", "condition_encoder", "diffusion", "dcae_decoder", "vocoder")
     steps = tuple(
-        EnsembleStep(name, _identity(models[name].inputs), _identity(models[name].outputs)) for name in order
+        EnsembleStep(name, _identity(models[name].inputs), _identity(models[name].outputs)) for name in STAGES
     )
-    produced = {t.name for name in order for t in models[name].outputs}
+    produced = {t.name for name in STAGES for t in models[name].outputs}
     return ModelSpec(
         name=ENSEMBLE_NAME,
         platform="ensemble",
@@ -308,17 +325,25 @@ def stream_model(models: dict[str, ModelSpec]) -> ModelSpec:
 
 def build_repository(
     profile: str,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     lyric_vocab: str | os.PathLike | None = None,
     onnx_dir: str | os.PathLike | None = None,
     engine_dir: str | os.PathLike | None = None,
     overrides: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write the whole repository for `profile` (with `overrides` of its settings) into `out_dir`."""
+    """Write the whole repository for `profile` (with `overrides` of its settings) into `out_dir`.
+
+    `checkpoint` None: the deployment names it (see the module docstring), pytorch profiles only.
+    """
     chosen = resolve_profile(profile, overrides)
-    ckpt = validate_checkpoint(checkpoint)
-    vocab = find_lyric_vocab(ckpt, lyric_vocab)
+    if checkpoint is None:
+        if chosen.engine != "pytorch":
+            raise ValueError(f"the {profile} profile exports the checkpoint's graphs: give --checkpoint")
+        ckpt, checkpoint_param, vocab = Checkpoint(PUBLISHED_CONFIGS), DEPLOYMENT_CHECKPOINT, None
+    else:
+        ckpt = validate_checkpoint(checkpoint)
+        checkpoint_param, vocab = str(ckpt.root), find_lyric_vocab(ckpt, lyric_vocab)
     out = Path(out_dir).resolve()
     if chosen.engine == "tensorrt" and engine_dir is None:
         raise ValueError("the tensorrt profile needs --engine-dir: engines built by `python -m export.tensorrt_build` "
@@ -331,15 +356,16 @@ def build_repository(
         for name in NEURAL_COMPONENTS:
             export_component(name, ckpt, onnx_path)
 
-    models = {"preprocess": preprocess_model(ckpt, vocab, chosen), "diffusion": diffusion_model(ckpt, chosen)}
+    models = {"preprocess": preprocess_model(ckpt, checkpoint_param, vocab, chosen),
+              "diffusion": diffusion_model(ckpt, chosen)}
     engines = {}
     for name in NEURAL_COMPONENTS:
         spec = component_spec(name, ckpt)
         if chosen.engine == "tensorrt":
             engines[name] = find_engine(Path(engine_dir), name)
-            models[name] = plan_model(spec, ckpt, onnx_path / f"{name}.onnx", chosen)
+            models[name] = plan_model(spec, engines[name], onnx_path / f"{name}.onnx", chosen)
         else:
-            models[name] = component_model(spec, ckpt, chosen, onnx_path)
+            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
     models[ENSEMBLE_NAME] = ensemble_model(models)
     models[STREAM_MODEL_NAME] = stream_model(models)
     for name, spec in models.items():
@@ -353,7 +379,8 @@ def build_repository(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (published layout)")
+    parser.add_argument("--checkpoint", help="checkpoint directory (published layout); leave out for the "
+                        "committed repository, whose deployment sets $ACESTEP_CHECKPOINT")
     parser.add_argument("--out", required=True, help="model repository to write")
     parser.add_argument("--lyric-vocab", help="lyric vocabulary (default: <checkpoint>/lyric_vocab.json)")
     parser.add_argument("--onnx-dir", help="ONNX graphs for the onnx/tensorrt profiles (default: <out>/onnx)")

@@ -169,7 +169,8 @@ def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
 def write_model(spec: ModelSpec, repo_dir: Path, model_py: Path | None = None) -> Path:
     """Write `<repo_dir>/<name>/config.pbtxt` and version dir `1/` (with `model.py` when given).
 
-    Returns the model directory. Python-backend models need `model_py`.
+    Returns the model directory. Python-backend models need `model_py`, which is left alone when
+    it already is that file (regenerating the committed model_repository/ in place).
     """
     if spec.backend == "python" and model_py is None:
         raise ValueError(f"{spec.name}: a python-backend model needs model_py")
@@ -177,6 +178,7 @@ def write_model(spec: ModelSpec, repo_dir: Path, model_py: Path | None = None) -
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(to_pbtxt(spec))
-    if model_py is not None:
-        shutil.copyfile(model_py, version_dir / "model.py")
+    target = version_dir / "model.py"
+    if model_py is not None and not (target.exists() and target.samefile(model_py)):
+        shutil.copyfile(model_py, target)
     return model_dir

@@ -42,16 +42,9 @@ from pathlib import Path
 
 import torch
 
-from acestep_triton.checkpoint import (
-    DCAE_DIR,
-    TEXT_ENCODER_DIR,
-    TRANSFORMER_DIR,
-    VOCODER_DIR,
-    Checkpoint,
-    CheckpointError,
-    validate_checkpoint,
-)
-from acestep_triton.specs import NEURAL_COMPONENTS, ComponentSpec, component_spec
+from acestep_triton.checkpoint import Checkpoint, CheckpointError, validate_checkpoint
+from acestep_triton.registry import NEURAL_COMPONENTS, component, component_spec
+from acestep_triton.specs import ComponentSpec
 from acestep_triton.versions import ONNX_OPSET
 from export.graph_io import io_mismatches
 from export.parity import PARITY_RTOL, ParityResult, compare_outputs
@@ -61,19 +54,11 @@ from export.samples import EXPORT_SIZES, PARITY_SIZES, Sizes, sample_inputs
 COMPONENTS = NEURAL_COMPONENTS
 # torch's own switch to external data is at 1.5 GiB: room under protobuf's 2 GiB for the graph itself.
 EXTERNAL_DATA_BYTES = 1536 * 1024**2
-# The checkpoint folder each component is loaded from (its config and weights key the cache).
-SOURCE_FOLDERS = {
-    "text_encoder": TEXT_ENCODER_DIR,
-    "condition_encoder": TRANSFORMER_DIR,
-    "dit_step": TRANSFORMER_DIR,
-    "dcae_decoder": DCAE_DIR,
-    "vocoder": VOCODER_DIR,
-}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The code that decides what a graph computes (the modules, and how they are exported); an edit
 # there invalidates the exports.
 GRAPH_CODE = ("acestep_triton/components.py", "acestep_triton/audio.py", "acestep_triton/specs.py",
-              "acestep_triton/models", "export/onnx_export.py", "export/samples.py")
+              "acestep_triton/registry.py", "acestep_triton/models", "export/onnx_export.py", "export/samples.py")
 
 
 class ExportError(RuntimeError):
@@ -119,7 +104,7 @@ def _sha256_files(paths: Sequence[Path]) -> str:
 
 def fingerprint(name: str, ckpt: Checkpoint, opset: int) -> dict:
     """Everything an export depends on, cheap to compute (weights by size and mtime, not content)."""
-    folder = ckpt.root / SOURCE_FOLDERS[name]
+    folder = ckpt.root / component(name).folder
     weights = sorted(folder.glob("*.safetensors"))
     code = sorted(p for entry in map(REPO_ROOT.joinpath, GRAPH_CODE)
                   for p in (entry.glob("*.py") if entry.is_dir() else [entry]))
@@ -233,7 +218,7 @@ def export_component(name: str, ckpt: Checkpoint | str | os.PathLike, out_dir: s
     work.mkdir(parents=True)
     from acestep_triton.components import load_component
 
-    with stage(f"onnx {name}: load {SOURCE_FOLDERS[name]}/"):
+    with stage(f"onnx {name}: load {component(name).folder}/"):
         module = load_component(name, ckpt)
     report = export_onnx(module, component_spec(name, ckpt), ckpt, work / target.name, opset, rtol)
     del module

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from acestep_triton.checkpoint import DCAE_DIR, TEXT_ENCODER_DIR, TRANSFORMER_DIR, Checkpoint
+from acestep_triton.checkpoint import TEXT_ENCODER_DIR, TRANSFORMER_DIR, Checkpoint
 from acestep_triton.contract import TensorSpec
-from acestep_triton.specs import ERG_Q_SCALE, ComponentSpec, component_spec
+from acestep_triton.registry import component, component_spec, resolve
+from acestep_triton.geometry import latent_geometry
+from acestep_triton.specs import ERG_Q_SCALE, ComponentSpec
 
 TORCH_DTYPES = {"TYPE_FP32": torch.float32, "TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16,
                 "TYPE_INT64": torch.int64, "TYPE_INT32": torch.int32, "TYPE_BOOL": torch.bool}
@@ -45,11 +47,6 @@ class Sizes:
 EXPORT_SIZES = Sizes(batch=2, text_tokens=7, lyric_tokens=11, latent_frames=13)
 # The parity check after each export runs other lengths, so shapes baked into a graph fail it.
 PARITY_SIZES = Sizes(batch=3, text_tokens=5, lyric_tokens=9, latent_frames=6)
-
-
-def dcae_time_compression(ckpt: Checkpoint) -> int:
-    """Mel frames per latent frame: the DCAE halves the resolution once per block after the first."""
-    return 2 ** (len(ckpt.config(DCAE_DIR)["decoder_block_out_channels"]) - 1)
 
 
 class Draw:
@@ -108,7 +105,7 @@ def _shape(tensor: TensorSpec, batch: int, *lengths: int) -> tuple[int, ...]:
     return (batch, *dims)
 
 
-def _text_encoder(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
+def text_encoder_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
     ids, mask, q_scale = spec.inputs
     vocab_size = ckpt.config(TEXT_ENCODER_DIR)["vocab_size"]
     text_mask = draw.prefix_mask(s.batch, s.text_tokens)
@@ -117,7 +114,7 @@ def _text_encoder(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -
             draw.alternating(s.batch, 1.0, ERG_Q_SCALE).reshape(_shape(q_scale, s.batch)))
 
 
-def _condition_encoder(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
+def condition_encoder_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
     states, text_mask_spec, text_scale, lyric_ids, lyric_mask_spec, lyric_q_scale = spec.inputs
     vocab_size = ckpt.config(TRANSFORMER_DIR)["lyric_encoder_vocab_size"]
     text_mask = draw.prefix_mask(s.batch, s.text_tokens)
@@ -130,7 +127,7 @@ def _condition_encoder(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Dr
             draw.alternating(s.batch, ERG_Q_SCALE, 1.0).reshape(_shape(lyric_q_scale, s.batch)))
 
 
-def _dit_step(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
+def dit_step_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
     latents, attention_mask, states, encoder_mask, timestep, q_scale = spec.inputs
     frames = draw.prefix_mask(s.batch, s.latent_frames).float()
     # [speaker | text | lyrics]: padding sits inside the sequence, as the condition encoder lays it out
@@ -144,33 +141,24 @@ def _dit_step(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tu
             draw.alternating(s.batch, 1.0, ERG_Q_SCALE).reshape(_shape(q_scale, s.batch)))
 
 
-def _dcae_decoder(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
+def dcae_decoder_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
     (latents,) = spec.inputs
     return (draw.normal(_shape(latents, s.batch, s.latent_frames)),)
 
 
-def _vocoder(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
+def vocoder_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
     from acestep_triton.models.dcae import MEL_MAX, MEL_MIN
 
     (mel,) = spec.inputs
-    mel_frames = s.latent_frames * dcae_time_compression(ckpt)
+    mel_frames = s.latent_frames * latent_geometry(ckpt).compression
     return (draw.uniform(_shape(mel, s.batch, mel_frames), MEL_MIN, MEL_MAX),)
-
-
-BUILDERS = {
-    "text_encoder": _text_encoder,
-    "condition_encoder": _condition_encoder,
-    "dit_step": _dit_step,
-    "dcae_decoder": _dcae_decoder,
-    "vocoder": _vocoder,
-}
 
 
 def sample_inputs(name: str, ckpt: Checkpoint, sizes: Sizes, seed: int = 0,
                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """{input name: tensor} in spec order for component `name` at `sizes` (shapes only on `meta`)."""
     spec = component_spec(name, ckpt)
-    tensors = BUILDERS[name](spec, ckpt, sizes, Draw(seed, device))
+    tensors = resolve(component(name).samples)(spec, ckpt, sizes, Draw(seed, device))
     if len(tensors) != len(spec.inputs):
         raise ValueError(f"{name}: built {len(tensors)} inputs for {len(spec.inputs)} in the spec")
     for tensor_spec, tensor in zip(spec.inputs, tensors):

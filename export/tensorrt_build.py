@@ -6,13 +6,13 @@
 Runs where TensorRT's Python package and a GPU are: inside the NGC Triton image pinned in
 versions.env (docker/), whose TensorRT is the one the server loads plans with. The chain is
 staged: the ONNX export (export.onnx_export, cached) -> `<out>/<name>.trt<version>.<precision>.
-<profile tag>.plan`, skipped when that file and its manifest (`.plan.json`) match the ONNX
+<shapes tag>.plan`, skipped when that file and its manifest (`.plan.json`) match the ONNX
 export; `--force` rebuilds. One timing cache per TensorRT version (`<out>/timing.trt<version>.cache`)
 is shared by all builds. Each build ends by running the engine once against PyTorch on the GPU.
 
 Optimisation profiles: one per duration bucket for components with a latent-frames axis
 (dit_step, dcae_decoder, vocoder), covering (previous bucket, bucket] seconds, optimised at the
-bucket's length; one profile otherwise. Batch goes from 1 to the spec's max_batch_size (guidance
+bucket's length; one optimisation profile otherwise. Batch goes from 1 to the spec's max_batch_size (guidance
 branches x seeds), prompt tokens to TEXT_MAX_TOKENS and lyric tokens to `max_lyric_tokens`. The
 Triton config of a plan with several profiles must list them all in `instance_group.profile`,
 or Triton uses only the first.
@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from acestep_triton.checkpoint import VOCODER_DIR, Checkpoint, CheckpointError, validate_checkpoint
+from acestep_triton.checkpoint import Checkpoint, CheckpointError, validate_checkpoint
 from acestep_triton.contract import MAX_DURATION_S
-from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import component_spec
+from acestep_triton.registry import component_spec
+from acestep_triton.geometry import latent_geometry
 from acestep_triton.text_tokenizer import TEXT_MAX_TOKENS
 from acestep_triton.versions import TENSORRT_VERSION
 from export.onnx_export import (
@@ -50,7 +50,7 @@ from export.onnx_export import (
 )
 from export.parity import ParityResult, compare_outputs
 from export.progress import stage
-from export.samples import PARITY_SIZES, Sizes, dcae_time_compression, input_shapes, sample_inputs
+from export.samples import PARITY_SIZES, Sizes, input_shapes, sample_inputs
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # Bound on the engine vs float32 PyTorch error (TF32 is on in fp32 builds). Starting points,
@@ -63,7 +63,7 @@ class TensorRTError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class EngineProfile:
+class EngineShapes:
     """The shape ranges engines are built for; `tag()` names them in the engine file."""
 
     durations_s: tuple[float, ...] = (30.0, 60.0, 120.0, MAX_DURATION_S)
@@ -92,22 +92,17 @@ class EngineProfile:
 Shapes = dict[str, tuple[int, ...]]
 
 
-def _latent_frames(ckpt: Checkpoint, duration_s: float) -> int:
-    vocoder = ckpt.config(VOCODER_DIR)
-    return latent_frames(duration_s, vocoder["sampling_rate"], vocoder["hop_length"], dcae_time_compression(ckpt))
-
-
-def optimisation_profiles(name: str, ckpt: Checkpoint, profile: EngineProfile) -> list[dict[str, tuple]]:
+def optimisation_profiles(name: str, ckpt: Checkpoint, shapes: EngineShapes) -> list[dict[str, tuple]]:
     """[{input name: (min shape, opt shape, max shape)}], one dict per TensorRT optimisation profile."""
     spec = component_spec(name, ckpt)
-    max_batch = spec.max_batch_size if profile.max_batch is None else min(profile.max_batch, spec.max_batch_size)
-    max_lyric = profile.max_lyric_tokens
+    max_batch = spec.max_batch_size if shapes.max_batch is None else min(shapes.max_batch, spec.max_batch_size)
+    max_lyric = shapes.max_lyric_tokens
     low = Sizes(batch=1, text_tokens=1, lyric_tokens=1, latent_frames=1)
-    opt = Sizes(batch=min(profile.opt_batch, max_batch), text_tokens=min(profile.opt_text_tokens, TEXT_MAX_TOKENS),
-                lyric_tokens=min(profile.opt_lyric_tokens, max_lyric), latent_frames=1)
+    opt = Sizes(batch=min(shapes.opt_batch, max_batch), text_tokens=min(shapes.opt_text_tokens, TEXT_MAX_TOKENS),
+                lyric_tokens=min(shapes.opt_lyric_tokens, max_lyric), latent_frames=1)
     high = Sizes(batch=max_batch, text_tokens=TEXT_MAX_TOKENS, lyric_tokens=max_lyric, latent_frames=1)
     has_frames = input_shapes(name, ckpt, low) != input_shapes(name, ckpt, replace(low, latent_frames=2))
-    buckets = [_latent_frames(ckpt, d) for d in profile.durations_s] if has_frames else [1]
+    buckets = [latent_geometry(ckpt).frames(d) for d in shapes.durations_s] if has_frames else [1]
     profiles, previous = [], 0
     for frames in buckets:
         shapes = [input_shapes(name, ckpt, replace(s, latent_frames=f))
@@ -135,9 +130,14 @@ def require_tensorrt():
 
 
 def engine_path(out_dir: str | os.PathLike, name: str, trt_version: str, precision: str,
-                profile: EngineProfile) -> Path:
-    """`<out>/<name>.trt<version>.<precision>.<profile tag>.plan`."""
-    return Path(out_dir) / f"{name}.trt{trt_version}.{precision}.{profile.tag()}.plan"
+                shapes: EngineShapes) -> Path:
+    """`<out>/<name>.trt<version>.<precision>.<shapes tag>.plan`."""
+    return Path(out_dir) / f"{name}.trt{trt_version}.{precision}.{shapes.tag()}.plan"
+
+
+def engine_manifest(engine: Path) -> Path:
+    """`<engine>.json`: what the engine was built from and for, its optimisation profiles included."""
+    return engine.with_name(engine.name + ".json")
 
 
 def _onnx_fingerprint(onnx_dir: Path, name: str) -> str:
@@ -228,10 +228,10 @@ def run_engine(trt, engine_bytes: bytes, inputs: dict) -> dict:
                 return False
         return True
 
-    profile = next((i for i in range(engine.num_optimization_profiles) if fits(i)), None)
-    if profile is None:
+    index = next((i for i in range(engine.num_optimization_profiles) if fits(i)), None)
+    if index is None:
         raise TensorRTError(f"inputs {[list(v.shape) for v in inputs.values()]} fit none of the engine's profiles")
-    context.set_optimization_profile_async(profile, stream.cuda_stream)
+    context.set_optimization_profile_async(index, stream.cuda_stream)
     keep = []
     for name, value in inputs.items():
         dtype = _torch_dtype(trt, engine.get_tensor_dtype(name))
@@ -291,7 +291,7 @@ def check_engine(trt, engine_bytes: bytes, name: str, ckpt: Checkpoint) -> Parit
 
 
 def build_engine(name: str, ckpt: Checkpoint | str | os.PathLike, onnx_dir: str | os.PathLike,
-                 out_dir: str | os.PathLike, precision: str = "bf16", profile: EngineProfile = EngineProfile(),
+                 out_dir: str | os.PathLike, precision: str = "bf16", shapes: EngineShapes = EngineShapes(),
                  force: bool = False, check: bool = True) -> Path:
     """The engine for one component (exporting its ONNX graph first if needed); cached, see the module docstring."""
     check_component_name(name)
@@ -301,9 +301,9 @@ def build_engine(name: str, ckpt: Checkpoint | str | os.PathLike, onnx_dir: str 
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else validate_checkpoint(ckpt)
     onnx_dir, out = Path(onnx_dir), Path(out_dir)
     onnx_file = export_component(name, ckpt, onnx_dir)
-    target = engine_path(out, name, trt.__version__, precision, profile)
-    manifest = target.with_name(target.name + ".json")
-    profiles = optimisation_profiles(name, ckpt, profile)
+    target = engine_path(out, name, trt.__version__, precision, shapes)
+    manifest = engine_manifest(target)
+    profiles = optimisation_profiles(name, ckpt, shapes)
     recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
     if (target.is_file() and not force and recorded.get("onnx_fingerprint") == _onnx_fingerprint(onnx_dir, name)
             and recorded.get("profiles") == json.loads(json.dumps(profiles))):
@@ -325,7 +325,7 @@ def build_engine(name: str, ckpt: Checkpoint | str | os.PathLike, onnx_dir: str 
     manifest.unlink(missing_ok=True)
     _write_atomic(target, engine_bytes)
     manifest.write_text(json.dumps({
-        "component": name, "tensorrt": trt.__version__, "precision": precision, "profile": asdict(profile),
+        "component": name, "tensorrt": trt.__version__, "precision": precision, "shapes": asdict(shapes),
         "profiles": profiles, "onnx_fingerprint": _onnx_fingerprint(onnx_dir, name),
         "seconds": round(time.perf_counter() - start, 1), **report,
     }, indent=2) + "\n")
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="NAME",
                         help=f"components to build (default: all of {', '.join(COMPONENTS)})")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    defaults = EngineProfile()
+    defaults = EngineShapes()
     parser.add_argument("--durations", nargs="+", type=float, default=list(defaults.durations_s),
                         help="duration buckets in seconds, one optimisation profile each")
     parser.add_argument("--max-lyric-tokens", type=int, default=defaults.max_lyric_tokens)
@@ -350,12 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the engine vs PyTorch inference")
     args = parser.parse_args(argv)
     try:
-        profile = EngineProfile(tuple(args.durations), args.max_lyric_tokens, args.max_batch)
+        shapes = EngineShapes(tuple(args.durations), args.max_lyric_tokens, args.max_batch)
     except ValueError as error:
         parser.error(str(error))
     try:
         for name in args.components:
-            build_engine(name, args.checkpoint, args.onnx_dir, args.out, args.precision, profile, args.force,
+            build_engine(name, args.checkpoint, args.onnx_dir, args.out, args.precision, shapes, args.force,
                          not args.no_check)
     except (CheckpointError, ExportError, TensorRTError) as error:
         print(f"error: {error}", file=sys.stderr)

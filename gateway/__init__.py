@@ -4,8 +4,8 @@
 """
 
 from gateway.app import create_app
-from gateway.engine import GenerationEngine, GenerationResult, TritonEngine
+from gateway.engine import GenerationEngine, TritonEngine
 from gateway.outputs import OutputStore
 from gateway.settings import Settings
 
-__all__ = ["GenerationEngine", "GenerationResult", "OutputStore", "Settings", "TritonEngine", "create_app"]
+__all__ = ["GenerationEngine", "OutputStore", "Settings", "TritonEngine", "create_app"]

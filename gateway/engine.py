@@ -20,42 +20,15 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
-import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+from tritonclient.utils import InferenceServerException
 
-from acestep_triton.contract import (
-    ENSEMBLE_INPUTS,
-    ENSEMBLE_NAME,
-    STAGES,
-    STREAM_MODEL_NAME,
-    GenerationParams,
-    TensorSpec,
-    stage_time_name,
-)
+from acestep_triton.contract import ENSEMBLE_NAME, STREAM_MODEL_NAME, GenerationParams, GenerationResult
+from acestep_triton.ensemble_client import MalformedAnswer, infer_inputs, read_result
 from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
 
 log = logging.getLogger("gateway")
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What one request produced.
-
-    waveforms: [items, 2, samples] float32 at OUTPUT_SAMPLE_RATE, one item per seed.
-    seeds: the seed each item was drawn with (len == items).
-    duration_s: the target duration in seconds (a requested -1 resolved); the waveform is that rounded
-        to whole latent frames.
-    stage_seconds: seconds per pipeline stage, keyed by contract.STAGES.
-    connect_seconds: seconds spent building a Triton client for this request (0 when reused).
-    """
-
-    waveforms: np.ndarray
-    seeds: tuple[int, ...]
-    duration_s: float
-    stage_seconds: dict[str, float]
-    connect_seconds: float
 
 
 @dataclass(frozen=True)
@@ -87,25 +60,6 @@ class GenerationEngine(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections; the engine may be used again afterwards."""
-
-
-def wire_dtype(spec: TensorSpec) -> str:
-    """Config spelling (TYPE_STRING, TYPE_FP32) to wire spelling (BYTES, FP32)."""
-    name = spec.dtype.removeprefix("TYPE_")
-    return "BYTES" if name == "STRING" else name
-
-
-def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
-    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes."""
-    arrays = {}
-    for spec in ENSEMBLE_INPUTS:
-        value = getattr(params, spec.param)
-        values = list(value) if spec.dims == (-1,) else [value]
-        if spec.dtype == "TYPE_STRING":
-            arrays[spec.name] = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-        else:
-            arrays[spec.name] = np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
-    return arrays
 
 
 _UNAVAILABLE_GRPC = {
@@ -203,28 +157,13 @@ class TritonEngine(GenerationEngine):
             return False, f"Triton at {self.url} is unreachable"
         return True, ""
 
-    def _tensors(self, params: GenerationParams) -> list:
-        """tritonclient inputs for the ensemble (binary tensors over HTTP).
-
-        No outputs are named: Triton then returns every output the deployment has (binary over
-        HTTP too), which lets a TensorRT deployment leave out the stage timings it cannot measure.
-        """
-        module = grpcclient if self.protocol == "grpc" else _http_client_module()
-        binary = {} if self.protocol == "grpc" else {"binary_data": True}
-        inputs = []
-        for spec, array in zip(ENSEMBLE_INPUTS, input_arrays(params).values(), strict=True):
-            tensor = module.InferInput(spec.name, list(array.shape), wire_dtype(spec))
-            tensor.set_data_from_numpy(array, **binary)
-            inputs.append(tensor)
-        return inputs
-
     async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
         """Over gRPC: `acestep_stream`, reporting every stage and step to `progress`; cancelling the
         awaiting task cancels the stream and Triton stops the loop after the step in flight. Over
         HTTP: the `acestep` ensemble, no progress, and a cancel only closes the connection (Triton's
         HTTP front end has no request cancellation: the generation runs to its end there)."""
         client, connect_seconds = self._connected()
-        inputs = self._tensors(params)
+        inputs = infer_inputs(grpcclient if self.protocol == "grpc" else _http_client_module(), params)
         try:
             if self.protocol == "grpc":
                 result = await asyncio.wait_for(self._stream(client, inputs, progress), self.timeout_s)
@@ -242,7 +181,10 @@ class TritonEngine(GenerationEngine):
         except (aiohttp.ClientError, OSError):
             await self._disconnect(client)
             raise EngineUnavailable(f"Triton at {self.url} is unreachable") from None
-        return _parse_result(result, connect_seconds)
+        try:
+            return read_result(result, connect_seconds)
+        except MalformedAnswer as exc:
+            raise EngineFailed(str(exc)) from None
 
     async def _stream(self, client: grpcclient.InferenceServerClient, inputs: list,
                       progress: ProgressCallback | None):
@@ -279,28 +221,3 @@ class TritonEngine(GenerationEngine):
             await self._disconnect(client)
             raise EngineUnavailable(f"Triton at {self.url} is unreachable or '{ENSEMBLE_NAME}' is not loaded") from None
         raise EngineFailed(f"Triton failed ({status}): {exc.message()}") from exc
-
-
-def _parse_result(result, connect_seconds: float) -> GenerationResult:
-    """Check the ensemble's outputs against the contract and collect them."""
-    waveforms = result.as_numpy("WAVEFORM")
-    seeds = result.as_numpy("SEEDS")
-    duration = result.as_numpy("DURATION")
-    if waveforms is None or seeds is None or duration is None:
-        raise EngineFailed("Triton's answer lacks WAVEFORM, SEEDS or DURATION")
-    if waveforms.ndim != 3 or waveforms.shape[1] != 2 or waveforms.shape[0] != seeds.shape[0] or waveforms.shape[0] == 0:
-        raise EngineFailed(f"WAVEFORM {waveforms.shape} does not match [items, 2, samples] with {seeds.shape[0]} seeds")
-    stage_seconds = {}
-    for stage in STAGES:
-        seconds = result.as_numpy(stage_time_name(stage))
-        if seconds is not None:  # TensorRT plans cannot time themselves: their stages are left out
-            stage_seconds[stage] = float(seconds.reshape(-1)[0])
-    if "preprocess" not in stage_seconds:
-        raise EngineFailed("Triton's answer lacks TIME_PREPROCESS")
-    return GenerationResult(
-        waveforms=np.ascontiguousarray(waveforms, dtype=np.float32),
-        seeds=tuple(int(s) for s in seeds.reshape(-1)),
-        duration_s=float(duration.reshape(-1)[0]),
-        stage_seconds=stage_seconds,
-        connect_seconds=connect_seconds,
-    )

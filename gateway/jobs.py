@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, ParameterError
-from gateway.engine import GenerationEngine, GenerationResult, Progress
+from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, GenerationResult, ParameterError
+from gateway.engine import GenerationEngine, Progress
 from gateway.errors import (
     INTERNAL_ERROR_DETAIL,
     Busy,
@@ -326,7 +326,7 @@ class JobManager:
                 raise
             finally:
                 self.writing.difference_update(names)
-            loop_s = None if live.loop_started is None else result.stage_seconds.get("diffusion")
+            loop_s = None if live.loop_started is None else result.timings.get("diffusion")
             self.rate.record(job.steps, loop_s, triton_s)
             self._save(job.evolve(state=JobState.SUCCEEDED, finished_at=time.time(), stage="done", progress=1.0,
                                   step=job.steps, files=tuple(names), seeds=result.seeds, timings=timings))
@@ -372,7 +372,7 @@ class JobManager:
                 "audio_path": paths[index],
                 "audio_paths": paths,
                 "audio_duration": result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE,
-                "target_duration": result.duration_s,
+                "target_duration": result.duration,
                 "sample_rate": OUTPUT_SAMPLE_RATE,
                 "format": encoding.record(),
                 "timings": timings,
@@ -399,7 +399,7 @@ def _timings(result: GenerationResult, check_s: float, queued_s: float, triton_s
              total_s: float) -> dict[str, Any]:
     """Per-request seconds: the contract's four headers' values (prep: the gateway's checks plus Triton's
     preprocess), every stage, the wait in the queue, the Triton round trip and the writing."""
-    stages = result.stage_seconds
+    stages = result.timings
     return {
         "total": total_s,
         "init": result.connect_seconds,

@@ -62,10 +62,6 @@ class Settings:
         if self.max_running_jobs > self.max_pending_jobs:
             raise SettingsError("max_running_jobs must not exceed max_pending_jobs")
 
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Read `ACESTEP_*` variables (see README, 'Gateway settings')."""

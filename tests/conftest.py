@@ -1,4 +1,10 @@
-"""Session fixtures shared by every test module."""
+"""Session fixtures shared by every test module, and the rule that keeps the fast tier fast.
+
+Two speeds (README, "Tests"): `make test` runs everything; `pytest -m "not slow" tests` is the
+edit-test loop, under a minute. A test is slow when it uses a fixture below that starts a
+tritonserver or exports ONNX graphs (marked here, automatically), or when its module or itself
+says `slow` (whole generations, servers started in the test body).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_CASES = ("a_euler_apg_erg", "b_heun_cfg_noerg", "e_empty_lyrics")
+# fixtures that start a tritonserver or export graphs
+SLOW_FIXTURES = frozenset({"triton_server_factory", "acestep_triton_server", "onnx_exports"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def _golden_dir() -> Path:

@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 
 from acestep_triton.contract import GenerationParams
 
+# The golden cases every parity test runs (golden/README.md describes them).
+GOLDEN_CASES = ("a_euler_apg_erg", "b_heun_cfg_noerg", "e_empty_lyrics")
+
 
 def _seeds(manual_seeds) -> tuple[int, ...]:
     if isinstance(manual_seeds, int):

@@ -14,9 +14,11 @@ import torch
 
 from acestep_triton.acceleration import Acceleration, BucketedDecode
 from acestep_triton.checkpoint import Checkpoint
-from acestep_triton.components import TRANSFORMER_PARTS, load_component, load_components
-from acestep_triton.models.transformer import ERG_Q_SCALE, ACEStepTransformer
+from acestep_triton.components import load_component, load_components
+from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
+from acestep_triton.registry import component
+from acestep_triton.specs import ERG_Q_SCALE
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,7 @@ def test_bucketed_decode_equals_plain_decode(transformer: ACEStepTransformer, ro
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=1e-5 * max(1.0, expected.abs().max().item()))
 
 
+@pytest.mark.slow  # many vocoder decodes of 500 frames: minutes on a loaded CPU
 @torch.no_grad()
 def test_windowed_vocoder_equals_whole_decode(vocoder: ADaMoSHiFiGAN) -> None:
     """Windows overlapping by the receptive field give the whole decode, up to float32 rounding."""
@@ -101,7 +104,7 @@ def test_transformer_components_share_one_pruned_transformer(golden_ckpt: Path) 
     modules = load_components(["condition_encoder", "dit_step"], ckpt)
     transformer = modules["dit_step"].transformer
     assert modules["condition_encoder"].transformer is transformer
-    kept = set(TRANSFORMER_PARTS["condition_encoder"]) | set(TRANSFORMER_PARTS["dit_step"])
+    kept = set(component("condition_encoder").parts) | set(component("dit_step").parts)
     present = {name for name, child in transformer.named_children() if child is not None}
     assert present == kept  # the training-only `projectors` are gone
 

@@ -6,7 +6,7 @@ import torch
 
 from acestep_triton.batching import collate, split
 from acestep_triton.checkpoint import validate_checkpoint
-from acestep_triton.specs import component_spec
+from acestep_triton.registry import component_spec
 
 
 def _dit_request(rows: int, frames: int, tokens: int, width: int) -> dict[str, torch.Tensor]:

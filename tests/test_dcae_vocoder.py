@@ -25,8 +25,8 @@ from acestep_triton.models.dcae import (
     load_dcae,
 )
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN, load_vocoder
+from tests.golden_cases import GOLDEN_CASES
 
-GOLDEN_CASES = ("a_euler_apg_erg", "b_heun_cfg_noerg", "e_empty_lyrics")
 STAGE_TOL = 1e-5  # teacher-forced stages: atol = STAGE_TOL * max(1, max|ref|)
 BOOKKEEPING_TOL = 1e-6
 CHAIN_WAVE_TOL = 1e-4
@@ -192,7 +192,10 @@ def test_encode_matches_golden(golden_dir: Path, dcae: AutoencoderDC, vocoder: A
     mel, resampled = ref["mel"], ref["resampled_44k"][0]
     padded_length = mel.shape[-1] * vocoder.config.hop_length
     padded = torch.nn.functional.pad(resampled, (0, padded_length - resampled.shape[-1]))
-    assert_within(vocoder.log_mel(padded), mel[0], STAGE_TOL)
+    # The log amplifies float32 STFT rounding in quiet bins, and that rounding depends on the CPU's FFT
+    # kernels: on an Intel host the reference's log-mel differs by 3.4e-4 from ours and by 4.0e-4 from
+    # a float64 STFT (the reference's own error), so the log-mel gets the golden log-mel bound.
+    torch.testing.assert_close(vocoder.log_mel(padded), mel[0], rtol=0.0, atol=CHAIN_MEL_TOL)
     with torch.no_grad():
         encoded = dcae.encoder(((mel - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5)
     assert_within(encoded, ref["dcae_encoder_output"], STAGE_TOL)

@@ -14,8 +14,9 @@ import torch
 
 from acestep_triton.acceleration import Acceleration, BucketedDecode
 from acestep_triton.contract import GenerationParams
-from acestep_triton.models.transformer import ERG_Q_SCALE, ACEStepTransformer
+from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.pipeline import Text2MusicPipeline
+from acestep_triton.specs import ERG_Q_SCALE
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,10 @@ def _inputs(transformer: ACEStepTransformer, rows: int, frames: int, tokens: int
     )
 
 
-def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+def _relative(actual, expected) -> float:
+    """Relative L2 error of tensors or arrays (pipeline waveforms are numpy)."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    return float((actual - expected).norm() / expected.norm())
 
 
 @torch.no_grad()

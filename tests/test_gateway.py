@@ -32,18 +32,19 @@ from acestep_triton.contract import (
     OUTPUT_SAMPLE_RATE,
     STAGES,
     GenerationParams,
+    GenerationResult,
     ParameterError,
 )
-from gateway import GenerationEngine, GenerationResult, OutputStore, Settings, create_app
-from gateway.engine import input_arrays
+from acestep_triton.ensemble_client import input_arrays
+from acestep_triton.geometry import PUBLISHED_GEOMETRY
+from acestep_triton.tritonserver import TritonServer
+from gateway import GenerationEngine, OutputStore, Settings, create_app
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
 from gateway.settings import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMING_HEADERS = ("X-Generation-Time", "X-Init-Time", "X-Prep-Time", "X-Generation-Time-Detailed")
-# One latent frame of the DCAE (8 mel frames x 512 hops at 44.1 kHz): the duration granularity.
-LATENT_FRAME_S = 8 * 512 / 44100
 
 EXAMPLE_1 = {
     "checkpoint_path": "/workspace/ace-step-api/checkpoints/ACE-Step-v1-3.5B",
@@ -591,7 +592,7 @@ def test_e2e_health(e2e_app):
 def test_e2e_example_1_gives_wav_headers_sidecar_and_download(e2e_app, example_1):
     audio, rate = soundfile.read(io.BytesIO(example_1.content), dtype="float32")
     assert rate == OUTPUT_SAMPLE_RATE and audio.ndim == 2 and audio.shape[1] == 2
-    assert abs(audio.shape[0] / rate - 5.0) <= LATENT_FRAME_S
+    assert abs(audio.shape[0] / rate - 5.0) <= PUBLISHED_GEOMETRY.frame_seconds
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
     assert soundfile.info(io.BytesIO(example_1.content)).subtype == "FLOAT"
 
@@ -632,21 +633,27 @@ def test_e2e_http_protocol_gives_the_same_audio(acestep_triton_server, tiny_chec
     assert np.array_equal(soundfile.read(io.BytesIO(response.content), dtype="float32")[0], first)
 
 
-def test_e2e_triton_restart_needs_no_gateway_restart(e2e_app, acestep_triton_server, tiny_checkpoint):
+@pytest.mark.slow
+def test_e2e_triton_restart_needs_no_gateway_restart(model_repository, tiny_checkpoint, tmp_path):
+    """Stops and restarts a server of its own, so no other test sees Triton go away."""
     quick = e2e_payload(tiny_checkpoint, audio_duration=2.0, infer_step=2, actual_seeds=[5])
-    acestep_triton_server.stop()
-    try:
-        health = e2e_app.get("/health")
-        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
-        down = e2e_app.post("/generate", json=quick)
-        assert down.status_code == 503 and list(down.json()) == ["detail"]
-    finally:
-        acestep_triton_server.start()
-    deadline = time.monotonic() + 30
-    while e2e_app.get("/health").status_code != 200:
-        assert time.monotonic() < deadline, e2e_app.get("/health").json()
-        time.sleep(0.2)
-    assert e2e_app.post("/generate", json=quick).status_code == 200
+    with TritonServer(model_repository, log_path=tmp_path / "server.log", startup_timeout_s=900) as server:
+        settings = Settings(checkpoint_path=str(tiny_checkpoint), triton_url=server.grpc_url, outputs_dir=tmp_path)
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/generate", json=quick).status_code == 200
+            server.stop()
+            try:
+                health = client.get("/health")
+                assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+                down = client.post("/generate", json=quick)
+                assert down.status_code == 503 and list(down.json()) == ["detail"]
+            finally:
+                server.start()
+            deadline = time.monotonic() + 30
+            while client.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/health").json()
+                time.sleep(0.2)
+            assert client.post("/generate", json=quick).status_code == 200
 
 
 def test_job_settings_from_environment():

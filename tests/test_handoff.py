@@ -34,11 +34,12 @@ from acestep_triton.condition_cache import (
 )
 from acestep_triton.contract import GenerationParams
 from acestep_triton.engines import load_engines
-from acestep_triton.pipeline import Conditions
+from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, make_generators
-from acestep_triton.specs import LATENT_CHANNELS, LATENT_HEIGHT
+from acestep_triton.geometry import PUBLISHED_GEOMETRY
+from acestep_triton.sampling.conditions import Conditions
 from export.build_repository import build_repository
 
 PARAMS = GenerationParams(prompt="p", lyrics="", audio_duration=2.0, infer_step=6, actual_seeds=(3,))
@@ -67,11 +68,11 @@ class DitStep:
 
     def __call__(self, batch):
         keys = decode_keys(batch[CONDITION_KEY]) if CONDITION_KEY in batch else None
-        self.requests.append({"inline": "ENCODER_STATES" in batch, "keys": keys, "release": CONDITION_RELEASE in batch})
+        release = batch[CONDITION_RELEASE].reshape(-1).tolist() if CONDITION_RELEASE in batch else None
+        self.requests.append({"inline": "ENCODER_STATES" in batch, "keys": keys, "release": release})
         sent = {name: batch[name] for name in KEYED_INPUTS if name in batch}
         try:
-            resolved = request_conditions(self.cache, sent, keys, CONDITION_RELEASE in batch, torch.device("cpu"),
-                                          torch.float32)
+            resolved = request_conditions(self.cache, sent, keys, release, torch.device("cpu"), torch.float32)
         except ConditionMiss as miss:
             raise DitStepError("dit_step", str(miss)) from None
         inputs = {**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, **resolved}
@@ -80,8 +81,10 @@ class DitStep:
 
 def run_loop(engine, dit_call, cond: Conditions, with_cache: bool, callback=None):
     sender = ConditionSender("request-1") if with_cache else None
-    total = len(flow_match_schedule(PARAMS.scheduler_type, PARAMS.infer_step).timesteps)
-    loop = StepLoop(dit_call, cond, PARAMS.use_erg_diffusion, sender, total)
+    schedule = flow_match_schedule(PARAMS.scheduler_type, PARAMS.infer_step)
+    guidance = Guidance(PARAMS, schedule.num_inference_steps)
+    plan = [guidance.branches(i) for i in range(len(schedule.timesteps))]
+    loop = StepLoop(dit_call, cond, PARAMS.use_erg_diffusion, sender, plan)
     generators = make_generators(PARAMS.actual_seeds)
     noise = initial_noise(generators, FRAMES)
     try:
@@ -98,10 +101,11 @@ def test_conditions_cross_once_per_branch_and_the_result_equals_sending_them_eve
     served = DitStep(dit, cache)
     latents, _ = run_loop(dit, served, cond, with_cache=True)
     assert torch.equal(latents, every_step)
-    steps, after = served.requests[:PARAMS.infer_step], served.requests[PARAMS.infer_step:]
-    branch_sets = {tuple(dict.fromkeys(r["keys"])) for r in steps}
+    assert len(served.requests) == PARAMS.infer_step  # no call beyond the steps: releases ride on them
+    branch_sets = {tuple(dict.fromkeys(r["keys"])) for r in served.requests}
     assert sum(r["inline"] for r in served.requests) == len(branch_sets) > 1
-    assert steps[-1]["release"] and all(r["release"] and not r["inline"] for r in after)
+    released = [k for r in served.requests if r["release"] for k, flag in zip(r["keys"], r["release"]) if flag]
+    assert sorted(set(released)) == sorted({k for r in served.requests for k in r["keys"]})
     assert len(cache) == 0
 
 
@@ -159,7 +163,7 @@ def step_batch(cond: Conditions, rows: list[int], frames: int = FRAMES, seed: in
     g = torch.Generator().manual_seed(seed)
     n = len(rows)
     return {
-        "LATENTS": torch.randn(n, LATENT_CHANNELS, LATENT_HEIGHT, frames, generator=g).numpy(),
+        "LATENTS": torch.randn(n, PUBLISHED_GEOMETRY.channels, PUBLISHED_GEOMETRY.height, frames, generator=g).numpy(),
         "ATTENTION_MASK": np.ones((n, frames), np.float32),
         "ENCODER_STATES": cond.states[rows].numpy(),
         "ENCODER_MASK": cond.mask[rows].numpy(),

@@ -22,5 +22,5 @@ def test_onnx_profile_ensemble_matches_golden(tmp_path_factory, triton_server_fa
     case = "a_euler_apg_erg"
     out = infer(server, golden_params(golden_dir, case))
     ref = golden_tensors(golden_dir, case)["final_waveform"].numpy()
-    err = np.abs(out["WAVEFORM"][0] - ref).max()
+    err = np.abs(out.waveforms[0] - ref).max()
     assert err < 1e-4, f"onnx profile: waveform max abs error {err:.2e}"

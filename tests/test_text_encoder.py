@@ -10,16 +10,16 @@ from safetensors.torch import load_file
 from transformers import UMT5Config, UMT5EncoderModel
 
 from acestep_triton.checkpoint import TEXT_ENCODER_DIR
+from acestep_triton.specs import ERG_Q_SCALE
 from acestep_triton.models.text_encoder import (
-    ERG_QUERY_SCALE,
     ERG_TAG_BLOCKS,
     TEXT_MAX_TOKENS,
     ScaledOutput,
     TextEncoder,
     erg_view,
 )
+from tests.golden_cases import GOLDEN_CASES
 
-GOLDEN_CASES = ("a_euler_apg_erg", "b_heun_cfg_noerg", "e_empty_lyrics")
 ERG_TAG_CASES = ("a_euler_apg_erg", "e_empty_lyrics")  # use_erg_tag on
 STAGE_TOL = 1e-5  # atol = STAGE_TOL * max(1, max|ref|)
 
@@ -82,7 +82,7 @@ def test_erg_leaves_plain_model_untouched(text_encoder, golden_dir):
     before = {k: v.clone() for k, v in text_encoder.model.state_dict().items()}
     plain_before = text_encoder.encode(ids, mask)
     text_encoder.encode(ids, mask, erg=True)
-    text_encoder.encode_rows(ids, mask, torch.tensor([ERG_QUERY_SCALE]))
+    text_encoder.encode_rows(ids, mask, torch.tensor([ERG_Q_SCALE]))
     after = text_encoder.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -99,7 +99,7 @@ def test_encode_rows_mixes_plain_and_erg_rows(text_encoder, golden_dir):
     golden = load_file(golden_dir / "e_empty_lyrics.safetensors")
     ids = golden["text_input_ids"].repeat(3, 1)
     mask = golden["text_attention_mask"].repeat(3, 1)
-    states = text_encoder.encode_rows(ids, mask, torch.tensor([[1.0], [ERG_QUERY_SCALE], [1.0]]))
+    states = text_encoder.encode_rows(ids, mask, torch.tensor([[1.0], [ERG_Q_SCALE], [1.0]]))
     assert_within(states[[0, 2]], golden["text_last_hidden_state"].repeat(2, 1, 1))
     assert_within(states[1:2], golden["text_last_hidden_state_erg_null"])
     with pytest.raises(ValueError, match="q_scale"):
@@ -117,7 +117,7 @@ def test_too_few_blocks_for_erg_raises(text_encoder):
     with pytest.raises(ValueError, match="use_erg_tag"):
         small.encode_rows(ids, mask, torch.ones(1))
     with pytest.raises(ValueError, match="use_erg_tag"):
-        erg_view(small.model, ERG_TAG_BLOCKS, ERG_QUERY_SCALE)
+        erg_view(small.model, ERG_TAG_BLOCKS, ERG_Q_SCALE)
 
 
 def test_full_size_state_dict_matches_published(golden_dir) -> None:

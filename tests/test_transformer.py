@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import GOLDEN_CASES
 from safetensors.torch import load_file
 
-from acestep_triton.models.transformer import ERG_Q_SCALE, TINY_LYRIC_ENCODER_KEY, ACEStepTransformer
+from acestep_triton.specs import ERG_Q_SCALE
+from acestep_triton.models.transformer import TINY_LYRIC_ENCODER_KEY, ACEStepTransformer
+from tests.golden_cases import GOLDEN_CASES
 
 DECODE_KEY = re.compile(r"step(\d+)_decode(\d+)_(cond|null|no_lyric)(_erg)?")
 LOAD_WARNINGS = ("were not used", "newly initialized", "not expected", "missing", "unexpected")

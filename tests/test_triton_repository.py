@@ -11,36 +11,27 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from acestep_triton.contract import ENSEMBLE_INPUTS, ENSEMBLE_NAME, STAGES, GenerationParams, stage_time_name
+from acestep_triton.contract import ENSEMBLE_NAME, STAGES, GenerationParams, GenerationResult
+from acestep_triton.ensemble_client import infer_inputs, read_result
 from acestep_triton.pipeline import Text2MusicPipeline
 from acestep_triton.tritonserver import TritonServer, TritonServerError
 from export.build_repository import build_repository
 from export.model_config import read_model_config
-from gateway.engine import input_arrays, wire_dtype
-from tests.conftest import GOLDEN_CASES
-from tests.golden_cases import golden_params, golden_tensors
+from tests.golden_cases import GOLDEN_CASES, golden_params, golden_tensors
 
 SHORT = dict(prompt="pop, piano", lyrics="[verse]\nla la la", infer_step=3, actual_seeds=(11,))
 
 
-def infer(server: TritonServer, params: GenerationParams, protocol: str = "grpc", overrides=None):
-    """Call the ensemble; `overrides` replaces input arrays (to send malformed tensors)."""
+def infer(server: TritonServer, params: GenerationParams, protocol: str = "grpc", overrides=None) -> GenerationResult:
+    """Call the ensemble with the gateway's client code; `overrides` replaces input arrays (to send
+    malformed tensors)."""
     client_mod = grpcclient if protocol == "grpc" else httpclient
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    client = client_mod.InferenceServerClient(url.removeprefix("http://").removeprefix("grpc://"))
-    arrays = input_arrays(params)
-    arrays.update(overrides or {})
-    specs = {t.name: t for t in ENSEMBLE_INPUTS}
-    inputs = []
-    for name, array in arrays.items():
-        dtype = wire_dtype(specs[name]) if name in specs and array.dtype != np.float64 else "FP64"
-        tensor = client_mod.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
+    client = client_mod.InferenceServerClient(url)
+    inputs = infer_inputs(client_mod, params, overrides)
     result = client.infer(ENSEMBLE_NAME, inputs, client_timeout=600) if protocol == "grpc" else \
         client.infer(ENSEMBLE_NAME, inputs, timeout=600)
-    return {name: result.as_numpy(name) for name in
-            ["WAVEFORM", "SEEDS", "DURATION", *(stage_time_name(s) for s in STAGES)]}
+    return read_result(result)
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +56,17 @@ def test_ensemble_equals_in_process_pipeline(acestep_triton_server, pipeline, go
     params = golden_params(golden_dir, "a_euler_apg_erg")
     out = infer(acestep_triton_server, params, protocol)
     local = pipeline(params)
-    assert out["SEEDS"].tolist() == list(local.seeds)
-    assert out["WAVEFORM"].shape == tuple(local.waveforms.shape)
-    np.testing.assert_allclose(out["WAVEFORM"], local.waveforms.numpy(), atol=1e-5, rtol=0)
-    for stage in STAGES:
-        assert out[stage_time_name(stage)].reshape(-1)[0] > 0
+    assert out.seeds == local.seeds
+    assert out.waveforms.shape == local.waveforms.shape
+    np.testing.assert_allclose(out.waveforms, local.waveforms, atol=1e-5, rtol=0)
+    assert set(out.timings) == set(STAGES) and min(out.timings.values()) > 0
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_golden_cases_through_triton(acestep_triton_server, golden_dir, case) -> None:
     out = infer(acestep_triton_server, golden_params(golden_dir, case))
     ref = golden_tensors(golden_dir, case)["final_waveform"]
-    err = np.abs(out["WAVEFORM"][0] - ref.numpy()).max()
+    err = np.abs(out.waveforms[0] - ref.numpy()).max()
     assert err < 1e-4, f"{case}: waveform max abs error {err:.2e}"
 
 
@@ -90,14 +80,14 @@ def _dit_stats(server: TritonServer) -> tuple[int, int]:
 def test_concurrent_requests_of_different_durations_batch_and_stay_correct(acestep_triton_server) -> None:
     short = GenerationParams(audio_duration=3.0, **SHORT)
     long = GenerationParams(audio_duration=6.0, **{**SHORT, "actual_seeds": (12,)})
-    solo = {p.audio_duration: infer(acestep_triton_server, p)["WAVEFORM"] for p in (short, long)}
+    solo = {p.audio_duration: infer(acestep_triton_server, p).waveforms for p in (short, long)}
     before = _dit_stats(acestep_triton_server)
     results: dict[float, np.ndarray] = {}
     errors: list[BaseException] = []
 
     def run(p: GenerationParams) -> None:
         try:
-            results[p.audio_duration] = infer(acestep_triton_server, p)["WAVEFORM"]
+            results[p.audio_duration] = infer(acestep_triton_server, p).waveforms
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -127,9 +117,10 @@ def test_bad_tensors_get_an_error_naming_the_problem(acestep_triton_server, over
     params = GenerationParams(audio_duration=2.0, **SHORT)
     with pytest.raises(InferenceServerException, match=expected):
         infer(acestep_triton_server, params, overrides=override)
-    assert infer(acestep_triton_server, params)["WAVEFORM"].shape[0] == 1
+    assert infer(acestep_triton_server, params).waveforms.shape[0] == 1
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_path_fails_readiness_naming_it(tmp_path, tiny_checkpoint, lyric_vocab) -> None:
     repo = build_repository("cpu", tiny_checkpoint, tmp_path / "repo", lyric_vocab)
     config = repo / "vocoder" / "config.pbtxt"

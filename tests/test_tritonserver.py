@@ -214,6 +214,7 @@ def test_perf_analyzer_runs_against_server(server: TritonServer, tmp_path: Path)
     assert all(float(row["Inferences/Second"]) > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_model_failing_initialize_names_it(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     _write_python_model(ADD_OFFSET, repo, ADD_OFFSET_MODEL)
@@ -226,6 +227,7 @@ def test_model_failing_initialize_names_it(tmp_path: Path) -> None:
     assert server.process is None
 
 
+@pytest.mark.slow
 def test_stop_leaves_no_process(add_offset_repo: Path, tmp_path: Path) -> None:
     with TritonServer(add_offset_repo, log_path=tmp_path / "server.log") as server:
         assert server.process is not None

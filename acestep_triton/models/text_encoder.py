@@ -1,6 +1,6 @@
 """The `text_encoder` component: UMT5 prompt encoder plus ACE-Step's ERG "null" variant.
 
-ERG (entropy rectifying guidance, its "tag" part) makes the unconditional text states by
+ERG (its "tag" part, see acestep_triton.specs.ERG_Q_SCALE) makes the unconditional text states by
 lowering the attention temperature of two middle encoder blocks: the output of
 their query projection is multiplied by 0.01. Upstream does this with forward
 hooks on the shared model; here a second module tree shares every weight with
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from transformers import UMT5EncoderModel
 
+from acestep_triton.specs import ERG_Q_SCALE
 from acestep_triton.text_tokenizer import TEXT_MAX_TOKENS, TextTokenizer
 
-__all__ = ["ERG_QUERY_SCALE", "ERG_TAG_BLOCKS", "TEXT_MAX_TOKENS", "TextEncoder", "erg_view"]
+__all__ = ["ERG_TAG_BLOCKS", "TEXT_MAX_TOKENS", "TextEncoder", "erg_view"]
 ERG_TAG_BLOCKS = (8, 9)
-ERG_QUERY_SCALE = 0.01
 
 
 class ScaledOutput(nn.Module):
@@ -76,7 +76,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.num_blocks = len(model.encoder.block)
         has_erg_blocks = self.num_blocks > max(ERG_TAG_BLOCKS)
-        self.erg_model = erg_view(model, ERG_TAG_BLOCKS, ERG_QUERY_SCALE) if has_erg_blocks else None
+        self.erg_model = erg_view(model, ERG_TAG_BLOCKS, ERG_Q_SCALE) if has_erg_blocks else None
 
     @classmethod
     def from_pretrained(
@@ -106,7 +106,7 @@ class TextEncoder:
     @torch.no_grad()
     def encode_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
         """Like `encode`, with the ERG query scale chosen per row: q_scale [B] or [B, 1]
-        (1.0 plain row, ERG_QUERY_SCALE ERG-null row) -> last_hidden_state [B, L, d_model].
+        (1.0 plain row, ERG_Q_SCALE ERG-null row) -> last_hidden_state [B, L, d_model].
 
         Swaps the scale buffers for this call (torch.func.functional_call), so one
         instance must not run `encode_rows` from several threads at once.

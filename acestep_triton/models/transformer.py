@@ -5,8 +5,8 @@ token sequence; `decode` predicts the flow-matching velocity of the latents, att
 The sampler calls `encode` once per request and `decode` once per step with every guidance
 branch (cond / uncond / ERG) side by side in the batch.
 
-ERG ("energy-rescaled guidance") weakens a branch by multiplying query projections by
-`ERG_Q_SCALE`: Conformer layers `ERG_LYRIC_LAYERS` in `encode`, and self- and cross-attention of
+ERG weakens a branch by multiplying query projections by a per-item factor
+(acestep_triton.specs.ERG_Q_SCALE): Conformer layers `ERG_LYRIC_LAYERS` in `encode`, and self- and cross-attention of
 blocks `ERG_DIFFUSION_BLOCKS` in `decode`, selected per batch item.
 """
 
@@ -26,7 +26,6 @@ from torch import nn
 from acestep_triton.models.attention import CrossAttention, LinearSelfAttention, additive_mask, rotary_cos_sin
 from acestep_triton.models.lyric_encoder import LyricConformerEncoder
 
-ERG_Q_SCALE = 0.01
 ERG_LYRIC_LAYERS = range(4, 6)
 ERG_DIFFUSION_BLOCKS = range(15, 20)
 
@@ -295,7 +294,7 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
 
         text_states [B, Lt, text_embedding_dim], text_mask [B, Lt], speaker_embeds [B, 512],
         lyric_ids [B, Ll] int64, lyric_mask [B, Ll]; `lyric_q_scale` (float or [B] per row) scales the Conformer query
-        projections of `ERG_LYRIC_LAYERS` (ERG-lyric: `ERG_Q_SCALE`).
+        projections of `ERG_LYRIC_LAYERS` (ERG-lyric: specs.ERG_Q_SCALE).
         Returns encoder_states [B, 1+Lt+Ll, inner_dim] and encoder_mask [B, 1+Lt+Ll] float32.
         """
         speaker = self.speaker_embedder(speaker_embeds)[:, None]
@@ -346,7 +345,7 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
         [B, S, inner_dim] and encoder_mask [B, S] from `encode` (padding anywhere: positions count
         valid tokens only, so a padded item gives what it gives alone). q_scale [B] or None: per
         item factor on the query projections of `ERG_DIFFUSION_BLOCKS` (ERG-diffusion branch:
-        `ERG_Q_SCALE`, others 1.0). Returns [B, out_channels, max_height, T], zero on padded frames.
+        specs.ERG_Q_SCALE, others 1.0). Returns [B, out_channels, max_height, T], zero on padded frames.
         Equal to `decode_prepared` with `prepare_cross_attention(encoder_states, encoder_mask)`.
         """
         keys_values, bias = self.prepare_cross_attention(encoder_states, encoder_mask)

@@ -24,11 +24,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.contract import CFG_TYPES, GenerationParams, ParameterError, uses_double_condition
-
-COND = "cond"
-NULL = "null"
-NO_LYRIC = "no_lyric"
+from acestep_triton.contract import COND, NO_LYRIC, NULL, GenerationParams, uses_double_condition
 
 APG_MOMENTUM = -0.75
 APG_NORM_THRESHOLD = 2.5
@@ -100,8 +96,6 @@ class Guidance:
     """
 
     def __init__(self, params: GenerationParams, num_inference_steps: int) -> None:
-        if params.cfg_type not in CFG_TYPES:
-            raise ParameterError("cfg_type", f"must be one of {list(CFG_TYPES)}, got {params.cfg_type!r}")
         self.params = params
         self.enabled = params.guidance_scale not in (0.0, 1.0)
         self.double_condition = uses_double_condition(params)

@@ -10,7 +10,7 @@ implements with the DiT and the Triton `diffusion` model with a BLS call to
            repeated once per branch, branch-major (rows k*B .. (k+1)*B - 1
            belong to branches[k]);
   timestep [N] float32 in [0, 1000], on the latents' device;
-  branches labels from ("cond", "null", "no_lyric"), in upstream's call order:
+  branches labels from contract.BRANCHES, in upstream's call order:
            ("cond",) outside the guidance interval, ("cond", "null") inside it,
            ("cond", "no_lyric", "null") with double-condition guidance.
   returns  the raw transformer velocities [N, C, H, T] in the same row order.
@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from acestep_triton.contract import GenerationParams
-from acestep_triton.sampling.guidance import COND, NO_LYRIC, NULL, Guidance
+from acestep_triton.contract import BRANCHES, GenerationParams
+from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.schedulers import flow_match_schedule, make_scheduler
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
@@ -39,7 +39,7 @@ def required_branches(params: GenerationParams) -> tuple[str, ...]:
     schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
     guidance = Guidance(params, schedule.num_inference_steps)
     used = {label for i in range(len(schedule.timesteps)) for label in guidance.branches(i)}
-    return tuple(label for label in (COND, NULL, NO_LYRIC) if label in used)
+    return tuple(label for label in BRANCHES if label in used)
 
 
 def denoise(

@@ -13,16 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from acestep_triton.contract import RANDOM_DURATION_RANGE_S, ParameterError
-
-# Latent geometry of the music DCAE (f8c8) on 44.1 kHz mel frames with hop 512:
-# one latent frame per 8 mel frames, 8 channels x 16 mel bands (128 / 8).
-LATENT_SAMPLE_RATE = 44100
-LATENT_HOP_LENGTH = 512
-LATENT_TIME_COMPRESSION = 8
-LATENT_CHANNELS = 8
-LATENT_HEIGHT = 16
-SEED_RANGE = 2**32
+from acestep_triton.contract import RANDOM_DURATION_RANGE_S, SEED_RANGE
+from acestep_triton.geometry import PUBLISHED_GEOMETRY, LatentGeometry
 
 
 def resolve_seeds(seeds: Sequence[int], batch_size: int | None = None) -> tuple[int, ...]:
@@ -34,10 +26,6 @@ def resolve_seeds(seeds: Sequence[int], batch_size: int | None = None) -> tuple[
     a server process would replay identically after every restart.)
     """
     batch_size = batch_size if batch_size is not None else max(1, len(seeds))
-    if batch_size < 1:
-        raise ParameterError("actual_seeds", f"batch size must be >= 1, got {batch_size}")
-    if any(not 0 <= s < SEED_RANGE for s in seeds):
-        raise ParameterError("actual_seeds", f"seeds must be in [0, 2**32), got {list(seeds)}")
     if not seeds:
         return tuple(secrets.randbelow(SEED_RANGE) for _ in range(batch_size))
     return tuple(int(seeds[min(i, len(seeds) - 1)]) for i in range(batch_size))
@@ -48,14 +36,9 @@ def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def latent_frames(
-    duration_s: float,
-    sample_rate: int = LATENT_SAMPLE_RATE,
-    hop_length: int = LATENT_HOP_LENGTH,
-    time_compression: int = LATENT_TIME_COMPRESSION,
-) -> int:
-    """Latent frames T for `duration_s` seconds, truncated like upstream (in double precision)."""
-    return int(duration_s * sample_rate / hop_length / time_compression)
+def latent_frames(duration_s: float, geometry: LatentGeometry = PUBLISHED_GEOMETRY) -> int:
+    """Latent frames T for `duration_s` seconds (LatentGeometry.frames; ACE-Step v1's geometry by default)."""
+    return geometry.frames(duration_s)
 
 
 def resolve_duration(duration_s: float, seed: int) -> float:
@@ -73,12 +56,13 @@ def resolve_duration(duration_s: float, seed: int) -> float:
 def initial_noise(
     generators: Sequence[torch.Generator],
     frames: int,
-    channels: int = LATENT_CHANNELS,
-    height: int = LATENT_HEIGHT,
+    geometry: LatentGeometry = PUBLISHED_GEOMETRY,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Standard normal latents [B, channels, height, frames], item b drawn from generators[b]."""
-    if frames < 1:
-        raise ParameterError("audio_duration", f"gives {frames} latent frames; must give at least 1")
-    draws = [torch.randn((1, channels, height, frames), generator=g, dtype=torch.float32) for g in generators]
+    """Standard normal latents [B, channels, height, frames] of `geometry`, item b drawn from generators[b].
+
+    contract.validate refuses durations shorter than one frame, so `frames` >= 1 here.
+    """
+    shape = (1, geometry.channels, geometry.height, frames)
+    draws = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
     return torch.cat(draws).to(device)

@@ -1,13 +1,13 @@
 """Triton python model `diffusion` (BLS): the sampling loop, one `dit_step` call per step.
 
 Inputs: ENCODER_STATES [K, L, D] and ENCODER_MASK [K, L] (one row per guidance branch, in
-acestep_triton.preprocess.BRANCHES order), SEEDS [B], DURATION [1], and the ensemble's sampling
+acestep_triton.contract.BRANCHES order), SEEDS [B], DURATION [1], and the ensemble's sampling
 parameters. Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1].
 
 Each step's guidance branches go to `dit_step` as one batch. With CONDITION_CACHE=1 a branch's
 conditions cross into `dit_step` once (acestep_triton.condition_cache): later steps send only
-the keys, a miss is answered by sending them again, the last step releases them, and a cancelled
-or failed loop sends a one-row release. A failed step fails the request.
+the keys, a miss is answered by sending them again, a branch's last step releases it, and a
+cancelled or failed loop sends a release. A failed step fails the request.
 
 LOOP_DEVICE says where the loop's tensors live (the gpu profile's choice, see
 export.build_repository.Profile.loop_device): "cpu" keeps the loop off the GPU (no CUDA context per
@@ -27,9 +27,9 @@ import triton_python_backend_utils as pb_utils
 
 from acestep_triton.bls_loop import DitStepError, StepLoop
 from acestep_triton.condition_cache import ConditionSender, new_request_id
-from acestep_triton.contract import ParameterError
-from acestep_triton.pipeline import Conditions
-from acestep_triton.preprocess import BRANCHES
+from acestep_triton.contract import BRANCHES, ParameterError
+from acestep_triton.sampling.conditions import Conditions
+from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, latent_frames, make_generators
@@ -99,8 +99,10 @@ class TritonPythonModel:
             generators = make_generators(tensors["SEEDS"].cpu().tolist())
             noise = initial_noise(generators, latent_frames(duration), device=self.device)
             sender = ConditionSender(new_request_id()) if self.use_cache else None
-            total = len(flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps).timesteps)
-            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, total)
+            schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
+            guidance = Guidance(params, schedule.num_inference_steps)
+            plan = [guidance.branches(i) for i in range(len(schedule.timesteps))]
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, plan)
 
             latents = denoise(loop.step, params, noise, generators, lambda i, total: self.after_step(request, i, total))
         except Exception as exc:

@@ -42,7 +42,8 @@ class TritonPythonModel(ComponentModel):
         keys = self._keys(request)
         release = input_array(request, CONDITION_RELEASE)
         inputs.update(request_conditions(self.cache, {k: v for k, v in sent.items() if v is not None}, keys,
-                                         release is not None and bool(release.any()), self.device, self.dtype))
+                                         None if release is None else release.reshape(-1).tolist(),
+                                         self.device, self.dtype))
         return inputs
 
     def request_failed(self, request, exc: Exception) -> None:

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from acestep_triton.checkpoint import validate_checkpoint
+from acestep_triton.checkpoint import deployment_checkpoint, find_lyric_vocab
 from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.preprocess import prepare_request
 from acestep_triton.text_tokenizer import TextTokenizer
@@ -19,9 +19,9 @@ from acestep_triton.triton_python import error_response, model_parameters, reque
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        ckpt = validate_checkpoint(params["CHECKPOINT"])
+        ckpt = deployment_checkpoint(params["CHECKPOINT"])
         self.text_tokenizer = TextTokenizer.from_pretrained(ckpt.text_encoder)
-        self.lyric_tokenizer = LyricTokenizer.from_file(params["LYRIC_VOCAB"])
+        self.lyric_tokenizer = LyricTokenizer.from_file(find_lyric_vocab(ckpt, params.get("LYRIC_VOCAB")))
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
@@ -35,14 +35,6 @@ class TritonPythonModel:
         except Exception as exc:
             return error_response(exc)
         return response({
-            "TEXT_IDS": prepared.text_ids,
-            "TEXT_MASK": prepared.text_mask,
-            "TEXT_Q_SCALE": prepared.text_q_scale,
-            "TEXT_SCALE": prepared.text_scale,
-            "LYRIC_IDS": prepared.lyric_ids,
-            "LYRIC_MASK": prepared.lyric_mask,
-            "LYRIC_Q_SCALE": prepared.lyric_q_scale,
-            "SEEDS": np.asarray(prepared.seeds, dtype=np.int64),
-            "DURATION": np.asarray([prepared.duration], dtype=np.float32),
+            **prepared.tensors(),
             "TIME_PREPROCESS": np.asarray([[time.perf_counter() - start]], dtype=np.float32),
         })

@@ -1,0 +1,91 @@
+"""The `acestep` ensemble as a Triton client sees it: request tensors from GenerationParams, and a
+GenerationResult from the answer.
+
+Shared by the gateway, the tests and the benchmarks, so that the wire dtypes and the output names
+are derived from contract.py in one place. Torch-free (the gateway imports it). Works with any of
+tritonclient's modules (grpc, http, and their asyncio variants): they differ in the InferInput
+class only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+
+import numpy as np
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+from acestep_triton.contract import (
+    ENSEMBLE_INPUTS,
+    STAGES,
+    GenerationParams,
+    GenerationResult,
+    TensorSpec,
+    stage_time_name,
+)
+
+
+class MalformedAnswer(RuntimeError):
+    """Triton answered, but not with what the contract says the ensemble returns."""
+
+
+def wire_dtype(spec: TensorSpec) -> str:
+    """Config spelling (TYPE_STRING, TYPE_FP32) to wire spelling (BYTES, FP32)."""
+    name = spec.dtype.removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
+    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes."""
+    arrays = {}
+    for spec in ENSEMBLE_INPUTS:
+        value = getattr(params, spec.param)
+        values = list(value) if spec.dims == (-1,) else [value]
+        if spec.dtype == "TYPE_STRING":
+            arrays[spec.name] = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+        else:
+            arrays[spec.name] = np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
+    return arrays
+
+
+def infer_inputs(client_module: ModuleType, params: GenerationParams,
+                 overrides: Mapping[str, np.ndarray] | None = None) -> list:
+    """`client_module.InferInput`s for `params` (binary tensors over HTTP).
+
+    `overrides` replaces or adds arrays, each sent with its own dtype: how tests send malformed
+    requests. No outputs are named by callers that want every output the deployment has (a
+    TensorRT deployment leaves out the stage timings its plans cannot measure).
+    """
+    arrays = {**input_arrays(params), **(overrides or {})}
+    binary = {"binary_data": True} if client_module.__name__.startswith("tritonclient.http") else {}
+    inputs = []
+    for name, array in arrays.items():
+        tensor = client_module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array, **binary)
+        inputs.append(tensor)
+    return inputs
+
+
+def read_result(result, connect_seconds: float = 0.0) -> GenerationResult:
+    """The ensemble's answer (an InferResult of any client module), checked against the contract."""
+    waveforms = result.as_numpy("WAVEFORM")
+    seeds = result.as_numpy("SEEDS")
+    duration = result.as_numpy("DURATION")
+    if waveforms is None or seeds is None or duration is None:
+        raise MalformedAnswer("Triton's answer lacks WAVEFORM, SEEDS or DURATION")
+    if waveforms.ndim != 3 or waveforms.shape[1] != 2 or waveforms.shape[0] != seeds.shape[0] or waveforms.shape[0] == 0:
+        raise MalformedAnswer(f"WAVEFORM {waveforms.shape} does not match [items, 2, samples] with {seeds.shape[0]} seeds")
+    timings = {}
+    for stage in STAGES:
+        seconds = result.as_numpy(stage_time_name(stage))
+        if seconds is not None:  # TensorRT plans cannot time themselves: their stages are left out
+            timings[stage] = float(seconds.reshape(-1)[0])
+    if "preprocess" not in timings:
+        raise MalformedAnswer(f"Triton's answer lacks {stage_time_name('preprocess')}")
+    return GenerationResult(
+        waveforms=np.ascontiguousarray(waveforms, dtype=np.float32),
+        seeds=tuple(int(s) for s in seeds.reshape(-1)),
+        duration=float(duration.reshape(-1)[0]),
+        timings=timings,
+        connect_seconds=connect_seconds,
+    )
