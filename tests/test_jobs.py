@@ -281,16 +281,15 @@ def test_stream_model_reports_every_stage_and_step_and_ends_with_the_ensembles_a
     import tritonclient.grpc as grpcclient
 
     from acestep_triton.contract import ENSEMBLE_NAME, STREAM_MODEL_NAME, GenerationParams
-    from gateway.engine import TritonEngine
+    from acestep_triton.ensemble_client import infer_inputs
 
     params = GenerationParams(prompt="pop", lyrics="[verse]\nla la", audio_duration=3.0, infer_step=3,
                               actual_seeds=(7,))
-    engine = TritonEngine(acestep_triton_server.grpc_url)
     answers: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
     try:
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        client.async_stream_infer(STREAM_MODEL_NAME, engine._tensors(params))
+        client.async_stream_infer(STREAM_MODEL_NAME, infer_inputs(grpcclient, params))
         progress = []
         while True:
             result, error = answers.get(timeout=300)
@@ -300,7 +299,7 @@ def test_stream_model_reports_every_stage_and_step_and_ends_with_the_ensembles_a
             progress.append((result.as_numpy("STAGE")[0].decode(), int(result.as_numpy("STEP")[0]),
                              int(result.as_numpy("STEPS")[0])))
         client.stop_stream()
-        direct = client.infer(ENSEMBLE_NAME, engine._tensors(params), client_timeout=300)
+        direct = client.infer(ENSEMBLE_NAME, infer_inputs(grpcclient, params), client_timeout=300)
     finally:
         client.close()
     assert progress == [("preprocess", 0, 3), ("text_encoder", 0, 3), ("condition_encoder", 0, 3),
