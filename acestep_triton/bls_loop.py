@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from acestep_triton.condition_cache import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS, ConditionSender, is_miss
+from acestep_triton.condition_cache import ConditionSender, is_miss
 from acestep_triton.sampling.conditions import Conditions, branch_inputs
+from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 
 # One dit_step request: named tensors / arrays -> VELOCITY; raises DitStepError when it answers an error.
 Call = Callable[[Mapping[str, torch.Tensor | np.ndarray]], torch.Tensor]

@@ -51,18 +51,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.contract import ParameterError, TensorSpec
+from acestep_triton.contract import ParameterError
+from acestep_triton.specs import CONDITION_KEY, KEYED_INPUTS
 
-CONDITION_KEY = "CONDITION_KEY"
-CONDITION_RELEASE = "CONDITION_RELEASE"
-# The serving-layer inputs `dit_step` takes on top of its component spec (they are not part of
-# the component as a function: ONNX and TensorRT never see them).
-CONDITION_INPUTS = (
-    TensorSpec(CONDITION_KEY, "TYPE_STRING", (1,)),
-    TensorSpec(CONDITION_RELEASE, "TYPE_BOOL", (1,)),
-)
-# The spec inputs that a key may stand in for.
-KEYED_INPUTS = ("ENCODER_STATES", "ENCODER_MASK")
 MISS_MESSAGE = "condition cache miss"
 
 

@@ -21,6 +21,18 @@ from acestep_triton.geometry import latent_geometry
 ERG_Q_SCALE = 0.01
 
 
+# The serving-layer inputs the `dit_step` Triton model takes on top of its component spec, for its
+# per-request condition cache (acestep_triton.condition_cache): not part of the component as a
+# function, so ONNX and TensorRT never see them.
+CONDITION_KEY = "CONDITION_KEY"
+CONDITION_RELEASE = "CONDITION_RELEASE"
+CONDITION_INPUTS = (
+    TensorSpec(CONDITION_KEY, "TYPE_STRING", (1,)),
+    TensorSpec(CONDITION_RELEASE, "TYPE_BOOL", (1,)),
+)
+# The spec inputs that a key may stand in for.
+KEYED_INPUTS = ("ENCODER_STATES", "ENCODER_MASK")
+
 @dataclass(frozen=True)
 class ComponentIO:
     """A neural component's tensors, as its spec builder reads them from the checkpoint."""

@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from acestep_triton.checkpoint import DEPLOYMENT_CHECKPOINT, Checkpoint, find_lyric_vocab, validate_checkpoint
-from acestep_triton.condition_cache import CONDITION_INPUTS, KEYED_INPUTS
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
     ENSEMBLE_NAME,
@@ -43,10 +42,9 @@ from acestep_triton.contract import (
     TensorSpec,
     stage_time_name,
 )
-from acestep_triton.geometry import latent_geometry
+from acestep_triton.geometry import PUBLISHED_GEOMETRY, latent_geometry
 from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
-from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.specs import ComponentSpec
+from acestep_triton.specs import CONDITION_INPUTS, KEYED_INPUTS, ComponentSpec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +98,7 @@ class Profile:
     gpus: tuple[int, ...] = ()
     # the most rows x latent frames one dit_step forward holds (acestep_triton.sub_batches): more
     # rows in one execution run in several forwards, so running out of memory fails one sub-batch
-    dit_max_row_frames: int = 64 * latent_frames(MAX_DURATION_S)
+    dit_max_row_frames: int = 64 * PUBLISHED_GEOMETRY.frames(MAX_DURATION_S)
     condition_cache_mib: int = 1024  # per dit_step instance; LRU beyond it
     condition_cache_ttl_s: float = 300.0  # an entry unused this long is dropped
 
@@ -119,7 +117,7 @@ GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocode
 PROFILES = {
     "cpu": Profile("cpu", "pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "gpu": Profile("gpu", "pytorch", "cuda", "bfloat16", "KIND_GPU", 0, accelerate=True, queue_delay_us=0,
-                   diffusion_instances=16, loop_threads=1, dit_max_row_frames=16 * latent_frames(MAX_DURATION_S),
+                   diffusion_instances=16, loop_threads=1, dit_max_row_frames=16 * PUBLISHED_GEOMETRY.frames(MAX_DURATION_S),
                    **GPU_INSTANCES),
     "onnx": Profile("onnx", "onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "tensorrt": Profile("tensorrt", "tensorrt", "cuda", "bfloat16", "KIND_GPU", 0, queue_delay_us=0,

@@ -22,9 +22,6 @@ from tritonclient.utils import InferenceServerException
 from acestep_triton.bls_loop import DitStepError, StepLoop
 from acestep_triton.checkpoint import validate_checkpoint
 from acestep_triton.condition_cache import (
-    CONDITION_KEY,
-    CONDITION_RELEASE,
-    KEYED_INPUTS,
     MISS_MESSAGE,
     ConditionCache,
     ConditionMiss,
@@ -34,12 +31,13 @@ from acestep_triton.condition_cache import (
 )
 from acestep_triton.contract import GenerationParams
 from acestep_triton.engines import load_engines
+from acestep_triton.geometry import PUBLISHED_GEOMETRY
+from acestep_triton.sampling.conditions import Conditions
 from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, make_generators
-from acestep_triton.geometry import PUBLISHED_GEOMETRY
-from acestep_triton.sampling.conditions import Conditions
+from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 from export.build_repository import build_repository
 
 PARAMS = GenerationParams(prompt="p", lyrics="", audio_duration=2.0, infer_step=6, actual_seeds=(3,))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from acestep_triton.condition_cache import CONDITION_KEY, CONDITION_RELEASE
+from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE
 from acestep_triton.tritonserver import REPO_ROOT, stub_environment
 from export.build_repository import LOOP_CUDA_ALLOC_CONF, PROFILES, build_repository
 from export.model_config import read_model_config

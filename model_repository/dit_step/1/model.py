@@ -10,14 +10,8 @@ acestep_triton.triton_python.ComponentModel.
 
 import torch
 
-from acestep_triton.condition_cache import (
-    CONDITION_KEY,
-    CONDITION_RELEASE,
-    KEYED_INPUTS,
-    ConditionCache,
-    decode_keys,
-    request_conditions,
-)
+from acestep_triton.condition_cache import ConditionCache, decode_keys, request_conditions
+from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 from acestep_triton.triton_python import ComponentModel, input_array, input_tensor, input_tensors, model_parameters
 
 
