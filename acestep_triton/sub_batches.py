@@ -19,13 +19,18 @@ from dataclasses import dataclass
 import torch
 
 from acestep_triton.batching import collate, split
+from acestep_triton.contract import ParameterError
 from acestep_triton.specs import ComponentSpec
 
 Run = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
-class BatchBoundError(ValueError):
-    """One row of the request is longer than the execution bound allows."""
+class BatchBoundError(ParameterError):
+    """One row of the request is longer than the execution bound allows: the client's request is too
+    large for this deployment (INVALID_ARG naming LATENTS), not a fault of the model."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("LATENTS", message)
 
 
 @dataclass(frozen=True)
