@@ -20,27 +20,10 @@ from fastapi.testclient import TestClient
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE, ParameterError
 from gateway import Settings, create_app
 from gateway.formats import FORMATS, choose_encoding
+from tests.rest_requests import short_request
 
 SERVED_CHECKPOINT = "/models/ACE-Step-v1-3.5B"
-REQUEST = {
-    "checkpoint_path": SERVED_CHECKPOINT,
-    "audio_duration": 5.0,
-    "prompt": "pop, rock, electronic, upbeat, energetic",
-    "lyrics": "[verse]\nWalking through the city streets at night",
-    "infer_step": 4,
-    "guidance_scale": 15.0,
-    "scheduler_type": "euler",
-    "cfg_type": "apg",
-    "omega_scale": 10.0,
-    "actual_seeds": [1234567890],
-    "guidance_interval": 0.5,
-    "guidance_interval_decay": 0.0,
-    "min_guidance_scale": 3.0,
-    "use_erg_tag": True,
-    "use_erg_lyric": True,
-    "use_erg_diffusion": True,
-    "oss_steps": [],
-}
+REQUEST = short_request(SERVED_CHECKPOINT)
 
 
 def music_like(seconds: float = 2.0) -> np.ndarray:

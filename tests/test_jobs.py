@@ -25,32 +25,10 @@ from fastapi.testclient import TestClient
 
 from gateway import Settings, create_app
 from gateway.jobs import DISCONNECT_REASON, RESTART_REASON
+from tests.rest_requests import short_request
 
 FINAL = {"succeeded", "failed", "cancelled"}
 LONG_STEPS = 300  # a generation that runs for many seconds on the tiny checkpoint, cancelled by the tests
-
-
-def body_for(checkpoint: Path, **changes) -> dict:
-    """Example 1 of the contract on the tiny checkpoint, 5 s and 4 steps."""
-    return {
-        "checkpoint_path": str(checkpoint),
-        "audio_duration": 5.0,
-        "prompt": "pop, rock, electronic, upbeat, energetic",
-        "lyrics": "[verse]\nWalking through the city streets at night",
-        "infer_step": 4,
-        "guidance_scale": 15.0,
-        "scheduler_type": "euler",
-        "cfg_type": "apg",
-        "omega_scale": 10.0,
-        "actual_seeds": [1234567890],
-        "guidance_interval": 0.5,
-        "guidance_interval_decay": 0.0,
-        "min_guidance_scale": 3.0,
-        "use_erg_tag": True,
-        "use_erg_lyric": True,
-        "use_erg_diffusion": True,
-        "oss_steps": [],
-    } | changes
 
 
 def parse_sse(text: str) -> list[dict]:
@@ -109,7 +87,7 @@ def gateway(acestep_triton_server, tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_job(gateway, tiny_checkpoint):
     """One job run to the end, with its whole event stream."""
-    submitted = gateway.post("/jobs", json=body_for(tiny_checkpoint, output_path="job.wav"))
+    submitted = gateway.post("/jobs", json=short_request(tiny_checkpoint, output_path="job.wav"))
     assert submitted.status_code == 202, submitted.text
     job = submitted.json()
     stream = gateway.get(job["links"]["events"])
@@ -149,7 +127,7 @@ def test_job_result_equals_generate_for_the_same_request(gateway, finished_job, 
     status = gateway.get(f"/jobs/{job['id']}").json()
     assert status["state"] == "succeeded" and status["queue_position"] == 0
     from_job = gateway.get(status["links"]["downloads"][0])
-    generated = gateway.post("/generate", json=body_for(tiny_checkpoint, output_path="sync.wav"))
+    generated = gateway.post("/generate", json=short_request(tiny_checkpoint, output_path="sync.wav"))
     assert generated.status_code == 200, generated.text
     assert gateway.get(f"/jobs/{generated.headers['X-Job-Id']}").json()["state"] == "succeeded"
     decoded = [soundfile.read(io.BytesIO(r.content), dtype="float32")[0] for r in (from_job, generated)]
@@ -160,8 +138,8 @@ def test_job_result_equals_generate_for_the_same_request(gateway, finished_job, 
 
 def test_idempotency_key_returns_the_same_job(gateway, tiny_checkpoint):
     headers = {"Idempotency-Key": "retry-me-1"}
-    first = gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=2), headers=headers)
-    again = gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=2), headers=headers)
+    first = gateway.post("/jobs", json=short_request(tiny_checkpoint, infer_step=2), headers=headers)
+    again = gateway.post("/jobs", json=short_request(tiny_checkpoint, infer_step=2), headers=headers)
     assert first.status_code == again.status_code == 202
     assert first.json()["id"] == again.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers and first.headers["Location"] == f"/jobs/{first.json()['id']}"
@@ -189,7 +167,7 @@ def test_jobs_list_is_newest_first_and_paginated(gateway, finished_job):
 
 def test_cancel_mid_loop_stops_within_a_step_and_writes_nothing(gateway, acestep_triton_server, tiny_checkpoint):
     before = dit_steps_done(acestep_triton_server)
-    job = gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS, output_path="never.wav")).json()
+    job = gateway.post("/jobs", json=short_request(tiny_checkpoint, infer_step=LONG_STEPS, output_path="never.wav")).json()
     first = wait_for(lambda: (n := dit_steps_done(acestep_triton_server)) >= before + 2 and n)
     started = time.monotonic()
     running = wait_for(lambda: (n := dit_steps_done(acestep_triton_server)) >= first + 3 and n)
@@ -210,7 +188,7 @@ def test_cancel_mid_loop_stops_within_a_step_and_writes_nothing(gateway, acestep
 
 
 def test_past_the_bound_jobs_and_generate_answer_429_with_retry_after(gateway, tiny_checkpoint):
-    long = body_for(tiny_checkpoint, infer_step=LONG_STEPS)
+    long = short_request(tiny_checkpoint, infer_step=LONG_STEPS)
     ids = [gateway.post("/jobs", json=long).json()["id"] for _ in range(3)]
     try:
         assert [gateway.get(f"/jobs/{i}").json()["queue_position"] for i in ids[1:]] == [1, 2]
@@ -223,14 +201,14 @@ def test_past_the_bound_jobs_and_generate_answer_429_with_retry_after(gateway, t
     finally:
         for job_id in reversed(ids):
             assert gateway.delete(f"/jobs/{job_id}").json()["state"] == "cancelled"
-    assert gateway.post("/jobs", json=body_for(tiny_checkpoint, infer_step=1)).status_code == 202
+    assert gateway.post("/jobs", json=short_request(tiny_checkpoint, infer_step=1)).status_code == 202
 
 
 def test_past_the_deadline_generate_answers_504_and_the_job_fails(acestep_triton_server, tiny_checkpoint, tmp_path):
     settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path, job_deadline_s=1.5)
     with TestClient(create_app(settings)) as client:
         started = time.monotonic()
-        response = client.post("/generate", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS))
+        response = client.post("/generate", json=short_request(tiny_checkpoint, infer_step=LONG_STEPS))
         assert response.status_code == 504 and "deadline" in response.json()["detail"]
         assert time.monotonic() - started < 10
         job = client.get(f"/jobs/{response.headers['X-Job-Id']}").json()
@@ -241,8 +219,8 @@ def test_past_the_deadline_generate_answers_504_and_the_job_fails(acestep_triton
 def test_restart_runs_the_queued_job_and_fails_the_running_one(acestep_triton_server, tiny_checkpoint, tmp_path):
     settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path)
     with TestClient(create_app(settings)) as before:
-        running = before.post("/jobs", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS)).json()
-        queued = before.post("/jobs", json=body_for(tiny_checkpoint, output_path="after.wav")).json()
+        running = before.post("/jobs", json=short_request(tiny_checkpoint, infer_step=LONG_STEPS)).json()
+        queued = before.post("/jobs", json=short_request(tiny_checkpoint, output_path="after.wav")).json()
         wait_for(lambda: before.get(f"/jobs/{running['id']}").json()["state"] == "running")
         assert before.get(f"/jobs/{queued['id']}").json()["state"] == "queued"
     with TestClient(create_app(settings)) as after:
@@ -264,7 +242,7 @@ def test_a_client_leaving_generate_cancels_its_generation(acestep_triton_server,
         port = server.servers[0].sockets[0].getsockname()[1]
         base = f"http://127.0.0.1:{port}"
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/generate", json=body_for(tiny_checkpoint, infer_step=LONG_STEPS), timeout=3.0)
+            httpx.post(f"{base}/generate", json=short_request(tiny_checkpoint, infer_step=LONG_STEPS), timeout=3.0)
         job = httpx.get(f"{base}/jobs", params={"limit": 1}).json()["jobs"][0]
         job = wait_for(lambda: (j := httpx.get(f"{base}/jobs/{job['id']}").json())["state"] in FINAL and j)
         assert job["state"] == "cancelled" and job["error"] == DISCONNECT_REASON
@@ -316,11 +294,11 @@ def test_http_mode_runs_jobs_through_the_ensemble_without_step_progress(acestep_
     settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path, triton_protocol="http",
                             triton_url=acestep_triton_server.http_url)
     with TestClient(create_app(settings)) as client:
-        job = client.post("/jobs", json=body_for(tiny_checkpoint, infer_step=2, output_path="http.wav")).json()
+        job = client.post("/jobs", json=short_request(tiny_checkpoint, infer_step=2, output_path="http.wav")).json()
         events = parse_sse(client.get(job["links"]["events"]).text)
         assert [e["data"]["stage"] for e in events] == ["queued", "generating", "writing", "done"]
         over_http = client.get("/download/http.wav").content
     settings = settings_for(acestep_triton_server, tiny_checkpoint, tmp_path / "grpc")
     with TestClient(create_app(settings)) as client:
-        over_grpc = client.post("/generate", json=body_for(tiny_checkpoint, infer_step=2)).content
+        over_grpc = client.post("/generate", json=short_request(tiny_checkpoint, infer_step=2)).content
     assert soundfile.read(io.BytesIO(over_http))[0].tolist() == soundfile.read(io.BytesIO(over_grpc))[0].tolist()
