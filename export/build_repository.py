@@ -253,7 +253,7 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     cond = component_spec("condition_encoder", ckpt)
     geometry = latent_geometry(ckpt)
     params = tuple(t for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS)
-    parameters = {"DIT_MODEL": "dit_step", "LOOP_DEVICE": profile.loop_device,
+    parameters = {"LOOP_DEVICE": profile.loop_device,
                   "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1"}
     if profile.loop_threads:
         parameters["TORCH_THREADS"] = str(profile.loop_threads)

@@ -42,6 +42,8 @@ from acestep_triton.triton_python import (
     response,
 )
 
+# The model each step calls (its registry name) and the output it reads (the dit_step spec's).
+DIT_MODEL = "dit_step"
 DIT_OUTPUT = "VELOCITY"
 
 
@@ -52,7 +54,6 @@ class Cancelled(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        self.dit_model = params["DIT_MODEL"]
         self.use_cache = params["CONDITION_CACHE"] == "1"
         if "TORCH_THREADS" in params:  # many loop instances side by side: keep each one's CPU math small
             torch.set_num_threads(int(params["TORCH_THREADS"]))
@@ -72,10 +73,10 @@ class TritonPythonModel:
         """One BLS call to dit_step: its VELOCITY on the loop's device, or DitStepError."""
         options = {} if self.preferred_memory is None else {"preferred_memory": self.preferred_memory}
         result = pb_utils.InferenceRequest(
-            model_name=self.dit_model, requested_output_names=[DIT_OUTPUT], inputs=handoff(batch), **options
+            model_name=DIT_MODEL, requested_output_names=[DIT_OUTPUT], inputs=handoff(batch), **options
         ).exec()
         if result.has_error():
-            raise DitStepError(self.dit_model, result.error().message())
+            raise DitStepError(DIT_MODEL, result.error().message())
         velocity = pb_utils.get_output_tensor_by_name(result, DIT_OUTPUT)
         return torch.from_dlpack(velocity.to_dlpack()).to(self.device)
 
