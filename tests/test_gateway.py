@@ -42,30 +42,11 @@ from gateway import GenerationEngine, OutputStore, Settings, create_app
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
 from gateway.settings import SettingsError
+from tests.rest_requests import EXAMPLE_1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMING_HEADERS = ("X-Generation-Time", "X-Init-Time", "X-Prep-Time", "X-Generation-Time-Detailed")
 
-EXAMPLE_1 = {
-    "checkpoint_path": "/workspace/ace-step-api/checkpoints/ACE-Step-v1-3.5B",
-    "audio_duration": 60.0,
-    "prompt": "pop, rock, electronic, upbeat, energetic",
-    "lyrics": "[verse]\nWalking through the city streets at night\nLights are shining bright\n\n"
-    "[chorus]\nThis is our time to shine\nTogether we'll make it fine",
-    "infer_step": 60,
-    "guidance_scale": 15.0,
-    "scheduler_type": "euler",
-    "cfg_type": "apg",
-    "omega_scale": 10.0,
-    "actual_seeds": [1234567890],
-    "guidance_interval": 0.5,
-    "guidance_interval_decay": 0.0,
-    "min_guidance_scale": 3.0,
-    "use_erg_tag": True,
-    "use_erg_lyric": True,
-    "use_erg_diffusion": True,
-    "oss_steps": [],
-}
 REQUIRED_FIELDS = tuple(EXAMPLE_1)
 SERVED_CHECKPOINT = "/models/ACE-Step-v1-3.5B"
 
