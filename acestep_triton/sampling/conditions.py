@@ -44,18 +44,3 @@ def branch_inputs(
         "ENCODER_MASK": conditions.mask[rows],
         "Q_SCALE": q_scale.reshape(-1, 1).to(device),
     }
-
-
-def dit_inputs(
-    conditions: Conditions,
-    latents: torch.Tensor,
-    timestep: torch.Tensor,
-    branches: Sequence[str],
-    use_erg_diffusion: bool,
-) -> dict[str, torch.Tensor]:
-    """The `dit_step` batch for one loop step (see sampling.loop: rows branch-major, N = len(branches)*B)."""
-    items = latents.shape[0] // len(branches)
-    batch = branch_inputs(conditions, branches, items, latents.shape[-1], use_erg_diffusion)
-    batch["ATTENTION_MASK"] = batch["ATTENTION_MASK"].to(latents)
-    batch["Q_SCALE"] = batch["Q_SCALE"].to(latents)
-    return {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1).to(latents.dtype), **batch}
