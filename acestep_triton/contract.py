@@ -6,6 +6,7 @@ model repository generator, the Triton models and the gateway.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,20 @@ if TYPE_CHECKING:
     import numpy as np
 
 SCHEDULERS = ("euler", "heun", "pingpong")
+
+# Upstream's generation tasks. audio2audio is upstream's `audio2audio_enable` with a reference audio
+# (it overrides the task there); the gateway maps that flag to this task.
+TEXT2MUSIC = "text2music"
+RETAKE = "retake"
+REPAINT = "repaint"
+EXTEND = "extend"
+EDIT = "edit"
+AUDIO2AUDIO = "audio2audio"
+TASKS = (TEXT2MUSIC, RETAKE, REPAINT, EXTEND, EDIT, AUDIO2AUDIO)
+# The tasks that start from an audio input: the source of repaint/extend/edit, the reference of audio2audio.
+AUDIO_INPUT_TASKS = (REPAINT, EXTEND, EDIT, AUDIO2AUDIO)
+# `lora_name_or_path` for the base model.
+NO_LORA = "none"
 CFG_TYPES = ("apg", "cfg", "cfg_star")
 
 MAX_DURATION_S = 240.0
@@ -26,6 +41,8 @@ MAX_LYRICS_CHARS = 16384
 MAX_SEEDS = 16
 MAX_GUIDANCE_SCALE = 200.0
 SEED_RANGE = 2**32
+MAX_EDIT_N_AVG = 16
+MAX_ADAPTER_NAME_CHARS = 256
 
 OUTPUT_SAMPLE_RATE = 48000
 
@@ -60,17 +77,67 @@ class GenerationParams:
     oss_steps: tuple[int, ...] = field(default_factory=tuple)
     guidance_scale_text: float = 0.0
     guidance_scale_lyric: float = 0.0
+    # The other tasks (upstream's names and defaults; TASK_FIELDS says which task reads which).
+    # The audio a task starts from is not a parameter: it travels as samples (SRC_AUDIO).
+    task: str = TEXT2MUSIC
+    retake_seeds: tuple[int, ...] = field(default_factory=tuple)
+    retake_variance: float = 0.5
+    repaint_start: float = 0.0
+    repaint_end: float = 0.0
+    edit_target_prompt: str = ""
+    edit_target_lyrics: str = ""
+    edit_n_min: float = 0.0
+    edit_n_max: float = 1.0
+    edit_n_avg: int = 1
+    ref_audio_strength: float = 0.5
+    lora_name_or_path: str = NO_LORA
+    lora_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "actual_seeds", tuple(int(s) for s in self.actual_seeds))
-        object.__setattr__(self, "oss_steps", tuple(int(s) for s in self.oss_steps))
+        for name in SEED_LISTS:
+            object.__setattr__(self, name, tuple(int(s) for s in getattr(self, name)))
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["actual_seeds"] = list(self.actual_seeds)
-        out["oss_steps"] = list(self.oss_steps)
+        for name in SEED_LISTS:
+            out[name] = list(getattr(self, name))
         return out
+
+
+_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+             for f in dataclasses.fields(GenerationParams)}
+
+# The integer-list fields (tuples here, lists on the wire).
+SEED_LISTS = ("actual_seeds", "oss_steps", "retake_seeds")
+
+# The fields only the other tasks read (the rest are the contract's text2music fields, which the REST
+# contract requires on every request: a task that ignores one of those just ignores it, as upstream).
+MODE_FIELDS = frozenset({
+    "retake_seeds", "retake_variance", "repaint_start", "repaint_end", "edit_target_prompt", "edit_target_lyrics",
+    "edit_n_min", "edit_n_max", "edit_n_avg", "ref_audio_strength",
+})
+
+# Which GenerationParams fields each task reads beyond the ones every task reads (COMMON_FIELDS).
+# A field outside its task's set must keep its default: the gateway answers 400 naming it otherwise.
+# Upstream reads retake_seeds in repaint/extend/edit too (their noise), retake_variance in repaint and
+# extend (the noise mix, and the step the loop starts at); edit ignores the guidance shape and ERG.
+COMMON_FIELDS = frozenset({"prompt", "lyrics", "infer_step", "guidance_scale", "scheduler_type", "actual_seeds",
+                           "task", "lora_name_or_path", "lora_weight"})
+_TEXT2MUSIC_GUIDANCE = frozenset({
+    "cfg_type", "omega_scale", "guidance_interval", "guidance_interval_decay", "min_guidance_scale", "use_erg_tag",
+    "use_erg_lyric", "use_erg_diffusion", "oss_steps", "guidance_scale_text", "guidance_scale_lyric",
+})
+_REPAINT_FIELDS = _TEXT2MUSIC_GUIDANCE | {"retake_seeds", "retake_variance", "repaint_start", "repaint_end"}
+TASK_FIELDS: dict[str, frozenset[str]] = {
+    TEXT2MUSIC: COMMON_FIELDS | _TEXT2MUSIC_GUIDANCE | {"audio_duration"},
+    RETAKE: COMMON_FIELDS | _TEXT2MUSIC_GUIDANCE | {"audio_duration", "retake_seeds", "retake_variance"},
+    REPAINT: COMMON_FIELDS | _REPAINT_FIELDS,
+    EXTEND: COMMON_FIELDS | _REPAINT_FIELDS,
+    EDIT: COMMON_FIELDS | {"retake_seeds", "edit_target_prompt", "edit_target_lyrics", "edit_n_min", "edit_n_max",
+                           "edit_n_avg"},
+    AUDIO2AUDIO: COMMON_FIELDS | _TEXT2MUSIC_GUIDANCE | {"ref_audio_strength"},
+}
 
 
 # The GenerationParams fields the sampling loop reads (schedule, guidance, ERG-diffusion): the
@@ -130,11 +197,7 @@ def validate(p: GenerationParams) -> None:
     if p.cfg_type not in CFG_TYPES:
         raise ParameterError("cfg_type", f"must be one of {list(CFG_TYPES)}, got {p.cfg_type!r}")
     _finite("omega_scale", p.omega_scale, -1000.0, 1000.0)
-    if len(p.actual_seeds) > MAX_SEEDS:
-        raise ParameterError("actual_seeds", f"at most {MAX_SEEDS} seeds")
-    for s in p.actual_seeds:
-        if not 0 <= s < SEED_RANGE:
-            raise ParameterError("actual_seeds", f"seeds must be in [0, 2**32), got {s}")
+    _seed_list("actual_seeds", p.actual_seeds)
     _finite("guidance_interval", p.guidance_interval, 0.0, 1.0)
     _finite("guidance_interval_decay", p.guidance_interval_decay, 0.0, 1.0)
     _finite("min_guidance_scale", p.min_guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
@@ -143,6 +206,7 @@ def validate(p: GenerationParams) -> None:
     for name in ("use_erg_tag", "use_erg_lyric", "use_erg_diffusion"):
         if not isinstance(getattr(p, name), bool):
             raise ParameterError(name, "must be a boolean")
+    _validate_task_fields(p)
     if p.oss_steps:
         if any(s < 1 for s in p.oss_steps):
             raise ParameterError("oss_steps", "steps must be >= 1")
@@ -154,6 +218,61 @@ def validate(p: GenerationParams) -> None:
             raise ParameterError("oss_steps", "not supported with scheduler_type 'heun' (as upstream)")
 
 
+def _seed_list(name: str, seeds: tuple[int, ...]) -> None:
+    if len(seeds) > MAX_SEEDS:
+        raise ParameterError(name, f"at most {MAX_SEEDS} seeds")
+    for s in seeds:
+        if not 0 <= s < SEED_RANGE:
+            raise ParameterError(name, f"seeds must be in [0, 2**32), got {s}")
+
+
+def _validate_task_fields(p: GenerationParams) -> None:
+    """The other tasks' fields: ranges, and that a task's unused mode fields keep their defaults.
+
+    Checks that need the source audio's length (a repaint window inside the source, a result of at
+    most MAX_DURATION_S) belong to acestep_triton.sampling.tasks, where the length is known.
+    """
+    if p.task not in TASKS:
+        raise ParameterError("task", f"must be one of {list(TASKS)}, got {p.task!r}")
+    for name in MODE_FIELDS - TASK_FIELDS[p.task]:
+        if getattr(p, name) != _DEFAULTS[name]:
+            raise ParameterError(name, f"is not used by task {p.task!r} (leave it out or at its default)")
+    _seed_list("retake_seeds", p.retake_seeds)
+    _finite("retake_variance", p.retake_variance, 0.0, 1.0)
+    _finite("repaint_start", p.repaint_start, -MAX_DURATION_S, MAX_DURATION_S)
+    _finite("repaint_end", p.repaint_end, -MAX_DURATION_S, MAX_DURATION_S)
+    if p.task == REPAINT:
+        if p.repaint_start < 0:
+            raise ParameterError("repaint_start", f"must be >= 0 for repaint (extend reaches before the source), "
+                                                  f"got {p.repaint_start}")
+        if p.repaint_end <= p.repaint_start:
+            raise ParameterError("repaint_end", f"must be greater than repaint_start ({p.repaint_start}), "
+                                                f"got {p.repaint_end}")
+    if p.task == EXTEND and not (p.repaint_start < 0 or p.repaint_end > 0):
+        raise ParameterError("repaint_start", "extend needs repaint_start < 0 (extend left) and/or repaint_end "
+                                              "past the source's end (extend right)")
+    for name, text, limit in (("edit_target_prompt", p.edit_target_prompt, MAX_PROMPT_CHARS),
+                              ("edit_target_lyrics", p.edit_target_lyrics, MAX_LYRICS_CHARS)):
+        if not isinstance(text, str):
+            raise ParameterError(name, "must be a string")
+        if len(text) > limit:
+            raise ParameterError(name, f"longer than {limit} characters")
+    _finite("edit_n_min", p.edit_n_min, 0.0, 1.0)
+    _finite("edit_n_max", p.edit_n_max, 0.0, 1.0)
+    if p.edit_n_min > p.edit_n_max:
+        raise ParameterError("edit_n_min", f"must be <= edit_n_max ({p.edit_n_max}), got {p.edit_n_min}")
+    if isinstance(p.edit_n_avg, bool) or not isinstance(p.edit_n_avg, int):
+        raise ParameterError("edit_n_avg", "must be an integer")
+    if not 1 <= p.edit_n_avg <= MAX_EDIT_N_AVG:
+        raise ParameterError("edit_n_avg", f"must be in [1, {MAX_EDIT_N_AVG}], got {p.edit_n_avg}")
+    _finite("ref_audio_strength", p.ref_audio_strength, 0.0, 1.0)
+    _finite("lora_weight", p.lora_weight, 0.0, 1.0)
+    if not isinstance(p.lora_name_or_path, str) or not p.lora_name_or_path:
+        raise ParameterError("lora_name_or_path", f"must be {NO_LORA!r} or an adapter name")
+    if len(p.lora_name_or_path) > MAX_ADAPTER_NAME_CHARS:
+        raise ParameterError("lora_name_or_path", f"longer than {MAX_ADAPTER_NAME_CHARS} characters")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named Triton tensor: dtype in Triton's spelling, dims without the batch axis."""
@@ -162,6 +281,7 @@ class TensorSpec:
     dtype: str
     dims: tuple[int, ...]
     param: str = ""
+    optional: bool = False
 
 
 # The `acestep` ensemble, as direct Triton clients and the gateway see it.
@@ -187,6 +307,26 @@ ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("GUIDANCE_SCALE_TEXT", "TYPE_FP32", (1,), "guidance_scale_text"),
     TensorSpec("GUIDANCE_SCALE_LYRIC", "TYPE_FP32", (1,), "guidance_scale_lyric"),
 )
+# The other tasks' inputs: optional, an absent one keeps its GenerationParams default.
+TASK_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("TASK", "TYPE_STRING", (1,), "task", optional=True),
+    TensorSpec("RETAKE_SEEDS", "TYPE_INT64", (-1,), "retake_seeds", optional=True),
+    TensorSpec("RETAKE_VARIANCE", "TYPE_FP32", (1,), "retake_variance", optional=True),
+    TensorSpec("REPAINT_START", "TYPE_FP32", (1,), "repaint_start", optional=True),
+    TensorSpec("REPAINT_END", "TYPE_FP32", (1,), "repaint_end", optional=True),
+    TensorSpec("EDIT_TARGET_PROMPT", "TYPE_STRING", (1,), "edit_target_prompt", optional=True),
+    TensorSpec("EDIT_TARGET_LYRICS", "TYPE_STRING", (1,), "edit_target_lyrics", optional=True),
+    TensorSpec("EDIT_N_MIN", "TYPE_FP32", (1,), "edit_n_min", optional=True),
+    TensorSpec("EDIT_N_MAX", "TYPE_FP32", (1,), "edit_n_max", optional=True),
+    TensorSpec("EDIT_N_AVG", "TYPE_INT32", (1,), "edit_n_avg", optional=True),
+    TensorSpec("REF_AUDIO_STRENGTH", "TYPE_FP32", (1,), "ref_audio_strength", optional=True),
+    TensorSpec("LORA_NAME_OR_PATH", "TYPE_STRING", (1,), "lora_name_or_path", optional=True),
+    TensorSpec("LORA_WEIGHT", "TYPE_FP32", (1,), "lora_weight", optional=True),
+    # The audio the task starts from (AUDIO_INPUT_TASKS): [channels (1 or 2), samples] at SRC_SAMPLE_RATE Hz,
+    # as decoded from the file; the source of repaint/extend/edit, the reference of audio2audio.
+    TensorSpec("SRC_AUDIO", "TYPE_FP32", (-1, -1), optional=True),
+    TensorSpec("SRC_SAMPLE_RATE", "TYPE_INT32", (1,), optional=True),
+)
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -211,6 +351,8 @@ class GenerationResult:
 
 # WAVEFORM holds one 48 kHz stereo item per seed (one item when no seed is given),
 # SEEDS the seed each item was drawn with, DURATION the seconds actually generated.
+# (To come with the other tasks: RETAKE_SEEDS_USED [B] int64, the retake seed of each item, drawn
+# where not given as SEEDS are.)
 # TIME_<STAGE> is one row per row of that stage's batch, all equal (engines that cannot
 # time themselves, TensorRT plans, leave theirs out).
 # Stage names, in pipeline order; each stage reports its seconds as TIME_<STAGE>.

@@ -30,6 +30,25 @@ GOOD = dict(prompt="pop", lyrics="[verse]\nla")
         ({"actual_seeds": (2**32,)}, "actual_seeds"),
         ({"use_erg_tag": "false"}, "use_erg_tag"),
         ({"lyrics": "x" * 20000}, "lyrics"),
+        ({"task": "remix"}, "task"),
+        # a mode field its task does not read, set away from its default
+        ({"retake_variance": 0.2}, "retake_variance"),
+        ({"task": "retake", "repaint_start": 1.0}, "repaint_start"),
+        ({"task": "edit", "retake_variance": 0.7}, "retake_variance"),
+        ({"task": "audio2audio", "edit_n_avg": 2}, "edit_n_avg"),
+        ({"task": "repaint", "ref_audio_strength": 0.3, "repaint_end": 1.0}, "ref_audio_strength"),
+        # ranges
+        ({"task": "retake", "retake_variance": 1.5}, "retake_variance"),
+        ({"task": "retake", "retake_seeds": (2**32,)}, "retake_seeds"),
+        ({"task": "repaint", "repaint_start": 3.0, "repaint_end": 3.0}, "repaint_end"),
+        ({"task": "repaint", "repaint_start": -1.0, "repaint_end": 3.0}, "repaint_start"),
+        ({"task": "extend", "repaint_start": 0.0, "repaint_end": 0.0}, "repaint_start"),
+        ({"task": "edit", "edit_n_min": 0.8, "edit_n_max": 0.2}, "edit_n_min"),
+        ({"task": "edit", "edit_n_max": 1.2}, "edit_n_max"),
+        ({"task": "edit", "edit_n_avg": 0}, "edit_n_avg"),
+        ({"task": "audio2audio", "ref_audio_strength": -0.1}, "ref_audio_strength"),
+        ({"lora_weight": 1.5}, "lora_weight"),
+        ({"lora_name_or_path": ""}, "lora_name_or_path"),
     ],
 )
 def test_invalid_field_is_named(override, field) -> None:
@@ -37,6 +56,16 @@ def test_invalid_field_is_named(override, field) -> None:
         GenerationParams(**{**GOOD, **override})
     assert info.value.field == field
     assert str(info.value).startswith(field)
+
+
+def test_each_task_takes_its_own_fields() -> None:
+    """The fields of the task table (README) are accepted for their task."""
+    GenerationParams(**GOOD, task="retake", retake_seeds=[5], retake_variance=0.2)
+    GenerationParams(**GOOD, task="repaint", repaint_start=1.0, repaint_end=3.0, retake_variance=0.7)
+    GenerationParams(**GOOD, task="extend", repaint_start=-2.0, repaint_end=6.0, retake_variance=1.0)
+    GenerationParams(**GOOD, task="edit", edit_target_prompt="x", edit_target_lyrics="y", edit_n_min=0.2,
+                     edit_n_max=0.8, edit_n_avg=2, retake_seeds=[12])
+    GenerationParams(**GOOD, task="audio2audio", ref_audio_strength=0.8, lora_name_or_path="mine", lora_weight=0.7)
 
 
 def test_random_duration_and_defaults_are_accepted() -> None:

@@ -292,9 +292,11 @@ def test_generate_answers_wav_headers_and_sidecar(tone_client, tone_engine, tmp_
     assert sidecar["actual_seeds"] == [11] and sidecar["seed"] == 11
     assert sidecar["request"]["guidance_scale_text"] == 2.0 and sidecar["request"]["bf16"] is False
     assert sidecar["timings"]["total"] == pytest.approx(float(response.headers["X-Generation-Time"]), abs=1e-5)
-    # Every run-time field reached the engine.
+    # Every run-time field reached the engine; the fields the request left out kept their defaults.
     sent = tone_engine.calls[-1].to_dict()
-    assert sent == {k: v for k, v in payload(actual_seeds=[11], guidance_scale_text=2.0, guidance_scale_lyric=0.0).items() if k in sent}
+    asked = {k: v for k, v in payload(actual_seeds=[11], guidance_scale_text=2.0, guidance_scale_lyric=0.0).items()
+             if k in sent}
+    assert sent == {**GenerationParams(prompt="", lyrics="").to_dict(), **asked}
 
 
 def test_several_seeds_write_every_item(tone_client):
