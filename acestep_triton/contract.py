@@ -340,6 +340,8 @@ class GenerationResult:
         stages that cannot time themselves).
     connect_seconds: seconds spent building a Triton client for this request (0 when reused or
         in process).
+    retake_seeds: the retake seed of each item (drawn where not given, like seeds); empty for a
+        engine that does not report them.
     """
 
     waveforms: np.ndarray
@@ -347,6 +349,19 @@ class GenerationResult:
     duration: float
     timings: dict[str, float]
     connect_seconds: float = 0.0
+    retake_seeds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceAudio:
+    """The audio a task starts from (AUDIO_INPUT_TASKS), as decoded from its file.
+
+    samples: [channels (1 or 2), n] float32 at `sample_rate` Hz; mono is duplicated to stereo
+        where it is encoded, as upstream's load_audio does.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
 
 
 # WAVEFORM holds one 48 kHz stereo item per seed (one item when no seed is given),
