@@ -273,6 +273,59 @@ def _validate_task_fields(p: GenerationParams) -> None:
         raise ParameterError("lora_name_or_path", f"longer than {MAX_ADAPTER_NAME_CHARS} characters")
 
 
+def source_field(task: str) -> str:
+    """The REST field naming a task's audio input (upstream's names)."""
+    return "ref_audio_input" if task == AUDIO2AUDIO else "src_audio_path"
+
+
+def validate_source(p: GenerationParams, source: SourceAudio | None) -> None:
+    """Raise ParameterError naming the field when the audio input does not fit the request.
+
+    A task in AUDIO_INPUT_TASKS needs one (mono or stereo, at most MAX_DURATION_S); a repaint window
+    lies inside the source, in latent frames as upstream rounds them (a window of all the source's
+    frames is upstream's retake); extend pads at most the source's length on each side (the added
+    frames' noise is cut from a source-length draw) and its result is at most MAX_DURATION_S.
+    Torch-free, so the gateway refuses a bad request before it is queued, with the checks the
+    engine makes.
+    """
+    name = source_field(p.task)
+    if p.task not in AUDIO_INPUT_TASKS:
+        if source is not None:
+            raise ParameterError(name, f"task {p.task!r} takes no audio input")
+        return
+    if source is None:
+        raise ParameterError(name, f"task {p.task!r} needs an audio input")
+    if source.samples.ndim != 2 or source.samples.shape[0] not in (1, 2) or source.samples.shape[1] == 0:
+        raise ParameterError(name, f"audio must be [channels 1 or 2, samples > 0], got {source.samples.shape}")
+    if source.sample_rate <= 0:
+        raise ParameterError(name, f"sample rate must be positive, got {source.sample_rate}")
+    seconds = source.samples.shape[1] / source.sample_rate
+    if seconds > MAX_DURATION_S:
+        raise ParameterError(name, f"audio is {seconds:.2f} s long, at most {MAX_DURATION_S:g} s")
+    geometry = PUBLISHED_GEOMETRY
+    frames = geometry.source_frames(source.samples.shape[1], source.sample_rate)
+    start, end = geometry.frames(p.repaint_start), geometry.frames(p.repaint_end)
+    if p.task == REPAINT:
+        if end > frames:
+            raise ParameterError("repaint_end", f"must lie inside the source ({frames * geometry.frame_seconds:.3f} s"
+                                                f" = {frames} latent frames), got {p.repaint_end}; extend reaches past it")
+        if end <= start:
+            raise ParameterError("repaint_end", f"the window {p.repaint_start}-{p.repaint_end} s covers no whole "
+                                                f"latent frame ({geometry.frame_seconds:.4f} s)")
+    if p.task == EXTEND:
+        left, right = max(0, -start), max(0, end - frames)
+        if left + right == 0:
+            raise ParameterError("repaint_start", "extend needs repaint_start < 0 and/or repaint_end past the "
+                                                  f"source's end ({frames * geometry.frame_seconds:.3f} s), by at "
+                                                  "least one latent frame")
+        for field_name, pad in (("repaint_start", left), ("repaint_end", right)):
+            if pad > frames:
+                raise ParameterError(field_name, f"extends by {pad} latent frames, more than the source's {frames}")
+        if frames + left + right > geometry.frames(MAX_DURATION_S):
+            raise ParameterError("repaint_end" if right else "repaint_start",
+                                 f"the extended result would be longer than {MAX_DURATION_S:g} s")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named Triton tensor: dtype in Triton's spelling, dims without the batch axis."""

@@ -7,7 +7,10 @@ all read it from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from acestep_triton.checkpoint import DCAE_DIR, VOCODER_DIR, Checkpoint, CheckpointError
 
@@ -39,8 +42,24 @@ class LatentGeometry:
         return self.hop_length * self.compression / self.sample_rate
 
     def frames(self, duration_s: float) -> int:
-        """Latent frames T for `duration_s` seconds, truncated like upstream (in double precision)."""
+        """Latent frames T for `duration_s` seconds, truncated toward zero like upstream (in double
+        precision: -2 s is -21 frames)."""
         return int(duration_s * self.sample_rate / self.hop_length / self.compression)
+
+    def source_frames(self, samples: int, sample_rate: int) -> int:
+        """Latent frames the DCAE encodes `samples` samples at `sample_rate` Hz into: resampled to the
+        vocoder's rate, then zero-padded at the end to whole latent frames (upstream's encode, so a
+        partial last frame counts: 6.000 s at 48 kHz gives 65 frames)."""
+        return math.ceil(resampled_length(samples, sample_rate, self.sample_rate) / (self.hop_length * self.compression))
+
+
+def resampled_length(length: int, orig_sr: int, new_sr: int) -> int:
+    """Samples after resampling `length` samples from `orig_sr` to `new_sr` Hz: ceil(length*new/orig)
+    with the rates divided by their gcd, rounded to float32 first as torchaudio's Resample does."""
+    if orig_sr == new_sr:
+        return length
+    g = math.gcd(orig_sr, new_sr)
+    return int(np.ceil(np.float32(new_sr // g * length / (orig_sr // g))))
 
 
 # ACE-Step v1's geometry (music_dcae_f8c8 on music_vocoder's 44.1 kHz, hop-512, 128-band mel),

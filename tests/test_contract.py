@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
-from acestep_triton.contract import GenerationParams, ParameterError
+from acestep_triton.contract import GenerationParams, ParameterError, SourceAudio, validate_source
+from acestep_triton.geometry import PUBLISHED_GEOMETRY
 
 GOOD = dict(prompt="pop", lyrics="[verse]\nla")
 
@@ -72,3 +74,46 @@ def test_random_duration_and_defaults_are_accepted() -> None:
     params = GenerationParams(**GOOD, audio_duration=-1, actual_seeds=[1, 2], oss_steps=[1, 10])
     assert params.actual_seeds == (1, 2) and params.oss_steps == (1, 10)
     assert params.to_dict()["actual_seeds"] == [1, 2]
+
+
+SOURCE_6S = SourceAudio(np.zeros((2, 288000), dtype=np.float32), 48000)  # the golden source: 65 latent frames
+
+
+def test_source_frames_follow_upstreams_encode() -> None:
+    """6.000 s at 48 kHz resamples to 264600 samples and pads to 65 frames (golden/ext enc1: latents [1,8,16,65])."""
+    assert PUBLISHED_GEOMETRY.source_frames(288000, 48000) == 65
+    assert PUBLISHED_GEOMETRY.source_frames(4096, 44100) == 1 and PUBLISHED_GEOMETRY.source_frames(4097, 44100) == 2
+    assert PUBLISHED_GEOMETRY.frames(-2.0) == -21  # truncation toward zero, as the golden x1 case
+
+
+@pytest.mark.parametrize(
+    ("override", "source", "field"),
+    [
+        ({"task": "repaint", "repaint_start": 1.0, "repaint_end": 6.2}, SOURCE_6S, "repaint_end"),
+        ({"task": "repaint", "repaint_start": 1.0, "repaint_end": 1.02}, SOURCE_6S, "repaint_end"),
+        ({"task": "repaint", "repaint_start": 1.0, "repaint_end": 3.0}, None, "src_audio_path"),
+        ({"task": "audio2audio"}, None, "ref_audio_input"),
+        ({}, SOURCE_6S, "src_audio_path"),
+        ({"task": "extend", "repaint_start": 0.0, "repaint_end": 6.0}, SOURCE_6S, "repaint_start"),
+        ({"task": "extend", "repaint_start": -7.0, "repaint_end": 6.0}, SOURCE_6S, "repaint_start"),
+        ({"task": "extend", "repaint_start": 0.0, "repaint_end": 13.0}, SOURCE_6S, "repaint_end"),
+        ({"task": "extend", "repaint_start": -20.0, "repaint_end": 239.0},
+         SourceAudio(np.zeros((1, 44100 * 230), dtype=np.float32), 44100), "repaint_end"),
+        ({"task": "edit"}, SourceAudio(np.zeros((1, 44100 * 241), dtype=np.float32), 44100), "src_audio_path"),
+        ({"task": "edit"}, SourceAudio(np.zeros((3, 4410), dtype=np.float32), 44100), "src_audio_path"),
+    ],
+)
+def test_audio_input_that_does_not_fit_is_named(override, source, field) -> None:
+    params = GenerationParams(**{**GOOD, **override})
+    with pytest.raises(ParameterError) as info:
+        validate_source(params, source)
+    assert info.value.field == field
+
+
+def test_audio_inputs_that_fit_are_accepted() -> None:
+    validate_source(GenerationParams(**GOOD, task="repaint", repaint_start=1.0, repaint_end=3.0), SOURCE_6S)
+    validate_source(GenerationParams(**GOOD, task="repaint", repaint_start=0.0, repaint_end=6.04), SOURCE_6S)
+    validate_source(GenerationParams(**GOOD, task="extend", repaint_start=-2.0, repaint_end=6.0), SOURCE_6S)
+    validate_source(GenerationParams(**GOOD, task="extend", repaint_start=-6.0, repaint_end=12.0), SOURCE_6S)
+    validate_source(GenerationParams(**GOOD, task="edit"), SourceAudio(np.zeros((1, 22050), dtype=np.float32), 22050))
+    validate_source(GenerationParams(**GOOD), None)
