@@ -443,6 +443,25 @@ ENSEMBLE_OUTPUTS: tuple[TensorSpec, ...] = (
 # STAGE (the stage starting, or "diffusion" after each step), STEP (steps done) and STEPS (all
 # steps); the last carries the ensemble's outputs.
 STREAM_MODEL_NAME = "acestep_stream"
+# gRPC streams carry an error as text only (tritonclient's stream gives no status code), so the
+# stream's final error says its Triton code first: "[INVALID_ARG] repaint_end: ...".
+STREAM_ERROR_CODES = ("INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "CANCELLED", "INTERNAL", "UNKNOWN", "UNSUPPORTED",
+                      "ALREADY_EXISTS")
+
+
+def stream_error_text(code: str, message: str) -> str:
+    """The text of a stream's final error with Triton code name `code` (one of STREAM_ERROR_CODES)."""
+    return f"[{code}] {message}"
+
+
+def parse_stream_error(text: str) -> tuple[str, str]:
+    """(code name, message) of a stream error's text; ("UNKNOWN", text) when it names no code."""
+    code, sep, message = text.partition("] ")
+    if text.startswith("[") and sep and code[1:] in STREAM_ERROR_CODES:
+        return code[1:], message
+    return "UNKNOWN", text
+
+
 PROGRESS_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("STAGE", "TYPE_STRING", (1,)),
     TensorSpec("STEP", "TYPE_INT32", (1,)),

@@ -24,7 +24,13 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from acestep_triton.contract import ENSEMBLE_NAME, STREAM_MODEL_NAME, GenerationParams, GenerationResult
+from acestep_triton.contract import (
+    ENSEMBLE_NAME,
+    STREAM_MODEL_NAME,
+    GenerationParams,
+    GenerationResult,
+    parse_stream_error,
+)
 from acestep_triton.ensemble_client import MalformedAnswer, infer_inputs, read_result
 from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
 
@@ -190,8 +196,8 @@ class TritonEngine(GenerationEngine):
                       progress: ProgressCallback | None):
         """One request to `acestep_stream`: progress responses to `progress`, the final one returned.
 
-        tritonclient's stream hands errors over as text only (no status code): a stream error is
-        EngineFailed, whatever Triton's code was (the gateway has validated the request already).
+        tritonclient's stream hands errors over as text only: the model names the code at its start
+        (contract.stream_error_text), read here as the unary path reads the status.
         """
 
         async def one_request():
@@ -201,7 +207,7 @@ class TritonEngine(GenerationEngine):
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise EngineFailed(f"Triton failed: {error.message()}")
+                    self._raise_for_stream(error.message())
                 if result.as_numpy("WAVEFORM") is not None:
                     return result
                 if progress is not None:
@@ -211,6 +217,15 @@ class TritonEngine(GenerationEngine):
         finally:
             responses.cancel()  # a no-op once the final response came; cancels Triton's request otherwise
         raise EngineFailed(f"{STREAM_MODEL_NAME} ended its stream without a result")
+
+    @staticmethod
+    def _raise_for_stream(text: str) -> None:
+        code, message = parse_stream_error(text)
+        if code == "INVALID_ARG":
+            raise EngineRejected(message)
+        if code == "UNAVAILABLE":
+            raise EngineUnavailable(f"Triton could not run the request now: {message}")
+        raise EngineFailed(f"Triton failed ({code}): {message}")
 
     async def _raise_for(self, client: TritonClient, exc: InferenceServerException) -> None:
         status = str(exc.status())

@@ -302,3 +302,40 @@ def test_http_mode_runs_jobs_through_the_ensemble_without_step_progress(acestep_
     with TestClient(create_app(settings)) as client:
         over_grpc = client.post("/generate", json=short_request(tiny_checkpoint, infer_step=2)).content
     assert soundfile.read(io.BytesIO(over_http))[0].tolist() == soundfile.read(io.BytesIO(over_grpc))[0].tolist()
+
+
+def test_stream_errors_name_their_code_and_the_gateway_reads_it(acestep_triton_server):
+    """A gRPC stream error is text only: `acestep_stream` leads it with its Triton code's name, so an
+    invalid input is INVALID_ARG over the stream too and the gateway answers 400 rather than 500."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from acestep_triton.contract import STREAM_MODEL_NAME, GenerationParams, parse_stream_error
+    from acestep_triton.ensemble_client import infer_inputs
+    from gateway.engine import TritonEngine
+    from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
+
+    inputs = infer_inputs(grpcclient, GenerationParams(prompt="pop", lyrics="", audio_duration=3.0, infer_step=2))
+    for tensor in inputs:
+        if tensor.name() == "INFER_STEP":
+            tensor.set_data_from_numpy(np.array([0], dtype=np.int32))
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(STREAM_MODEL_NAME, inputs)
+        while True:
+            result, error = answers.get(timeout=120)
+            if error is not None:
+                break
+        client.stop_stream()
+    finally:
+        client.close()
+    code, message = parse_stream_error(error.message())
+    assert code == "INVALID_ARG" and message.startswith("infer_step"), error.message()
+
+    for text, raised in ((error.message(), EngineRejected), ("[UNAVAILABLE] out of GPU memory", EngineUnavailable),
+                         ("[INTERNAL] internal error", EngineFailed), ("no code at all", EngineFailed)):
+        with pytest.raises(raised):
+            TritonEngine._raise_for_stream(text)

@@ -4,7 +4,8 @@ Inputs: the ensemble's (acestep_triton.contract.ENSEMBLE_INPUTS). Responses: one
 and one after every diffusion step, each with STAGE [1] (string), STEP [1] (steps done, never
 decreasing) and STEPS [1] (int32);
 then the last, flagged final, with the ensemble's outputs (WAVEFORM [items, 2, samples], SEEDS,
-DURATION, TIME_<STAGE>) or an error.
+DURATION, TIME_<STAGE>) or an error whose text starts with its code's name
+(acestep_triton.contract.stream_error_text: a gRPC stream carries no status code).
 
 preprocess, text_encoder, condition_encoder, dcae_decoder and vocoder are called by BLS, in the
 ensemble's order and with its tensor names (the STAGES parameter, written by
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.contract import ENSEMBLE_OUTPUTS
-from acestep_triton.triton_python import error_response, model_parameters
+from acestep_triton.contract import ENSEMBLE_OUTPUTS, STREAM_ERROR_CODES, stream_error_text
+from acestep_triton.triton_python import error_response, model_parameters, request_params
 
 _DIFFUSION_SOURCE = Path(__file__).resolve().parents[2] / "diffusion" / "1" / "model.py"
 _spec = importlib.util.spec_from_file_location("acestep_diffusion_model", _DIFFUSION_SOURCE)
@@ -31,6 +32,15 @@ diffusion = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(diffusion)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def final_error(error) -> "pb_utils.InferenceResponse":
+    """The stream's last response for `error` (a TritonError): its code's name leads its text.
+    (pb_utils.TritonError exists only once the stub runs, not at import.)"""
+    code = error.code()
+    names = {getattr(pb_utils.TritonError, name): name for name in STREAM_ERROR_CODES}
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(stream_error_text(names.get(code, "UNKNOWN"), error.message()), code))
 
 
 class StageFailed(Exception):
@@ -78,12 +88,11 @@ class TritonPythonModel(diffusion.TritonPythonModel):
             try:
                 outputs = self._run(request, sender)
             except diffusion.Cancelled as exc:
-                sender.send(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)), flags=FINAL)
+                sender.send(final_error(pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)), flags=FINAL)
             except StageFailed as exc:
-                sender.send(pb_utils.InferenceResponse(error=exc.error), flags=FINAL)
+                sender.send(final_error(exc.error), flags=FINAL)
             except Exception as exc:
-                sender.send(error_response(exc), flags=FINAL)
+                sender.send(final_error(error_response(exc).error()), flags=FINAL)
             else:
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
         return None
@@ -93,7 +102,11 @@ class TritonPythonModel(diffusion.TritonPythonModel):
         request.sender.send(progress_response(self.loop_stage, step + 1, total))
 
     def _run(self, request, sender) -> list:
-        """Every stage in order; the ensemble's outputs (pb_utils.Tensors)."""
+        """Every stage in order; the ensemble's outputs (pb_utils.Tensors).
+
+        The request is validated here first: an error a stage answers through BLS reaches this
+        model as INTERNAL whatever its code was, and a bad input must stay INVALID_ARG."""
+        request_params(request)
         tensors = {t.name(): t for t in request.inputs()}
         steps = int(tensors["INFER_STEP"].as_numpy().reshape(-1)[0])
         oss = tensors["OSS_STEPS"].as_numpy().reshape(-1)
