@@ -33,11 +33,13 @@ from acestep_triton.checkpoint import DEPLOYMENT_CHECKPOINT, Checkpoint, find_ly
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
     ENSEMBLE_NAME,
+    AUDIO_CHUNK_OUTPUTS,
     ENSEMBLE_OUTPUTS,
     MAX_DURATION_S,
     PROGRESS_OUTPUTS,
     SAMPLING_PARAMS,
     STAGES,
+    STREAM_INPUTS,
     STREAM_MODEL_NAME,
     TensorSpec,
     stage_time_name,
@@ -313,10 +315,11 @@ def stream_model(models: dict[str, ModelSpec]) -> ModelSpec:
     return ModelSpec(
         name=STREAM_MODEL_NAME,
         backend="python",
-        inputs=ensemble.inputs,
-        outputs=(*ensemble.outputs, *PROGRESS_OUTPUTS),
+        inputs=(*ensemble.inputs, *STREAM_INPUTS),
+        outputs=(*ensemble.outputs, *PROGRESS_OUTPUTS, *AUDIO_CHUNK_OUTPUTS),
         instance_group=loop.instance_group,
-        parameters={**loop.parameters, "STAGES": json.dumps(stages), "LOOP_STAGE": "diffusion"},
+        parameters={**loop.parameters, "STAGES": json.dumps(stages), "LOOP_STAGE": "diffusion",
+                    "VOCODER_STAGE": "vocoder", "CHECKPOINT": models["vocoder"].parameters["CHECKPOINT"]},
         decoupled=True,
     )
 

@@ -113,7 +113,8 @@ def to_config_dict(spec: ModelSpec) -> dict[str, Any]:
     config: dict[str, Any] = {
         "name": spec.name,
         "max_batch_size": spec.max_batch_size,
-        "input": [_tensor(t, t.name in spec.ragged_inputs, t.name in spec.optional_inputs) for t in spec.inputs],
+        "input": [_tensor(t, t.name in spec.ragged_inputs, t.optional or t.name in spec.optional_inputs)
+                  for t in spec.inputs],
         "output": [_tensor(t, False) for t in spec.outputs],
     }
     if spec.backend:

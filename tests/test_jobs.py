@@ -339,3 +339,42 @@ def test_stream_errors_name_their_code_and_the_gateway_reads_it(acestep_triton_s
                          ("[INTERNAL] internal error", EngineFailed), ("no code at all", EngineFailed)):
         with pytest.raises(raised):
             TritonEngine._raise_for_stream(text)
+
+
+def test_stream_sends_the_audio_chunk_by_chunk_and_the_chunks_are_the_final_waveform(acestep_triton_server):
+    """STREAM_AUDIO: the vocoder's chunks arrive in order as "vocoder" responses, tile the waveform,
+    and put together are the final WAVEFORM, which equals the ensemble's one-call decode up to rounding."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from acestep_triton.contract import ENSEMBLE_NAME, STREAM_MODEL_NAME, GenerationParams
+    from acestep_triton.ensemble_client import infer_inputs
+
+    params = GenerationParams(prompt="pop", lyrics="", audio_duration=8.0, infer_step=2, actual_seeds=(3, 4))
+    flag = grpcclient.InferInput("STREAM_AUDIO", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]))
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(STREAM_MODEL_NAME, [*infer_inputs(grpcclient, params), flag])
+        chunks = []
+        while True:
+            result, error = answers.get(timeout=300)
+            assert error is None, error
+            if result.as_numpy("WAVEFORM") is not None:
+                break
+            if result.as_numpy("AUDIO") is not None:
+                assert result.as_numpy("STAGE")[0].decode() == "vocoder"
+                chunks.append((int(result.as_numpy("AUDIO_OFFSET")[0]), result.as_numpy("AUDIO"),
+                               int(result.as_numpy("AUDIO_SAMPLES")[0])))
+        client.stop_stream()
+        direct = client.infer(ENSEMBLE_NAME, infer_inputs(grpcclient, params), client_timeout=300)
+    finally:
+        client.close()
+    final = result.as_numpy("WAVEFORM")
+    assert len(chunks) >= 2 and all(total == final.shape[-1] for _, _, total in chunks)
+    assert [offset for offset, _, _ in chunks] == list(np.cumsum([0] + [c.shape[-1] for _, c, _ in chunks[:-1]]))
+    assert np.array_equal(np.concatenate([c for _, c, _ in chunks], axis=-1), final)
+    np.testing.assert_allclose(final, direct.as_numpy("WAVEFORM"), rtol=0, atol=1e-4)

@@ -14,16 +14,33 @@ model's own class (imported from its model.py next to this model, not copied), w
 `after_step` extended to send each step and to stop when the client cancelled: the gRPC stream's
 cancellation reaches this request directly, which a loop inside the ensemble does not see until
 the ensemble's next step.
+
+With STREAM_AUDIO true the vocoder is called once per chunk of the mel
+(acestep_triton.audio_stream) and every chunk's audio is sent as it is decoded (AUDIO,
+AUDIO_OFFSET, AUDIO_SAMPLES in a "vocoder" progress response); the final WAVEFORM is the chunks
+put together, so a client that wrote the chunks holds the final audio.
 """
 
 import importlib.util
 import json
 from pathlib import Path
 
+import time
+
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.contract import ENSEMBLE_OUTPUTS, STREAM_ERROR_CODES, stream_error_text
+from acestep_triton.audio_stream import vocode_in_chunks
+from acestep_triton.checkpoint import VOCODER_DIR, deployment_checkpoint
+from acestep_triton.contract import (
+    ENSEMBLE_OUTPUTS,
+    STREAM_CHUNK_FRAMES,
+    STREAM_ERROR_CODES,
+    stage_time_name,
+    stream_error_text,
+)
+from acestep_triton.models.vocoder import receptive_context_frames
 from acestep_triton.triton_python import error_response, model_parameters, request_params
 
 _DIFFUSION_SOURCE = Path(__file__).resolve().parents[2] / "diffusion" / "1" / "model.py"
@@ -80,7 +97,9 @@ class TritonPythonModel(diffusion.TritonPythonModel):
         params = model_parameters(args)
         self.stages = json.loads(params["STAGES"])
         self.loop_stage = params["LOOP_STAGE"]
+        self.vocoder_stage = params["VOCODER_STAGE"]
         self.outputs = [t.name for t in ENSEMBLE_OUTPUTS]
+        self.vocoder_context = receptive_context_frames(deployment_checkpoint(params["CHECKPOINT"]).config(VOCODER_DIR))
 
     def execute(self, requests):
         for request in requests:
@@ -108,6 +127,7 @@ class TritonPythonModel(diffusion.TritonPythonModel):
         model as INTERNAL whatever its code was, and a bad input must stay INVALID_ARG."""
         request_params(request)
         tensors = {t.name(): t for t in request.inputs()}
+        stream_audio = "STREAM_AUDIO" in tensors and bool(tensors.pop("STREAM_AUDIO").as_numpy().reshape(-1)[0])
         steps = int(tensors["INFER_STEP"].as_numpy().reshape(-1)[0])
         oss = tensors["OSS_STEPS"].as_numpy().reshape(-1)
         steps = len(oss) if oss.size else steps
@@ -120,6 +140,9 @@ class TritonPythonModel(diffusion.TritonPythonModel):
             if stage["model"] == self.loop_stage:
                 answer = self._one(_LoopRequest(inputs, sender))
                 done = steps
+            elif stage["model"] == self.vocoder_stage and stream_audio:
+                tensors.update(self._vocode_streaming(stage, inputs, sender, steps))
+                continue
             else:
                 answer = pb_utils.InferenceRequest(
                     model_name=stage["model"], requested_output_names=stage["outputs"], inputs=list(inputs.values())
@@ -130,3 +153,38 @@ class TritonPythonModel(diffusion.TritonPythonModel):
                 raise StageFailed(answer.error())
             tensors.update({t.name(): t for t in answer.output_tensors()})
         return [tensors[name] for name in self.outputs if name in tensors]
+
+    def _vocode_streaming(self, stage: dict, inputs: dict, sender, steps: int) -> dict:
+        """The vocoder stage chunk by chunk, each chunk's audio sent as it is decoded; the stage's
+        outputs (the whole WAVEFORM, its time) as pb_utils.Tensors by name."""
+        start = time.perf_counter()
+        (mel_name,) = stage["inputs"]
+        mel = torch.from_dlpack(inputs[mel_name].to_dlpack())
+
+        def vocode(chunk: torch.Tensor) -> torch.Tensor:
+            if sender.is_cancelled():
+                raise diffusion.Cancelled("cancelled while vocoding")
+            answer = pb_utils.InferenceRequest(
+                model_name=stage["model"], requested_output_names=["WAVEFORM"],
+                inputs=[pb_utils.Tensor(mel_name, chunk.contiguous().cpu().numpy())],
+            ).exec()
+            if answer.has_error():
+                raise StageFailed(answer.error())
+            wave = pb_utils.get_output_tensor_by_name(answer, "WAVEFORM")
+            return torch.from_dlpack(wave.to_dlpack()).cpu()
+
+        pieces = []
+        for offset, piece, total in vocode_in_chunks(mel, vocode, self.vocoder_context, STREAM_CHUNK_FRAMES):
+            pieces.append(piece)
+            chunk = progress_response(stage["model"], steps, steps)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                *chunk.output_tensors(),
+                pb_utils.Tensor("AUDIO", piece.numpy()),
+                pb_utils.Tensor("AUDIO_OFFSET", np.array([offset], dtype=np.int64)),
+                pb_utils.Tensor("AUDIO_SAMPLES", np.array([total], dtype=np.int64)),
+            ]))
+        seconds = np.full((mel.shape[0], 1), time.perf_counter() - start, dtype=np.float32)
+        return {
+            "WAVEFORM": pb_utils.Tensor("WAVEFORM", torch.cat(pieces, dim=-1).numpy()),
+            stage_time_name("vocoder"): pb_utils.Tensor(stage_time_name("vocoder"), seconds),
+        }
