@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ _UNAVAILABLE_GRPC = {
 # Triton's HTTP front end answers 404 for NOT_FOUND and 503 for UNAVAILABLE, but folds UNKNOWN and
 # CANCELLED into 400 along with INVALID_ARG; gRPC (the default protocol) keeps them apart.
 _UNAVAILABLE_HTTP = {"404", "503"}
+# Triton's prefix on an error that a step of the ensemble answered (HTTP and plain gRPC infer).
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 
 def _http_client_module():
@@ -236,7 +239,7 @@ class TritonEngine(GenerationEngine):
     async def _raise_for(self, client: TritonClient, exc: InferenceServerException) -> None:
         status = str(exc.status())
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
-            raise EngineRejected(exc.message()) from None
+            raise EngineRejected(_ENSEMBLE_PREFIX.sub("", exc.message())) from None
         if status in _UNAVAILABLE_GRPC or status in _UNAVAILABLE_HTTP:
             log.warning("Triton unavailable (%s): %s", status, exc.message())
             await self._disconnect(client)

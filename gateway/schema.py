@@ -257,7 +257,8 @@ class GenerateRequest(BaseModel):
         fields = self.model_dump(exclude={*DEPLOY_FIELDS, *ENCODING_FIELDS, *GATEWAY_FIELDS, "output_path"})
         if self.audio2audio_enable:
             if self.task != TEXT2MUSIC:
-                raise ParameterError("audio2audio_enable", f"replaces the task: leave task out, got {self.task!r}")
+                raise ParameterError("audio2audio_enable", f"chooses the task audio2audio: leave task out, "
+                                                         f"got {self.task!r}")
             fields["task"] = AUDIO2AUDIO
         return GenerationParams(**fields)
 

@@ -9,6 +9,7 @@ end-to-end tests at the bottom use the `acestep_triton_server` and
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -39,7 +40,7 @@ from acestep_triton.contract import (
 from acestep_triton.ensemble_client import input_arrays
 from acestep_triton.geometry import PUBLISHED_GEOMETRY
 from acestep_triton.tritonserver import TritonServer
-from gateway import GenerationEngine, OutputStore, Settings, create_app
+from gateway import GenerationEngine, OutputStore, Settings, TritonEngine, create_app
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
 from gateway.settings import SettingsError
@@ -639,6 +640,28 @@ def test_e2e_http_protocol_gives_the_same_audio(acestep_triton_server, tiny_chec
     assert response.status_code == 200, response.text
     first = soundfile.read(io.BytesIO(example_1.content), dtype="float32")[0]
     assert np.array_equal(soundfile.read(io.BytesIO(response.content), dtype="float32")[0], first)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_e2e_parameter_error_inside_triton_is_rejected_with_its_detail(acestep_triton_server, protocol):
+    """What only Triton can refuse (the checks that need the source's length) comes back as its
+    ParameterError text, "<field>: why", which the gateway answers with 400: over the gRPC stream, whose
+    errors carry no status code, as over HTTP's INVALID_ARG. Sent here: a request past the gateway's
+    own checks (infer_step 0 forced into validated parameters)."""
+    params = GenerationParams(prompt="pop", lyrics="", audio_duration=2.0, infer_step=2)
+    object.__setattr__(params, "infer_step", 0)
+    url = acestep_triton_server.grpc_url if protocol == "grpc" else acestep_triton_server.http_url
+    engine = TritonEngine(url, protocol, timeout_s=120)
+
+    async def generate():
+        try:
+            return await engine.generate(params)
+        finally:
+            await engine.aclose()
+
+    with pytest.raises(EngineRejected) as rejected:
+        asyncio.run(generate())
+    assert str(rejected.value).startswith("infer_step: must be in [1, "), str(rejected.value)
 
 
 @pytest.mark.slow
