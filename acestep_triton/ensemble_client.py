@@ -27,6 +27,9 @@ from acestep_triton.contract import (
 )
 
 
+_DEFAULTS = GenerationParams(prompt="", lyrics="")
+
+
 class MalformedAnswer(RuntimeError):
     """Triton answered, but not with what the contract says the ensemble returns."""
 
@@ -51,10 +54,9 @@ def input_arrays(params: GenerationParams, source: SourceAudio | None = None) ->
     so a text2music request is the contract's ENSEMBLE_INPUTS alone. `source` travels as SRC_AUDIO
     [channels, samples] float32 and SRC_SAMPLE_RATE [1].
     """
-    defaults = GenerationParams(prompt="", lyrics="")
     arrays = {spec.name: _array(spec, getattr(params, spec.param)) for spec in ENSEMBLE_INPUTS}
     for spec in TASK_INPUTS:
-        if spec.param and getattr(params, spec.param) != getattr(defaults, spec.param):
+        if spec.param and getattr(params, spec.param) != getattr(_DEFAULTS, spec.param):
             arrays[spec.name] = _array(spec, getattr(params, spec.param))
     if source is not None:
         arrays["SRC_AUDIO"] = np.ascontiguousarray(source.samples, dtype=np.float32)

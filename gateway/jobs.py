@@ -33,6 +33,7 @@ from acestep_triton.contract import (
     ENSEMBLE_NAME,
     OUTPUT_SAMPLE_RATE,
     TASK_FIELDS,
+    TASK_INPUTS,
     GenerationResult,
     ParameterError,
     SourceAudio,
@@ -43,6 +44,7 @@ from gateway.errors import (
     Busy,
     DeadlineExceeded,
     EngineFailed,
+    EngineRejected,
     JobConflict,
     JobNotFound,
     status_of,
@@ -73,6 +75,8 @@ RESTART_REASON = "the gateway restarted while this job was running"
 CANCEL_REASON = "cancelled by a client"
 DISCONNECT_REASON = "the /generate client disconnected"
 SOURCE_NAME_FIELDS = frozenset(SOURCE_FIELDS.values())
+# The ensemble inputs that carry a request's source audio (contract.TASK_INPUTS without a parameter).
+SOURCE_INPUTS = frozenset(spec.name for spec in TASK_INPUTS if not spec.param)
 
 
 def progress_of(stage: str, step: int = 0, steps: int = 0) -> float:
@@ -331,7 +335,10 @@ class JobManager:
                         job = self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
                                                     progress=progress_of(p.stage, p.step, p.steps)))
 
-                    result = await self.engine.generate(params, on_progress, source)
+                    try:
+                        result = await self.engine.generate(params, on_progress, source)
+                    except (ParameterError, EngineRejected) as exc:
+                        raise in_request_terms(exc, source_ref) from None
                     triton_s = time.perf_counter() - run_start
             job = self._save(job.evolve(stage="writing", progress=progress_of("writing"),
                                         retake_seeds=retake_seeds_of(params.task, result)))
@@ -445,6 +452,15 @@ def _timings(result: GenerationResult, check_s: float, source_s: float, queued_s
         "write": write_s,
         "stages": dict(stages),
     }
+
+
+def in_request_terms(exc: ParameterError | EngineRejected, source_ref: tuple[str, str] | None) -> Exception:
+    """The engine's refusal as the client asked: one naming the tensors that carry the source audio
+    (SRC_AUDIO, SRC_SAMPLE_RATE) names the request field that gave it instead."""
+    name, separator, why = str(exc).partition(": ")
+    if source_ref is not None and separator and name in SOURCE_INPUTS:
+        return EngineRejected(f"{source_ref[0]}: {why}")
+    return exc
 
 
 def retake_seeds_of(task: str, result: GenerationResult) -> tuple[int, ...]:

@@ -87,12 +87,18 @@ class OutputStore:
 
     def lookup(self, name: str) -> Path:
         """The regular file `name` directly inside the outputs directory (symlinks resolved and confined)."""
-        if not is_safe_name(name):
-            raise ParameterError("filename", "must be a plain file name inside the outputs directory")
-        path = confined_file(self.root, name)
-        if path is None:
-            raise OutputNotFound(f"filename: no file {name!r} in the outputs directory")
-        return path
+        return find_file(self.root, name, "filename", "outputs directory")
+
+
+def find_file(root: Path, name: str, field: str, where: str) -> Path:
+    """The regular file `name` directly inside the resolved directory `root` (called `where` in errors):
+    ParameterError naming `field` for an unsafe name, OutputNotFound when there is no such file."""
+    if not is_safe_name(name):
+        raise ParameterError(field, f"must be a plain file name inside the {where}")
+    path = confined_file(root, name)
+    if path is None:
+        raise OutputNotFound(f"{field}: no file {name!r} in the {where}")
+    return path
 
 
 def is_safe_name(name: str) -> bool:

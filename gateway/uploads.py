@@ -31,8 +31,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from acestep_triton.contract import MAX_DURATION_S, ParameterError, SourceAudio
-from gateway.errors import OutputNotFound, UploadTooLarge
-from gateway.outputs import OutputStore, confined_file, is_safe_name
+from gateway.errors import UploadTooLarge
+from gateway.outputs import OutputStore, confined_file, find_file, is_safe_name
 
 FILE_FIELD = "file"  # the multipart part that carries the audio
 UPLOAD_PREFIX = "upload_"
@@ -79,7 +79,7 @@ def _decode(path: Path, max_seconds: float) -> tuple[str, int, int, int]:
                     frames += block.shape[0]
                     if frames > max_seconds * audio.samplerate:
                         break
-    except (soundfile.LibsndfileError, RuntimeError, EOFError):
+    except soundfile.SoundFileError:
         raise ParameterError(FILE_FIELD, "is not audio that libsndfile can decode (wav, flac, ogg, mp3, ...)") from None
     refusal = _refusal(shape[2], frames, shape[1], max_seconds)
     if refusal is not None:
@@ -142,8 +142,8 @@ class _MultipartFile:
     def finish(self) -> None:
         self.parser.finalize()
         if self.parts == 0 or not self.ended:
-            raise ParameterError(FILE_FIELD, f"missing: send multipart/form-data with one part named {FILE_FIELD!r} "
-                                             f"(curl -F {FILE_FIELD}=@song.wav)")
+            raise ParameterError(FILE_FIELD, f"missing or incomplete: send multipart/form-data with one part named "
+                                             f"{FILE_FIELD!r} (curl -F {FILE_FIELD}=@song.wav)")
         if self.size == 0:
             raise ParameterError(FILE_FIELD, "is empty")
 
@@ -188,12 +188,7 @@ class UploadStore:
 
     def path(self, name: str) -> Path:
         """The upload `name` (OutputNotFound when there is none, ParameterError for an unsafe name)."""
-        if not is_safe_name(name):
-            raise ParameterError("name", "must be the plain name of an upload")
-        path = confined_file(self.root, name)
-        if path is None:
-            raise OutputNotFound(f"name: no upload {name!r}")
-        return path
+        return find_file(self.root, name, "name", "uploads directory")
 
     def all(self) -> list[AudioFile]:
         """Every upload, newest first (files that vanish meanwhile are left out)."""
@@ -203,7 +198,7 @@ class UploadStore:
                 continue
             try:
                 found.append(describe(path))
-            except (OSError, soundfile.LibsndfileError, RuntimeError):
+            except (OSError, soundfile.SoundFileError):
                 continue
         return sorted(found, key=lambda f: f.modified_at, reverse=True)
 
@@ -243,7 +238,7 @@ class SourceFiles:
         path = self.path(field, name)
         try:
             found = describe(path)
-        except (soundfile.LibsndfileError, RuntimeError):
+        except soundfile.SoundFileError:
             raise ParameterError(field, f"{name!r} is not audio that libsndfile can read") from None
         refusal = _refusal(found.channels, round(found.duration * found.sample_rate), found.sample_rate,
                            MAX_DURATION_S)
@@ -259,7 +254,7 @@ class SourceFiles:
             samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         except ParameterError:
             raise ParameterError(field, f"{name!r} was removed before the job ran") from None
-        except (soundfile.LibsndfileError, RuntimeError):
+        except soundfile.SoundFileError:
             raise ParameterError(field, f"{name!r} is no longer audio that libsndfile can read") from None
         return SourceAudio(np.ascontiguousarray(samples.T), int(rate))
 

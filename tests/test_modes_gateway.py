@@ -21,7 +21,17 @@ import pytest
 import soundfile
 from fastapi.testclient import TestClient
 
-from acestep_triton.contract import AUDIO2AUDIO, MAX_DURATION_S, TASK_FIELDS, TASKS, GenerationParams, ParameterError
+from acestep_triton.contract import (
+    AUDIO2AUDIO,
+    ENSEMBLE_INPUTS,
+    MAX_DURATION_S,
+    TASK_FIELDS,
+    TASKS,
+    GenerationParams,
+    ParameterError,
+    SourceAudio,
+)
+from acestep_triton.ensemble_client import input_arrays
 from gateway import create_app
 from gateway.schema import GATEWAY_FIELDS, SOURCE_FIELDS
 from gateway.settings import Settings, SettingsError
@@ -184,6 +194,18 @@ def test_upload_settings_from_environment(tmp_path):
             Settings.from_env(env | bad)
 
 
+def test_uploads_need_the_api_key_when_configured(tmp_path):
+    with TestClient(create_app(settings_for(tmp_path, api_key="s3cret"), ToneEngine())) as client:
+        data = audio_bytes(0.5, 22050, 1)
+        assert post_upload(client, data).status_code == 401
+        assert files_in(client.app.state.uploads.root) == []
+        assert client.get("/uploads").status_code == 401
+        key = {"X-API-Key": "s3cret"}
+        name = client.post("/uploads", files={"file": ("a.wav", data)}, headers=key).json()["name"]
+        assert client.delete(f"/uploads/{name}").status_code == 401
+        assert client.delete(f"/uploads/{name}", headers=key).status_code == 204
+
+
 @pytest.mark.parametrize(
     "raw_path",
     [
@@ -304,13 +326,22 @@ def test_mode_bad_input_answers_400_naming_the_field(module_app, route, changes,
     assert client.get("/health").json() == {"status": "healthy"}
 
 
-def test_source_length_errors_of_the_engine_answer_400(tmp_path):
-    """The checks that need the source's length are the engine's; its ParameterError is a 400 too."""
-    failure = ParameterError("repaint_end", "must lie inside the source (1.0 s), got 3.0")
+@pytest.mark.parametrize(
+    "failure, detail",
+    [
+        (ParameterError("repaint_end", "must lie inside the source (1.0 s), got 3.0"),
+         "repaint_end: must lie inside the source (1.0 s), got 3.0"),
+        (EngineRejected("SRC_AUDIO: longer than 240 s"), "src_audio_path: longer than 240 s"),
+    ],
+    ids=["parameter-error", "source-tensor-named"],
+)
+def test_source_length_errors_of_the_engine_answer_400(tmp_path, failure, detail):
+    """The checks that need the source's length are the engine's; its refusal is a 400 naming the request's
+    field (the source's, where the engine names the tensor that carried it)."""
     with TestClient(create_app(settings_for(tmp_path), ToneEngine(failure))) as client:
         name = post_upload(client, audio_bytes(1.0, 44100, 2)).json()["name"]
-        response = client.post("/generate", json=payload(**window(src_audio_path=name, repaint_end=3.0)))
-        assert (response.status_code, response.json()) == (400, {"detail": str(failure)})
+        response = client.post("/generate", json=payload(**window(src_audio_path=name, repaint_end=0.9)))
+        assert (response.status_code, response.json()) == (400, {"detail": detail})
         assert [n for n in files_in(client.app.state.store.root) if not n.startswith(".")] == []
 
 
@@ -419,6 +450,21 @@ def test_queued_job_keeps_the_upload_and_fails_clearly_when_it_went(tmp_path):
         assert done[0]["state"] == "succeeded"
         assert done[1]["state"] == "failed" and done[1]["error"] == f"src_audio_path: {doomed!r} was removed before the job ran"
         assert jobs.get(queued[1]).error_status == 400 and done[1]["files"] == []
+
+
+def test_triton_inputs_carry_the_task_fields_away_from_default_and_the_source():
+    params = GenerationParams(prompt="pop", lyrics="", task="repaint", repaint_start=1.0, repaint_end=2.5,
+                              retake_seeds=(7, 8))
+    samples = np.random.default_rng(0).uniform(-1, 1, (1, 300)).astype(np.float32)
+    arrays = input_arrays(params, SourceAudio(samples, 22050))
+    assert set(arrays) - {spec.name for spec in ENSEMBLE_INPUTS} == {
+        "TASK", "REPAINT_START", "REPAINT_END", "RETAKE_SEEDS", "SRC_AUDIO", "SRC_SAMPLE_RATE"}
+    assert arrays["TASK"].tolist() == [b"repaint"] and arrays["REPAINT_END"].tolist() == [2.5]
+    assert arrays["RETAKE_SEEDS"].dtype == np.int64 and arrays["RETAKE_SEEDS"].tolist() == [7, 8]
+    assert arrays["SRC_AUDIO"].dtype == np.float32 and np.array_equal(arrays["SRC_AUDIO"], samples)
+    assert arrays["SRC_SAMPLE_RATE"].dtype == np.int32 and arrays["SRC_SAMPLE_RATE"].tolist() == [22050]
+    # a text2music request is the contract's inputs alone (what a deployment without the tasks takes)
+    assert list(input_arrays(GenerationParams(prompt="pop", lyrics=""))) == [spec.name for spec in ENSEMBLE_INPUTS]
 
 
 # ---- the stream's errors, and the README's task table -------------------------------------------------------
