@@ -37,6 +37,7 @@ from acestep_triton.contract import (
     GenerationResult,
     ParameterError,
     SourceAudio,
+    validate_source,
 )
 from gateway.engine import GenerationEngine, Progress
 from gateway.errors import (
@@ -474,9 +475,10 @@ def check_request(request: GenerateRequest, settings: Settings, outputs: OutputS
     the request as it will be served: deploy fields resolved, output_path chosen, a source audio kept
     by its name."""
     check_deployment(request, settings)
-    source = request.source(request.generation_params().task)
+    params = request.generation_params()
+    source = request.source(params.task)
     if source is not None:
-        sources.check(*source)
+        validate_source(params, sources.check(*source).stand_in())
     suffix = request.encoding().format.suffix
     name = outputs.new_audio_name(suffix) if request.output_path is None else outputs.check_audio_name(
         request.output_path, suffix)

@@ -30,6 +30,7 @@ from acestep_triton.contract import (
     TEXT2MUSIC,
     GenerationParams,
     ParameterError,
+    source_field,
 )
 from gateway.formats import BITRATE_MODES, FORMAT_NAMES, Encoding, choose_encoding
 
@@ -38,7 +39,7 @@ ENCODING_FIELDS = ("format", "bit_depth", "compression_level", "quality", "bitra
 # The tasks `task` names (upstream's choices): audio2audio is chosen by audio2audio_enable instead.
 REQUEST_TASKS = tuple(task for task in TASKS if task != AUDIO2AUDIO)
 # The request field naming each audio-input task's audio: an upload's or an earlier output's name.
-SOURCE_FIELDS = {task: "ref_audio_input" if task == AUDIO2AUDIO else "src_audio_path" for task in AUDIO_INPUT_TASKS}
+SOURCE_FIELDS = {task: source_field(task) for task in AUDIO_INPUT_TASKS}
 # Fields the gateway reads itself: they never reach GenerationParams.
 GATEWAY_FIELDS = ("src_audio_path", "ref_audio_input", "audio2audio_enable")
 _DEFAULTS = GenerationParams(prompt="", lyrics="")

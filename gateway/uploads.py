@@ -30,7 +30,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from acestep_triton.contract import MAX_DURATION_S, ParameterError, SourceAudio
+from acestep_triton.contract import ParameterError, SourceAudio
 from gateway.errors import UploadTooLarge
 from gateway.outputs import OutputStore, confined_file, find_file, is_safe_name
 
@@ -53,6 +53,12 @@ class AudioFile:
     duration: float
     size: int
     modified_at: float
+
+    def stand_in(self) -> SourceAudio:
+        """A SourceAudio of this file's shape without its samples (a zero-stride view of one zero):
+        what contract.validate_source reads, before the file is decoded."""
+        frames = round(self.duration * self.sample_rate)
+        return SourceAudio(np.broadcast_to(np.float32(0), (self.channels, frames)), self.sample_rate)
 
 
 def _refusal(channels: int, frames: int, sample_rate: int, max_seconds: float) -> str | None:
@@ -233,18 +239,13 @@ class SourceFiles:
         raise ParameterError(field, f"no upload or output named {name!r}")
 
     def check(self, field: str, name: str) -> AudioFile:
-        """The file `name` names, if it can be a source: readable audio, mono or stereo, not empty, at most
-        the contract's longest result (its header is read, not the whole file)."""
+        """The file `name` names, if libsndfile reads it as audio (its header is read, not the whole
+        file); whether it fits the request is contract.validate_source's to say."""
         path = self.path(field, name)
         try:
-            found = describe(path)
+            return describe(path)
         except soundfile.SoundFileError:
             raise ParameterError(field, f"{name!r} is not audio that libsndfile can read") from None
-        refusal = _refusal(found.channels, round(found.duration * found.sample_rate), found.sample_rate,
-                           MAX_DURATION_S)
-        if refusal is not None:
-            raise ParameterError(field, f"{name!r} {refusal}")
-        return found
 
     def read(self, field: str, name: str) -> SourceAudio:
         """Decode the source (float32, channels first) for the engine; ParameterError naming `field` when

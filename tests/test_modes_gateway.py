@@ -33,11 +33,13 @@ from acestep_triton.contract import (
 )
 from acestep_triton.ensemble_client import input_arrays
 from gateway import create_app
+from gateway.errors import EngineRejected
 from gateway.schema import GATEWAY_FIELDS, SOURCE_FIELDS
 from gateway.settings import Settings, SettingsError
 from tests.test_gateway import REPO_ROOT, ToneEngine, payload, settings_for
 
-UPLOAD = "<the upload>"  # replaced by the module upload's name
+UPLOAD = "<the upload>"  # replaced by the module upload's name (1 s)
+LONG = "<a long upload>"  # replaced by a 239.5 s upload's name
 OUTPUT = "<an output>"  # replaced by the name of an earlier output's audio
 SIDECAR = "<a sidecar>"  # replaced by that output's JSON sidecar
 
@@ -244,8 +246,9 @@ def module_app(tmp_path_factory):
     engine = ToneEngine()
     with TestClient(create_app(settings_for(tmp_path_factory.mktemp("modes")), engine)) as client:
         upload = post_upload(client, audio_bytes(1.0, 44100, 2)).json()["name"]
+        long = post_upload(client, audio_bytes(239.5, 1000, 1)).json()["name"]
         output = client.post("/generate", json=payload(output_path="earlier.wav")).headers["X-Output-Files"]
-        names = {UPLOAD: upload, OUTPUT: output, SIDECAR: "earlier_input_params.json"}
+        names = {UPLOAD: upload, LONG: long, OUTPUT: output, SIDECAR: "earlier_input_params.json"}
         yield client, engine, names
 
 
@@ -259,6 +262,11 @@ MODE_BAD_INPUTS = [
     ("repaint_end-before-start", window(repaint_start=0.5, repaint_end=0.1), "repaint_end"),
     ("repaint_start-negative", window(repaint_start=-1.0), "repaint_start"),
     ("extend-without-window", {"task": "extend", "src_audio_path": UPLOAD}, "repaint_start"),
+    # against the source's length (contract.validate_source, before the job is queued)
+    ("repaint-window-past-the-source", window(repaint_end=1.5), "repaint_end"),
+    ("extend-longer-than-the-source", {"task": "extend", "src_audio_path": UPLOAD, "repaint_start": -2.0},
+     "repaint_start"),
+    ("extend-result-over-240-s", {"task": "extend", "src_audio_path": LONG, "repaint_start": -2.0}, "repaint_start"),
     ("retake_variance-above-1", {"task": "retake", "retake_variance": 1.5}, "retake_variance"),
     ("retake_variance-below-0", window(retake_variance=-0.1), "retake_variance"),
     ("ref_audio_strength-above-1", audio2audio(ref_audio_strength=1.5), "ref_audio_strength"),
@@ -352,7 +360,7 @@ def test_source_length_errors_of_the_engine_answer_400(tmp_path, failure, detail
     "changes, task, source_field",
     [
         (window(retake_variance=0.7, retake_seeds=[5]), "repaint", "src_audio_path"),
-        ({"task": "extend", "src_audio_path": UPLOAD, "repaint_start": -2.0, "repaint_end": 3.0}, "extend",
+        ({"task": "extend", "src_audio_path": UPLOAD, "repaint_start": -0.5, "repaint_end": 1.5}, "extend",
          "src_audio_path"),
         ({"task": "edit", "src_audio_path": OUTPUT, "edit_target_prompt": "jazz", "edit_target_lyrics": "[verse]\nla",
           "edit_n_min": 0.2, "edit_n_max": 0.8, "edit_n_avg": 2}, "edit", "src_audio_path"),
