@@ -18,11 +18,16 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
     STAGES,
+    TASK_INPUTS,
     GenerationParams,
     GenerationResult,
+    SourceAudio,
     TensorSpec,
     stage_time_name,
 )
+
+
+_DEFAULTS = GenerationParams(prompt="", lyrics="")
 
 
 class MalformedAnswer(RuntimeError):
@@ -35,28 +40,39 @@ def wire_dtype(spec: TensorSpec) -> str:
     return "BYTES" if name == "STRING" else name
 
 
-def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
-    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes."""
-    arrays = {}
-    for spec in ENSEMBLE_INPUTS:
-        value = getattr(params, spec.param)
-        values = list(value) if spec.dims == (-1,) else [value]
-        if spec.dtype == "TYPE_STRING":
-            arrays[spec.name] = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-        else:
-            arrays[spec.name] = np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
+def _array(spec: TensorSpec, value) -> np.ndarray:
+    values = list(value) if spec.dims == (-1,) else [value]
+    if spec.dtype == "TYPE_STRING":
+        return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+    return np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
+
+
+def input_arrays(params: GenerationParams, source: SourceAudio | None = None) -> dict[str, np.ndarray]:
+    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes.
+
+    The other tasks' inputs (TASK_INPUTS) are optional: only those away from their default are sent,
+    so a text2music request is the contract's ENSEMBLE_INPUTS alone. `source` travels as SRC_AUDIO
+    [channels, samples] float32 and SRC_SAMPLE_RATE [1].
+    """
+    arrays = {spec.name: _array(spec, getattr(params, spec.param)) for spec in ENSEMBLE_INPUTS}
+    for spec in TASK_INPUTS:
+        if spec.param and getattr(params, spec.param) != getattr(_DEFAULTS, spec.param):
+            arrays[spec.name] = _array(spec, getattr(params, spec.param))
+    if source is not None:
+        arrays["SRC_AUDIO"] = np.ascontiguousarray(source.samples, dtype=np.float32)
+        arrays["SRC_SAMPLE_RATE"] = np.array([source.sample_rate], dtype=np.int32)
     return arrays
 
 
 def infer_inputs(client_module: ModuleType, params: GenerationParams,
-                 overrides: Mapping[str, np.ndarray] | None = None) -> list:
-    """`client_module.InferInput`s for `params` (binary tensors over HTTP).
+                 overrides: Mapping[str, np.ndarray] | None = None, *, source: SourceAudio | None = None) -> list:
+    """`client_module.InferInput`s for `params` and `source` (binary tensors over HTTP).
 
     `overrides` replaces or adds arrays, each sent with its own dtype: how tests send malformed
     requests. No outputs are named by callers that want every output the deployment has (a
     TensorRT deployment leaves out the stage timings its plans cannot measure).
     """
-    arrays = {**input_arrays(params), **(overrides or {})}
+    arrays = {**input_arrays(params, source), **(overrides or {})}
     binary = {"binary_data": True} if client_module.__name__.startswith("tritonclient.http") else {}
     inputs = []
     for name, array in arrays.items():

@@ -1,4 +1,4 @@
-"""The FastAPI application: POST /generate, GET /download/{filename}, GET /health."""
+"""The FastAPI application: POST /generate, /jobs, /uploads, GET /download/{filename}, GET /health."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
@@ -19,7 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from gateway.engine import GenerationEngine, TritonEngine
-from gateway.errors import JobConflict, NotAuthorized, install_error_handlers
+from gateway.errors import JobConflict, NotAuthorized, UploadInUse, install_error_handlers
 from gateway.formats import AUDIO_MEDIA_TYPES, MEDIA_TYPES
 from gateway.jobs import DISCONNECT_REASON, JobManager
 from gateway.jobstore import Job, JobState, SQLiteJobStore
@@ -36,8 +37,11 @@ from gateway.schema import (
     JobPage,
     JobView,
     UnhealthyBody,
+    UploadList,
+    UploadView,
 )
 from gateway.settings import Settings
+from gateway.uploads import FILE_FIELD, SourceFiles, UploadStore
 
 API_VERSION = "1.0"
 JOBS_DATABASE = ".jobs.sqlite3"  # hidden: /download never serves it, retention never removes it
@@ -48,8 +52,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
         400: "Invalid parameters; the detail names the field.",
         401: "Missing or wrong API key (only when the deployment sets one).",
-        404: "No such file in the outputs directory, or no such job.",
-        409: "The job has already finished (the detail gives its state), or /generate's job was cancelled.",
+        404: "No such file in the outputs directory, no such job, or no such upload.",
+        409: "The job has already finished (the detail gives its state), or /generate's job was cancelled; "
+        "or the upload is the source of a queued or running job.",
+        413: "The upload is larger than the deployment allows (ACESTEP_MAX_UPLOAD_BYTES).",
         429: "Too many generations queued or running; Retry-After gives seconds from the measured rate.",
         500: "Generation failed.",
         503: "Triton is unreachable or not ready.",
@@ -66,9 +72,10 @@ def _server_timing(timings: dict[str, Any]) -> str:
 
 
 def _generate_headers(job: Job, outputs: OutputStore) -> dict[str, str]:
-    """The contract's headers for a finished job (plus seeds, files, duration and the job id)."""
+    """The contract's headers for a finished job (plus seeds, retake seeds where the task reads them,
+    files, duration and the job id)."""
     timings = job.timings
-    return {
+    headers = {
         "X-Job-Id": job.id,
         "X-Output-Path": str(outputs.root / job.files[0]),
         "X-Generation-Time": f"{timings['total']:.6f}",
@@ -80,6 +87,9 @@ def _generate_headers(job: Job, outputs: OutputStore) -> dict[str, str]:
         "X-Output-Files": ",".join(job.files),
         "X-Audio-Duration": f"{timings['audio_duration']:.6f}",
     }
+    if job.retake_seeds:
+        headers["X-Retake-Seeds"] = ",".join(str(s) for s in job.retake_seeds)
+    return headers
 
 
 async def _disconnected(http: Request) -> None:
@@ -95,9 +105,10 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
     if engine is None:
         engine = TritonEngine(settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
     store = OutputStore(settings.outputs_dir)
+    uploads = UploadStore(settings.uploads_dir, settings.max_upload_bytes, settings.max_upload_s)
     job_store = SQLiteJobStore(store.root / JOBS_DATABASE)
-    jobs = JobManager(settings, engine, store, job_store)
-    retention = Retention(settings, store, jobs)
+    jobs = JobManager(settings, engine, store, job_store, SourceFiles(uploads, store))
+    retention = Retention(settings, store, jobs, uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,9 +128,10 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         lifespan=lifespan,
     )
     app.state.settings, app.state.engine, app.state.store, app.state.jobs = settings, engine, store, jobs
-    app.state.retention = retention
+    app.state.retention, app.state.uploads = retention, uploads
     install_error_handlers(app)
     auth = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
+    _add_upload_routes(app, uploads, jobs, auth)
 
     def known_job(job_id: str) -> Job:
         """The job, or 404 before a streaming answer starts (a stream cannot change its status later)."""
@@ -290,6 +302,64 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
 
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _add_upload_routes(app: FastAPI, uploads: UploadStore, jobs: JobManager, auth: list) -> None:
+    """POST, GET /uploads and DELETE /uploads/{name}: the source audio of repaint, extend, edit and
+    audio2audio (gateway/uploads.py)."""
+
+    @app.post(
+        "/uploads",
+        status_code=201,
+        response_model=UploadView,
+        dependencies=auth,
+        summary="Upload source audio (multipart/form-data, one part named `file`) for src_audio_path / "
+        "ref_audio_input",
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": [FILE_FIELD],
+            "properties": {FILE_FIELD: {
+                "type": "string",
+                "format": "binary",
+                "description": "Audio libsndfile decodes (wav, flac, ogg, mp3, ...), any sample rate, mono or "
+                "stereo, at most ACESTEP_MAX_UPLOAD_S seconds and ACESTEP_MAX_UPLOAD_BYTES bytes.",
+            }},
+        }}}}},
+        responses={
+            201: {"description": "Stored; `name` is what src_audio_path / ref_audio_input take.",
+                  "headers": {"Location": {"description": "The uploads list.", "schema": {"type": "string"}}}},
+            **_errors(400, 401, 413),
+        },
+    )
+    async def upload(request: Request, response: Response) -> UploadView:
+        stored = await uploads.receive(request)
+        response.headers["Location"] = "/uploads"
+        return UploadView(**asdict(stored))
+
+    @app.get(
+        "/uploads",
+        response_model=UploadList,
+        dependencies=auth,
+        summary="Every upload, newest first",
+        responses=_errors(401),
+    )
+    async def list_uploads() -> UploadList:
+        return UploadList(uploads=[UploadView(**asdict(u)) for u in await run_in_threadpool(uploads.all)])
+
+    @app.delete(
+        "/uploads/{name}",
+        status_code=204,
+        response_class=Response,
+        dependencies=auth,
+        summary="Remove an upload (409 while a queued or running job reads it)",
+        responses=_errors(400, 401, 404, 409),
+    )
+    async def delete_upload(name: str) -> Response:
+        path = uploads.path(name)
+        if name in jobs.referenced_files():
+            raise UploadInUse(f"name: {name!r} is the source of a queued or running job")
+        path.unlink(missing_ok=True)
+        return Response(status_code=204)
 
 
 def _api_key_check(api_key: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from acestep_triton.contract import (
     STREAM_MODEL_NAME,
     GenerationParams,
     GenerationResult,
+    SourceAudio,
     parse_stream_error,
 )
 from acestep_triton.ensemble_client import MalformedAnswer, infer_inputs, read_result
@@ -56,9 +58,13 @@ class GenerationEngine(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
+    async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None,
+                       source: SourceAudio | None = None) -> GenerationResult:
         """Generate one item per seed (one item when no seed is given), calling `progress` as stages and
-        steps complete where the engine can observe them."""
+        steps complete where the engine can observe them. `source` is the audio of the tasks that start
+        from one (contract.AUDIO_INPUT_TASKS), None for the others. A request that only the source
+        shows to be invalid (a repaint window past its end) raises contract.ParameterError or
+        EngineRejected naming the field."""
 
     @abc.abstractmethod
     async def ready(self) -> tuple[bool, str]:
@@ -77,6 +83,8 @@ _UNAVAILABLE_GRPC = {
 # Triton's HTTP front end answers 404 for NOT_FOUND and 503 for UNAVAILABLE, but folds UNKNOWN and
 # CANCELLED into 400 along with INVALID_ARG; gRPC (the default protocol) keeps them apart.
 _UNAVAILABLE_HTTP = {"404", "503"}
+# Triton's prefix on an error that a step of the ensemble answered (HTTP and plain gRPC infer).
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 
 def _http_client_module():
@@ -163,13 +171,14 @@ class TritonEngine(GenerationEngine):
             return False, f"Triton at {self.url} is unreachable"
         return True, ""
 
-    async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
+    async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None,
+                       source: SourceAudio | None = None) -> GenerationResult:
         """Over gRPC: `acestep_stream`, reporting every stage and step to `progress`; cancelling the
         awaiting task cancels the stream and Triton stops the loop after the step in flight. Over
         HTTP: the `acestep` ensemble, no progress, and a cancel only closes the connection (Triton's
         HTTP front end has no request cancellation: the generation runs to its end there)."""
         client, connect_seconds = self._connected()
-        inputs = infer_inputs(grpcclient if self.protocol == "grpc" else _http_client_module(), params)
+        inputs = infer_inputs(grpcclient if self.protocol == "grpc" else _http_client_module(), params, source=source)
         try:
             if self.protocol == "grpc":
                 result = await asyncio.wait_for(self._stream(client, inputs, progress), self.timeout_s)
@@ -230,7 +239,7 @@ class TritonEngine(GenerationEngine):
     async def _raise_for(self, client: TritonClient, exc: InferenceServerException) -> None:
         status = str(exc.status())
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
-            raise EngineRejected(exc.message()) from None
+            raise EngineRejected(_ENSEMBLE_PREFIX.sub("", exc.message())) from None
         if status in _UNAVAILABLE_GRPC or status in _UNAVAILABLE_HTTP:
             log.warning("Triton unavailable (%s): %s", status, exc.message())
             await self._disconnect(client)

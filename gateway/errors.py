@@ -25,7 +25,15 @@ class NotAuthorized(Exception):
 
 
 class OutputNotFound(Exception):
-    """No downloadable file of that name in the outputs directory."""
+    """No file of that name in the outputs directory (or, for /uploads, in the uploads directory)."""
+
+
+class UploadTooLarge(Exception):
+    """An upload's body is larger than the deployment allows."""
+
+
+class UploadInUse(Exception):
+    """The upload is the source of a queued or running job, or being read."""
 
 
 class EngineUnavailable(Exception):
@@ -67,6 +75,8 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     OutputNotFound: 404,
     JobNotFound: 404,
     JobConflict: 409,
+    UploadInUse: 409,
+    UploadTooLarge: 413,
     Busy: 429,
     EngineFailed: 500,
     EngineUnavailable: 503,

@@ -10,6 +10,10 @@ Cancellation: cancelling a job cancels the asyncio task awaiting the engine; wit
 that cancels the RPC and Triton sees the request cancelled. Files are written only after the
 engine's answer, as one shielded step; a cancel arriving during it removes what was written, so a
 cancelled job never leaves files.
+
+Source audio (repaint, extend, edit, audio2audio) is checked at submission and stored in the job by
+name; it is decoded when the job starts running, so a queued job holds no samples, and a source
+removed meanwhile fails the job with that reason.
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from acestep_triton.contract import ENSEMBLE_NAME, OUTPUT_SAMPLE_RATE, GenerationResult, ParameterError
+from acestep_triton.contract import (
+    ENSEMBLE_NAME,
+    OUTPUT_SAMPLE_RATE,
+    TASK_FIELDS,
+    TASK_INPUTS,
+    GenerationResult,
+    ParameterError,
+    SourceAudio,
+    validate_source,
+)
 from gateway.engine import GenerationEngine, Progress
 from gateway.errors import (
     INTERNAL_ERROR_DETAIL,
     Busy,
     DeadlineExceeded,
     EngineFailed,
+    EngineRejected,
     JobConflict,
     JobNotFound,
     status_of,
@@ -39,8 +53,9 @@ from gateway.errors import (
 from gateway.formats import Encoding
 from gateway.jobstore import Job, JobEvent, JobState, JobStore
 from gateway.outputs import OutputStore
-from gateway.schema import GenerateRequest
+from gateway.schema import SOURCE_FIELDS, GenerateRequest
 from gateway.settings import Settings
+from gateway.uploads import SourceFiles
 
 log = logging.getLogger("gateway")
 
@@ -60,6 +75,9 @@ STAGE_START = {
 RESTART_REASON = "the gateway restarted while this job was running"
 CANCEL_REASON = "cancelled by a client"
 DISCONNECT_REASON = "the /generate client disconnected"
+SOURCE_NAME_FIELDS = frozenset(SOURCE_FIELDS.values())
+# The ensemble inputs that carry a request's source audio (contract.TASK_INPUTS without a parameter).
+SOURCE_INPUTS = frozenset(spec.name for spec in TASK_INPUTS if not spec.param)
 
 
 def progress_of(stage: str, step: int = 0, steps: int = 0) -> float:
@@ -109,17 +127,20 @@ class _Live:
 class JobManager:
     """Runs jobs for one gateway process (see the module docstring)."""
 
-    def __init__(self, settings: Settings, engine: GenerationEngine, outputs: OutputStore, store: JobStore) -> None:
+    def __init__(self, settings: Settings, engine: GenerationEngine, outputs: OutputStore, store: JobStore,
+                 sources: SourceFiles) -> None:
         self.settings = settings
         self.engine = engine
         self.outputs = outputs
         self.store = store
+        self.sources = sources
         self.rate = RateMeter()
         self._live: dict[str, _Live] = {}  # pending jobs of this process, in submission order
         self._changed: dict[str, asyncio.Event] = {}
         self._slots: asyncio.Semaphore | None = None
         self._stopping = False
         self.writing: set[str] = set()  # file names being written now (retention leaves them alone)
+        self.reading: set[str] = set()  # source audio being decoded now (the same)
 
     # ---- life cycle ---------------------------------------------------------------------------------
 
@@ -154,7 +175,7 @@ class JobManager:
             if existing is not None:
                 return existing, False
         check_start = time.perf_counter()
-        served = check_request(request, self.settings, self.outputs)
+        served = check_request(request, self.settings, self.outputs, self.sources)
         check_s = time.perf_counter() - check_start
         if len(self._live) >= self.settings.max_pending_jobs:
             raise Busy(
@@ -296,12 +317,16 @@ class JobManager:
         live = self._live[job.id]
         request = GenerateRequest.model_validate(job.request)
         params, encoding = request.generation_params(), request.encoding()
+        source_ref = request.source(params.task)
         start_wall, start = time.time(), time.perf_counter()
         remaining = job.created_at + self.settings.job_deadline_s - start_wall
         try:
             async with asyncio.timeout(remaining):
                 async with self._slots:
                     job = self._save(job.evolve(state=JobState.RUNNING, started_at=time.time(), stage="generating"))
+                    source_start = time.perf_counter()
+                    source = None if source_ref is None else await self._read_source(*source_ref)
+                    job = job.evolve(timings=job.timings | {"source": time.perf_counter() - source_start})
                     run_start = time.perf_counter()
 
                     def on_progress(p: Progress) -> None:
@@ -311,9 +336,13 @@ class JobManager:
                         job = self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
                                                     progress=progress_of(p.stage, p.step, p.steps)))
 
-                    result = await self.engine.generate(params, on_progress)
+                    try:
+                        result = await self.engine.generate(params, on_progress, source)
+                    except (ParameterError, EngineRejected) as exc:
+                        raise in_request_terms(exc, source_ref) from None
                     triton_s = time.perf_counter() - run_start
-            job = self._save(job.evolve(stage="writing", progress=progress_of("writing")))
+            job = self._save(job.evolve(stage="writing", progress=progress_of("writing"),
+                                        retake_seeds=retake_seeds_of(params.task, result)))
             names = self.outputs.item_names(job.output_name, len(result.seeds))
             self.writing.update(names)
             write = asyncio.ensure_future(asyncio.to_thread(self._write, job, names, result, encoding,
@@ -343,6 +372,14 @@ class JobManager:
         finally:
             self._live.pop(job.id, None)
 
+    async def _read_source(self, field: str, name: str) -> SourceAudio:
+        """Decode the job's source audio in a worker thread (retention leaves it alone meanwhile)."""
+        self.reading.add(name)
+        try:
+            return await asyncio.to_thread(self.sources.read, field, name)
+        finally:
+            self.reading.discard(name)
+
     def _finish(self, job: Job, state: JobState, exc: Exception) -> None:
         """Record a job's end by `exc`: the status /generate answers comes from the one error table, the
         text is the exception's (a fixed one for 500s, whose cause goes to the log)."""
@@ -359,7 +396,7 @@ class JobManager:
         for index, name in enumerate(names):
             self.outputs.write_bytes(name, encoding.encode(result.waveforms[index], OUTPUT_SAMPLE_RATE))
         write_s = time.perf_counter() - write_start
-        timings = _timings(result, job.timings["check"], queued_s, triton_s, write_s,
+        timings = _timings(result, job.timings["check"], job.timings["source"], queued_s, triton_s, write_s,
                            time.perf_counter() - start + queued_s)
         paths = [str(self.outputs.root / n) for n in names]
         for index, name in enumerate(names):
@@ -369,6 +406,8 @@ class JobManager:
                 "item": index,
                 "seed": result.seeds[index],
                 "actual_seeds": list(result.seeds),
+                "retake_seed": job.retake_seeds[index] if job.retake_seeds else None,
+                "retake_seeds": list(job.retake_seeds),
                 "audio_path": paths[index],
                 "audio_paths": paths,
                 "audio_duration": result.waveforms.shape[-1] / OUTPUT_SAMPLE_RATE,
@@ -388,22 +427,26 @@ class JobManager:
                 path.unlink(missing_ok=True)
 
     def referenced_files(self) -> set[str]:
-        """File names that pending jobs of this store will write, and those being written now."""
-        names = set(self.writing)
+        """File names that pending jobs of this store will write or read (their source audio), and those
+        being written or read now."""
+        names = self.writing | self.reading
         for job in self.store.pending():
             names.update(self.outputs.item_names(job.output_name, max(1, len(job.request["actual_seeds"]))))
+            names.update(job.request[f] for f in SOURCE_NAME_FIELDS if job.request.get(f) is not None)
         return names
 
 
-def _timings(result: GenerationResult, check_s: float, queued_s: float, triton_s: float, write_s: float,
-             total_s: float) -> dict[str, Any]:
-    """Per-request seconds: the contract's four headers' values (prep: the gateway's checks plus Triton's
-    preprocess), every stage, the wait in the queue, the Triton round trip and the writing."""
+def _timings(result: GenerationResult, check_s: float, source_s: float, queued_s: float, triton_s: float,
+             write_s: float, total_s: float) -> dict[str, Any]:
+    """Per-request seconds: the contract's four headers' values (prep: the gateway's checks, reading the
+    source audio and Triton's preprocess), every stage, the wait in the queue, the Triton round trip and
+    the writing."""
     stages = result.timings
     return {
         "total": total_s,
         "init": result.connect_seconds,
-        "prep": check_s + stages["preprocess"],
+        "prep": check_s + source_s + stages["preprocess"],
+        "source": source_s,
         "generation_detailed": sum(seconds for stage, seconds in stages.items() if stage != "preprocess"),
         "queued": queued_s,
         "triton": triton_s,
@@ -412,11 +455,30 @@ def _timings(result: GenerationResult, check_s: float, queued_s: float, triton_s
     }
 
 
-def check_request(request: GenerateRequest, settings: Settings, outputs: OutputStore) -> dict[str, Any]:
+def in_request_terms(exc: ParameterError | EngineRejected, source_ref: tuple[str, str] | None) -> Exception:
+    """The engine's refusal as the client asked: one naming the tensors that carry the source audio
+    (SRC_AUDIO, SRC_SAMPLE_RATE) names the request field that gave it instead."""
+    name, separator, why = str(exc).partition(": ")
+    if source_ref is not None and separator and name in SOURCE_INPUTS:
+        return EngineRejected(f"{source_ref[0]}: {why}")
+    return exc
+
+
+def retake_seeds_of(task: str, result: GenerationResult) -> tuple[int, ...]:
+    """The retake seeds to report: the engine's, for the tasks that read them."""
+    return result.retake_seeds if "retake_seeds" in TASK_FIELDS[task] else ()
+
+
+def check_request(request: GenerateRequest, settings: Settings, outputs: OutputStore,
+                  sources: SourceFiles) -> dict[str, Any]:
     """Everything about a request that can be refused before it runs (ParameterError naming the field);
-    the request as it will be served: deploy fields resolved, output_path chosen."""
+    the request as it will be served: deploy fields resolved, output_path chosen, a source audio kept
+    by its name."""
     check_deployment(request, settings)
-    request.generation_params()
+    params = request.generation_params()
+    source = request.source(params.task)
+    if source is not None:
+        validate_source(params, sources.check(*source).stand_in())
     suffix = request.encoding().format.suffix
     name = outputs.new_audio_name(suffix) if request.output_path is None else outputs.check_audio_name(
         request.output_path, suffix)

@@ -46,7 +46,8 @@ PENDING = (JobState.QUEUED, JobState.RUNNING)
 class Job:
     """One generation request and everything known about it.
 
-    request: the body as submitted (GenerateRequest.model_dump()); output_name: the first item's
+    request: the body as submitted (GenerateRequest.model_dump(); a source audio by its name);
+    retake_seeds: per item, for the tasks that read them; output_name: the first item's
     file name, fixed at submission; files: every file written (audio items and sidecars), set on
     success; timings: the /generate timings (seconds); error / error_status: why it failed and the
     HTTP status /generate answers for it; queue_position and eta_s: as they were when this snapshot
@@ -67,6 +68,7 @@ class Job:
     progress: float = 0.0
     files: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
+    retake_seeds: tuple[int, ...] = ()
     timings: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     error_status: int | None = None
@@ -158,6 +160,7 @@ def _load(text: str) -> Job:
     values["state"] = JobState(values["state"])
     values["files"] = tuple(values["files"])
     values["seeds"] = tuple(values["seeds"])
+    values["retake_seeds"] = tuple(values.get("retake_seeds", ()))  # absent from rows of earlier versions
     return Job(**values)
 
 

@@ -87,9 +87,27 @@ class OutputStore:
 
     def lookup(self, name: str) -> Path:
         """The regular file `name` directly inside the outputs directory (symlinks resolved and confined)."""
-        if not _SAFE_NAME.fullmatch(name):
-            raise ParameterError("filename", "must be a plain file name inside the outputs directory")
-        path = (self.root / name).resolve()
-        if path.parent != self.root or not path.is_file():
-            raise OutputNotFound(f"filename: no file {name!r} in the outputs directory")
-        return path
+        return find_file(self.root, name, "filename", "outputs directory")
+
+
+def find_file(root: Path, name: str, field: str, where: str) -> Path:
+    """The regular file `name` directly inside the resolved directory `root` (called `where` in errors):
+    ParameterError naming `field` for an unsafe name, OutputNotFound when there is no such file."""
+    if not is_safe_name(name):
+        raise ParameterError(field, f"must be a plain file name inside the {where}")
+    path = confined_file(root, name)
+    if path is None:
+        raise OutputNotFound(f"{field}: no file {name!r} in the {where}")
+    return path
+
+
+def is_safe_name(name: str) -> bool:
+    """A plain, visible file name of at most 200 ASCII characters (letters, digits, '.', '_', '-')."""
+    return _SAFE_NAME.fullmatch(name) is not None
+
+
+def confined_file(root: Path, name: str) -> Path | None:
+    """The regular file `name` (a safe name) directly inside the resolved directory `root`, symlinks
+    resolved and confined to it; None when there is none."""
+    path = (root / name).resolve()
+    return path if path.parent == root and path.is_file() else None

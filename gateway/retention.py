@@ -1,12 +1,11 @@
-"""Retention: outputs and finished jobs older than `retention_s` are removed every `retention_interval_s`.
+"""Retention: every `retention_interval_s`, outputs and finished jobs older than `retention_s` and
+uploads older than `upload_retention_s` are removed.
 
-Never removed: hidden files (the job database and its WAL, temp files of writes in progress), files a
-/download is sending, files being written, and files a queued or running job will write (its output
-name and item names, with their sidecars). A file's age is its modification time, so a file replaced
-by a new request under the same output_path starts again.
-
-Only the outputs directory exists today; a directory of uploaded source audio (audio2audio, repaint)
-joins `directories` when it exists, under the same rules.
+Never removed: hidden files (the job database and its WAL, temp files of writes and uploads in
+progress), files a /download is sending, files being written or read (a job's source audio being
+decoded), files a queued or running job will write (its output name and item names, with their
+sidecars) and the source audio it will read (an upload or an earlier output, by name). A file's age
+is its modification time, so a file replaced by a new request under the same output_path starts again.
 """
 
 from __future__ import annotations
@@ -20,16 +19,21 @@ from pathlib import Path
 from gateway.jobs import JobManager
 from gateway.outputs import OutputStore
 from gateway.settings import Settings
+from gateway.uploads import UploadStore
 
 log = logging.getLogger("gateway")
 
 
 class Retention:
-    def __init__(self, settings: Settings, outputs: OutputStore, jobs: JobManager) -> None:
+    def __init__(self, settings: Settings, outputs: OutputStore, jobs: JobManager, uploads: UploadStore) -> None:
         self.settings = settings
         self.outputs = outputs
         self.jobs = jobs
-        self.directories: tuple[Path, ...] = (outputs.root,)
+        # each directory swept, with the age past which its files go
+        self.directories: tuple[tuple[Path, float], ...] = (
+            (outputs.root, settings.retention_s),
+            (uploads.root, settings.upload_retention_s),
+        )
         self._serving: Counter[str] = Counter()
 
     def serving_started(self, name: str) -> None:
@@ -46,13 +50,14 @@ class Retention:
         return names | {self.outputs.sidecar_name(name) for name in names}
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Remove what is older than the retention period; the file names removed."""
-        cutoff = (time.time() if now is None else now) - self.settings.retention_s
-        for job in self.jobs.store.finished_before(cutoff):
+        """Remove what is older than its retention period; the file names removed."""
+        now = time.time() if now is None else now
+        for job in self.jobs.store.finished_before(now - self.settings.retention_s):
             self.jobs.store.delete(job.id)
         keep = self.protected()
         removed = []
-        for directory in self.directories:
+        for directory, retention_s in self.directories:
+            cutoff = now - retention_s
             for path in directory.iterdir():
                 if path.name.startswith(".") or path.name in keep or path.is_symlink() or not path.is_file():
                     continue

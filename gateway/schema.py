@@ -2,7 +2,10 @@
 
 Types are strict (no "60" for an integer, no 1 for a boolean); ranges and
 choices are checked by acestep_triton.contract.validate, the one place that
-knows the limits.
+knows the limits (the OpenAPI schema shows them, read from the contract's
+constants, without pydantic enforcing them a second time). What only the
+gateway knows is checked here: the fields that name source audio and
+audio2audio_enable, which upstream turns into the audio2audio task.
 """
 
 from __future__ import annotations
@@ -11,11 +14,38 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from acestep_triton.contract import CFG_TYPES, SCHEDULERS, STAGES, GenerationParams
+from acestep_triton.contract import (
+    AUDIO2AUDIO,
+    AUDIO_INPUT_TASKS,
+    CFG_TYPES,
+    MAX_ADAPTER_NAME_CHARS,
+    MAX_DURATION_S,
+    MAX_EDIT_N_AVG,
+    MAX_SEEDS,
+    NO_LORA,
+    SCHEDULERS,
+    SEED_RANGE,
+    STAGES,
+    TASKS,
+    TEXT2MUSIC,
+    GenerationParams,
+    ParameterError,
+    source_field,
+)
 from gateway.formats import BITRATE_MODES, FORMAT_NAMES, Encoding, choose_encoding
 
 DEPLOY_FIELDS = ("checkpoint_path", "bf16", "torch_compile", "device_id")
 ENCODING_FIELDS = ("format", "bit_depth", "compression_level", "quality", "bitrate_mode")
+# The tasks `task` names (upstream's choices): audio2audio is chosen by audio2audio_enable instead.
+REQUEST_TASKS = tuple(task for task in TASKS if task != AUDIO2AUDIO)
+# The request field naming each audio-input task's audio: an upload's or an earlier output's name.
+SOURCE_FIELDS = {task: source_field(task) for task in AUDIO_INPUT_TASKS}
+# Fields the gateway reads itself: they never reach GenerationParams.
+GATEWAY_FIELDS = ("src_audio_path", "ref_audio_input", "audio2audio_enable")
+_DEFAULTS = GenerationParams(prompt="", lyrics="")
+_UNIT = {"minimum": 0.0, "maximum": 1.0}
+_SEEDS = {"maxItems": MAX_SEEDS, "items": {"type": "integer", "minimum": 0, "maximum": SEED_RANGE - 1}}
+_SECONDS = {"minimum": -MAX_DURATION_S, "maximum": MAX_DURATION_S}
 
 
 class GenerateRequest(BaseModel):
@@ -129,11 +159,122 @@ class GenerateRequest(BaseModel):
     )
     guidance_scale_text: float = Field(default=0.0, description="Separate text guidance (0.0 = disabled).")
     guidance_scale_lyric: float = Field(default=0.0, description="Separate lyric guidance (0.0 = disabled).")
+    # The other tasks (upstream's names and defaults). A mode field the task does not use, set away
+    # from its default, is a 400 naming it (the task table in gateway/README.md).
+    task: str = Field(
+        default=_DEFAULTS.task,
+        description="text2music (default), retake (a variation of a text2music result), repaint (regenerate "
+        "a window of src_audio_path), extend (add audio before and/or after src_audio_path) or edit (change "
+        "src_audio_path's prompt and lyrics, keeping its melody). audio2audio: set audio2audio_enable instead.",
+        json_schema_extra={"enum": list(REQUEST_TASKS)},
+    )
+    retake_seeds: list[int] = Field(
+        default=[],  # pydantic copies it for each request
+        description="retake, repaint, extend, edit: seeds of the retake noise (edit draws all its noise from "
+        "them), paired with actual_seeds item by item as upstream does: item i takes retake_seeds[i], the "
+        "last one past the list's end; an empty list draws them. The seeds used come back in X-Retake-Seeds.",
+        json_schema_extra=_SEEDS,
+    )
+    retake_variance: float = Field(
+        default=_DEFAULTS.retake_variance,
+        description="retake, repaint: how far the start noise moves towards the retake noise (0: none, 1: all); "
+        "repaint, extend: also the steps skipped, int(infer_step * (1 - retake_variance)).",
+        json_schema_extra=_UNIT,
+    )
+    repaint_start: float = Field(
+        default=_DEFAULTS.repaint_start,
+        description="repaint: where the window to regenerate starts, seconds into the source (>= 0). "
+        "extend: negative to add that many seconds before the source.",
+        json_schema_extra=_SECONDS,
+    )
+    repaint_end: float = Field(
+        default=_DEFAULTS.repaint_end,
+        description="repaint: where the window ends (above repaint_start, inside the source). extend: past the "
+        "source's end to add audio after it.",
+        json_schema_extra=_SECONDS,
+    )
+    src_audio_path: str | None = Field(
+        default=None,
+        description="repaint, extend, edit (required there, refused elsewhere): the source audio, as the name "
+        "of an upload (POST /uploads) or of an earlier output file; never a server path.",
+    )
+    edit_target_prompt: str = Field(
+        default=_DEFAULTS.edit_target_prompt,
+        description="edit: the prompt to edit towards (`prompt` describes the source).",
+    )
+    edit_target_lyrics: str = Field(
+        default=_DEFAULTS.edit_target_lyrics,
+        description="edit: the lyrics to edit towards (`lyrics` are the source's).",
+    )
+    edit_n_min: float = Field(
+        default=_DEFAULTS.edit_n_min,
+        description="edit: fraction of the steps skipped before editing starts (at most edit_n_max).",
+        json_schema_extra=_UNIT,
+    )
+    edit_n_max: float = Field(
+        default=_DEFAULTS.edit_n_max,
+        description="edit: fraction of the steps after which only the target condition is followed.",
+        json_schema_extra=_UNIT,
+    )
+    edit_n_avg: int = Field(
+        default=_DEFAULTS.edit_n_avg,
+        description="edit: velocity estimates averaged per editing step.",
+        json_schema_extra={"minimum": 1, "maximum": MAX_EDIT_N_AVG},
+    )
+    audio2audio_enable: bool = Field(
+        default=False,
+        description="audio2audio: generate from ref_audio_input towards prompt and lyrics. Needs "
+        "ref_audio_input and task left at text2music (upstream would silently replace any task).",
+    )
+    ref_audio_input: str | None = Field(
+        default=None,
+        description="audio2audio (required with audio2audio_enable, refused without): the reference audio, as "
+        "the name of an upload or of an earlier output file; never a server path.",
+    )
+    ref_audio_strength: float = Field(
+        default=_DEFAULTS.ref_audio_strength,
+        description="audio2audio: how much of the reference is kept (1: all of it; the loop runs "
+        "int((1 - ref_audio_strength) * infer_step) steps).",
+        json_schema_extra=_UNIT,
+    )
+    lora_name_or_path: str = Field(
+        default=_DEFAULTS.lora_name_or_path,
+        description=f"A LoRA adapter by name, as the deployment provides them; {NO_LORA!r} is the base model. "
+        "Never a server path.",
+        json_schema_extra={"maxLength": MAX_ADAPTER_NAME_CHARS},
+    )
+    lora_weight: float = Field(
+        default=_DEFAULTS.lora_weight,
+        description="Scale of the adapter's contribution.",
+        json_schema_extra=_UNIT,
+    )
 
     def generation_params(self) -> GenerationParams:
-        """The run-time parameters, validated by the contract (raises ParameterError)."""
-        fields = self.model_dump(exclude={*DEPLOY_FIELDS, *ENCODING_FIELDS, "output_path"})
+        """The run-time parameters, validated by the contract (raises ParameterError naming the field);
+        audio2audio_enable becomes the task audio2audio."""
+        if self.task not in REQUEST_TASKS:
+            raise ParameterError("task", f"must be one of {list(REQUEST_TASKS)}, got {self.task!r} "
+                                         "(audio2audio: audio2audio_enable with ref_audio_input)")
+        fields = self.model_dump(exclude={*DEPLOY_FIELDS, *ENCODING_FIELDS, *GATEWAY_FIELDS, "output_path"})
+        if self.audio2audio_enable:
+            if self.task != TEXT2MUSIC:
+                raise ParameterError("audio2audio_enable", f"chooses the task audio2audio: leave task out, "
+                                                         f"got {self.task!r}")
+            fields["task"] = AUDIO2AUDIO
         return GenerationParams(**fields)
+
+    def source(self, task: str) -> tuple[str, str] | None:
+        """(field, name) of the audio `task` starts from, or None for a task without one. ParameterError
+        naming the field when the task's audio is missing, or audio is given to a task that does not read it."""
+        wanted = SOURCE_FIELDS.get(task)
+        for field in ("src_audio_path", "ref_audio_input"):
+            given = getattr(self, field)
+            if field == wanted and given is None:
+                raise ParameterError(field, f"task {task!r} needs it: the name of an upload or of an earlier output")
+            if field != wanted and given is not None:
+                hint = " (set audio2audio_enable)" if field == "ref_audio_input" else ""
+                raise ParameterError(field, f"is not used by task {task!r}{hint}")
+        return None if wanted is None else (wanted, getattr(self, wanted))
 
     def encoding(self) -> Encoding:
         """The output format and its options, checked (raises ParameterError naming the field)."""
@@ -167,6 +308,8 @@ class JobView(BaseModel):
     timings: dict[str, Any] = Field(description="Seconds, as the /generate headers and sidecar give them.")
     files: list[str] = Field(description="Audio files written, in item order (each has a _input_params.json sidecar).")
     seeds: list[int] = Field(description="The seed of each item.")
+    retake_seeds: list[int] = Field(description="The retake seed of each item, for the tasks that read them "
+                                    "(retake, repaint, extend, edit); empty otherwise.")
     error: str | None = Field(description="Why it failed or was cancelled.")
     links: JobLinks
 
@@ -187,6 +330,7 @@ class JobView(BaseModel):
             timings=job.timings,
             files=list(job.files),
             seeds=list(job.seeds),
+            retake_seeds=list(job.retake_seeds),
             error=job.error,
             links=JobLinks(
                 self=f"/jobs/{job.id}",
@@ -200,6 +344,22 @@ class JobView(BaseModel):
 class JobPage(BaseModel):
     jobs: list[JobView] = Field(description="Newest first.")
     next: str | None = Field(description="The next page's URL; null on the last page.")
+
+
+class UploadView(BaseModel):
+    """An uploaded audio file, as POST /uploads and GET /uploads describe it."""
+
+    name: str = Field(description="What src_audio_path or ref_audio_input take to use it.")
+    format: str = Field(description="libsndfile's name of the container (WAV, FLAC, OGG, MP3, ...).")
+    sample_rate: int = Field(description="Samples per second, as stored (the encoder resamples).")
+    channels: int = Field(description="1 or 2.")
+    duration: float = Field(description="Seconds of audio.")
+    size: int = Field(description="Bytes.")
+    modified_at: float = Field(description="Unix time it was stored; retention counts its age from here.")
+
+
+class UploadList(BaseModel):
+    uploads: list[UploadView] = Field(description="Newest first.")
 
 
 class ErrorBody(BaseModel):
@@ -243,6 +403,11 @@ GENERATE_HEADERS = {
         "string",
     ),
     "X-Actual-Seeds": _header("Comma-separated seeds used, one per item, in item order.", "string"),
+    "X-Retake-Seeds": _header(
+        "Comma-separated retake seeds used, one per item, in item order; only for the tasks that read "
+        "retake_seeds (retake, repaint, extend, edit).",
+        "string",
+    ),
     "X-Output-Files": _header(
         "Comma-separated file names of every item written (each downloadable from /download/{filename}); "
         "each has a JSON sidecar <stem>_input_params.json with the request, seeds and timings.",

@@ -8,11 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from acestep_triton.contract import MAX_DURATION_S
+
 Number = TypeVar("Number", int, float)
 
 PROTOCOLS = ("grpc", "http")
 PRECISIONS = ("bf16", "fp32")
 DEFAULT_TRITON_URL = {"grpc": "localhost:8001", "http": "localhost:8000"}
+# Uploads live in a hidden folder of the outputs directory by default: one volume to mount, and
+# /download and the outputs' retention never see them (both skip hidden names).
+UPLOADS_SUBDIR = ".uploads"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -27,6 +32,7 @@ class Settings:
 
     `checkpoint_path`, `bf16`, `torch_compile` and `device_id` describe the
     deployment: requests naming other values are refused, never re-routed.
+    `uploads_dir` None means `<outputs_dir>/.uploads`.
     """
 
     checkpoint_path: str
@@ -45,9 +51,15 @@ class Settings:
     job_deadline_s: float = 600.0
     retention_s: float = 7 * 24 * 3600.0
     retention_interval_s: float = 600.0
+    uploads_dir: Path | None = None
+    max_upload_bytes: int = 64 * 2**20
+    max_upload_s: float = MAX_DURATION_S
+    upload_retention_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs_dir", Path(self.outputs_dir))
+        uploads = self.outputs_dir / UPLOADS_SUBDIR if self.uploads_dir is None else Path(self.uploads_dir)
+        object.__setattr__(self, "uploads_dir", uploads)
         if self.triton_protocol not in PROTOCOLS:
             raise SettingsError(f"triton_protocol must be one of {list(PROTOCOLS)}, got {self.triton_protocol!r}")
         if "://" in self.triton_url:
@@ -56,9 +68,12 @@ class Settings:
             raise SettingsError("checkpoint_path (ACESTEP_CHECKPOINT_PATH) is required")
         if self.triton_timeout_s <= 0:
             raise SettingsError("triton_timeout_s must be positive")
-        for name in ("max_pending_jobs", "max_running_jobs", "job_deadline_s", "retention_s", "retention_interval_s"):
+        for name in ("max_pending_jobs", "max_running_jobs", "job_deadline_s", "retention_s", "retention_interval_s",
+                     "max_upload_bytes", "upload_retention_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if not 0 < self.max_upload_s <= MAX_DURATION_S:
+            raise SettingsError(f"max_upload_s must be in (0, {MAX_DURATION_S:g}] (no result is longer)")
         if self.max_running_jobs > self.max_pending_jobs:
             raise SettingsError("max_running_jobs must not exceed max_pending_jobs")
 
@@ -88,6 +103,10 @@ class Settings:
             job_deadline_s=_number(environ, "ACESTEP_JOB_DEADLINE_S", 600.0, float),
             retention_s=_number(environ, "ACESTEP_RETENTION_S", 7 * 24 * 3600.0, float),
             retention_interval_s=_number(environ, "ACESTEP_RETENTION_INTERVAL_S", 600.0, float),
+            uploads_dir=Path(environ["ACESTEP_UPLOADS_DIR"]) if environ.get("ACESTEP_UPLOADS_DIR") else None,
+            max_upload_bytes=_number(environ, "ACESTEP_MAX_UPLOAD_BYTES", 64 * 2**20, int),
+            max_upload_s=_number(environ, "ACESTEP_MAX_UPLOAD_S", MAX_DURATION_S, float),
+            upload_retention_s=_number(environ, "ACESTEP_UPLOAD_RETENTION_S", 24 * 3600.0, float),
         )
 
 

@@ -9,6 +9,7 @@ end-to-end tests at the bottom use the `acestep_triton_server` and
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -34,11 +35,12 @@ from acestep_triton.contract import (
     GenerationParams,
     GenerationResult,
     ParameterError,
+    SourceAudio,
 )
 from acestep_triton.ensemble_client import input_arrays
 from acestep_triton.geometry import PUBLISHED_GEOMETRY
 from acestep_triton.tritonserver import TritonServer
-from gateway import GenerationEngine, OutputStore, Settings, create_app
+from gateway import GenerationEngine, OutputStore, Settings, TritonEngine, create_app
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
 from gateway.settings import SettingsError
@@ -54,15 +56,21 @@ SERVED_CHECKPOINT = "/models/ACE-Step-v1-3.5B"
 class ToneEngine(GenerationEngine):
     """A GenerationEngine without Triton: one sine per seed (frequency from the seed), for HTTP-level tests.
 
-    `failure` makes generate() raise it; `calls` records the parameters received.
+    `failure` makes generate() raise it; `calls` and `sources` record the parameters and source audio
+    received. Its retake seeds are RETAKE_OFFSET + seed, so that a test can tell the engine's report.
     """
+
+    RETAKE_OFFSET = 1000
 
     def __init__(self, failure: Exception | None = None) -> None:
         self.failure = failure
         self.calls: list[GenerationParams] = []
+        self.sources: list[SourceAudio | None] = []
 
-    async def generate(self, params: GenerationParams, progress=None) -> GenerationResult:
+    async def generate(self, params: GenerationParams, progress=None, source: SourceAudio | None = None
+                       ) -> GenerationResult:
         self.calls.append(params)
+        self.sources.append(source)
         if self.failure is not None:
             raise self.failure
         seeds = params.actual_seeds or (7,)
@@ -70,7 +78,8 @@ class ToneEngine(GenerationEngine):
         t = np.arange(int(duration * OUTPUT_SAMPLE_RATE)) / OUTPUT_SAMPLE_RATE
         tones = [np.sin(2 * np.pi * (200 + seed % 400) * t) * 0.1 for seed in seeds]
         waveforms = np.stack([np.stack([tone, -tone]) for tone in tones]).astype(np.float32)
-        return GenerationResult(waveforms, tuple(seeds), duration, {s: 0.001 for s in STAGES}, 0.0)
+        return GenerationResult(waveforms, tuple(seeds), duration, {s: 0.001 for s in STAGES}, 0.0,
+                                tuple(self.RETAKE_OFFSET + seed for seed in seeds))
 
     async def ready(self) -> tuple[bool, str]:
         return True, ""
@@ -166,7 +175,7 @@ BAD_INPUTS = [
     ("type-device_id-bool", {"device_id": True}, "device_id"),
     ("type-output_path-number", {"output_path": 5}, "output_path"),
     ("type-guidance_scale_text-string", {"guidance_scale_text": "1"}, "guidance_scale_text"),
-    ("unknown-field", {"lora_name_or_path": "ACE-Step/x"}, "lora_name_or_path"),
+    ("unknown-field", {"batch_size": 2}, "batch_size"),
     ("inf-audio_duration-1e999", {"audio_duration": JsonLiteral("1e999")}, "audio_duration"),
     ("inf-guidance_scale--1e999", {"guidance_scale": JsonLiteral("-1e999")}, "guidance_scale"),
     ("inf-omega_scale-Infinity", {"omega_scale": math.inf}, "omega_scale"),
@@ -407,10 +416,23 @@ def test_openapi_describes_the_contract(offline_client):
     request = schema["components"]["schemas"][request_ref.rsplit("/", 1)[1]]
     fields = {*REQUIRED_FIELDS, "bf16", "torch_compile", "device_id", "output_path"}
     fields |= {"guidance_scale_text", "guidance_scale_lyric", "format", "bit_depth", "compression_level", "quality"}
-    fields |= {"bitrate_mode"}
-    assert set(request["properties"]) == fields
+    fields |= {"bitrate_mode", "src_audio_path", "audio2audio_enable", "ref_audio_input"}
+    props = request["properties"]
+    # the other tasks' fields: optional, with upstream's defaults (its pipeline's __call__ signature)
+    upstream_defaults = {
+        "task": "text2music", "retake_seeds": [], "retake_variance": 0.5, "repaint_start": 0.0, "repaint_end": 0.0,
+        "edit_target_prompt": "", "edit_target_lyrics": "", "edit_n_min": 0.0, "edit_n_max": 1.0, "edit_n_avg": 1,
+        "ref_audio_strength": 0.5, "lora_name_or_path": "none", "lora_weight": 1.0, "audio2audio_enable": False,
+    }
+    assert {name: props[name].get("default") for name in upstream_defaults} == upstream_defaults
+    assert set(props) == fields | set(upstream_defaults)
     assert set(request["required"]) == set(REQUIRED_FIELDS)
-    assert all(prop.get("description") for prop in request["properties"].values())
+    assert all(prop.get("description") for prop in props.values())
+    assert props["task"]["enum"] == ["text2music", "retake", "repaint", "extend", "edit"]
+    for name in ("retake_variance", "edit_n_min", "edit_n_max", "ref_audio_strength", "lora_weight"):
+        assert (props[name]["minimum"], props[name]["maximum"]) == (0.0, 1.0), name
+    assert (props["repaint_start"]["minimum"], props["repaint_end"]["maximum"]) == (-240.0, 240.0)
+    assert props["edit_n_avg"]["minimum"] == 1 and props["retake_seeds"]["items"]["maximum"] == 2**32 - 1
     ok = generate["responses"]["200"]
     assert "audio/wav" in ok["content"]
     assert set(ok["headers"]) >= {"X-Output-Path", *TIMING_HEADERS, "Server-Timing"}
@@ -419,6 +441,10 @@ def test_openapi_describes_the_contract(offline_client):
     download = schema["paths"]["/download/{filename}"]["get"]["responses"]
     assert set(download["200"]["headers"]) == {"X-Download-Time", "X-File-Path"}
     assert "404" in download
+    upload = schema["paths"]["/uploads"]["post"]
+    assert upload["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["file"]
+    assert {"201", "400", "413"} <= set(upload["responses"])
+    assert "409" in schema["paths"]["/uploads/{name}"]["delete"]["responses"]
     assert "422" not in json.dumps(schema["paths"])
 
 
@@ -614,6 +640,26 @@ def test_e2e_http_protocol_gives_the_same_audio(acestep_triton_server, tiny_chec
     assert response.status_code == 200, response.text
     first = soundfile.read(io.BytesIO(example_1.content), dtype="float32")[0]
     assert np.array_equal(soundfile.read(io.BytesIO(response.content), dtype="float32")[0], first)
+
+
+def test_e2e_parameter_error_inside_triton_over_http_keeps_its_detail(acestep_triton_server):
+    """What only Triton can refuse comes back as its ParameterError text, "<field>: why", which the gateway
+    answers with 400: over HTTP without Triton's "in ensemble 'acestep', " prefix (the gRPC stream's
+    errors: tests/test_jobs.py). Sent here: a request past the gateway's own checks (infer_step 0
+    forced into validated parameters)."""
+    params = GenerationParams(prompt="pop", lyrics="", audio_duration=2.0, infer_step=2)
+    object.__setattr__(params, "infer_step", 0)
+    engine = TritonEngine(acestep_triton_server.http_url, "http", timeout_s=120)
+
+    async def generate():
+        try:
+            return await engine.generate(params)
+        finally:
+            await engine.aclose()
+
+    with pytest.raises(EngineRejected) as rejected:
+        asyncio.run(generate())
+    assert str(rejected.value).startswith("infer_step: must be in [1, "), str(rejected.value)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Retention: old outputs and finished jobs go; fresh, referenced, served and hidden files stay.
+"""Retention: old outputs, uploads and finished jobs go; fresh, referenced, served and hidden files stay.
 
 Runs the real Retention, JobManager and SQLite store on a temporary outputs directory; no
 generation is needed (jobs are put into the store in the states under test), so no server starts.
@@ -17,6 +17,7 @@ from gateway.engine import TritonEngine
 from gateway.jobs import JobManager
 from gateway.jobstore import Job, JobState, SQLiteJobStore
 from gateway.retention import Retention
+from gateway.uploads import SourceFiles, UploadStore
 
 DAY = 24 * 3600.0
 
@@ -26,12 +27,12 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (then, then))
 
 
-def job(job_id: str, state: JobState, output_name: str, finished_s_ago: float | None = None) -> Job:
+def job(job_id: str, state: JobState, output_name: str, finished_s_ago: float | None = None, **request) -> Job:
     now = time.time()
     return Job(
         id=job_id,
         state=state,
-        request={"actual_seeds": [1, 2]},
+        request={"actual_seeds": [1, 2]} | request,
         output_name=output_name,
         created_at=now - 3 * DAY,
         finished_at=None if finished_s_ago is None else now - finished_s_ago,
@@ -40,11 +41,12 @@ def job(job_id: str, state: JobState, output_name: str, finished_s_ago: float | 
 
 @pytest.fixture
 def retention(tmp_path):
-    settings = Settings(checkpoint_path="/ckpt", outputs_dir=tmp_path, retention_s=DAY)
+    settings = Settings(checkpoint_path="/ckpt", outputs_dir=tmp_path, retention_s=DAY, upload_retention_s=DAY / 4)
     outputs = OutputStore(tmp_path)
+    uploads = UploadStore(settings.uploads_dir, settings.max_upload_bytes, settings.max_upload_s)
     store = SQLiteJobStore(tmp_path / ".jobs.sqlite3")
-    manager = JobManager(settings, TritonEngine("127.0.0.1:1"), outputs, store)
-    yield Retention(settings, outputs, manager)
+    manager = JobManager(settings, TritonEngine("127.0.0.1:1"), outputs, store, SourceFiles(uploads, outputs))
+    yield Retention(settings, outputs, manager, uploads)
     store.close()
 
 
@@ -56,7 +58,7 @@ def test_old_files_go_and_fresh_ones_stay(retention):
         age(root / name, 2 * DAY)
     assert sorted(retention.sweep()) == ["old.wav", "old_input_params.json"]
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".jobs.sqlite3")) == [
-        ".jobs-note", ".tmp-123.part", "fresh.flac"
+        ".jobs-note", ".tmp-123.part", ".uploads", "fresh.flac"
     ]
 
 
@@ -92,3 +94,30 @@ def test_finished_jobs_older_than_the_period_are_forgotten(retention):
     retention.sweep()
     assert store.get("old") is None and store.events_after("old", 0) == []
     assert store.get("recent") is not None and store.get("waiting") is not None
+
+
+def test_old_uploads_go_on_their_own_schedule(retention):
+    uploads, outputs = retention.jobs.sources.uploads.root, retention.outputs.root
+    for directory, name, age_s in ((uploads, "upload_old.wav", DAY / 2), (uploads, "upload_new.flac", DAY / 8),
+                                   (uploads, ".tmp-1.part", DAY), (outputs, "half_a_day.wav", DAY / 2)):
+        (directory / name).write_bytes(b"x")
+        age(directory / name, age_s)
+    assert retention.sweep() == ["upload_old.wav"]
+    assert sorted(p.name for p in uploads.iterdir()) == [".tmp-1.part", "upload_new.flac"]
+    assert (outputs / "half_a_day.wav").exists()
+
+
+def test_sources_of_queued_and_running_jobs_and_those_being_read_stay(retention):
+    uploads, outputs = retention.jobs.sources.uploads.root, retention.outputs.root
+    store = retention.jobs.store
+    store.create(job("q", JobState.QUEUED, "q.wav", src_audio_path="upload_queued.wav"))
+    store.create(job("r", JobState.RUNNING, "r.wav", ref_audio_input="earlier.wav"))  # an output as reference
+    store.create(job("done", JobState.SUCCEEDED, "d.wav", finished_s_ago=60, src_audio_path="upload_done.wav"))
+    retention.jobs.reading.add("upload_reading.ogg")
+    for name in ("upload_queued.wav", "upload_done.wav", "upload_reading.ogg", "earlier.wav"):
+        directory = outputs if name == "earlier.wav" else uploads
+        (directory / name).write_bytes(b"x")
+        age(directory / name, 2 * DAY)
+    assert retention.sweep() == ["upload_done.wav"]
+    retention.jobs.reading.clear()
+    assert retention.sweep() == ["upload_reading.ogg"]
