@@ -13,12 +13,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from acestep_triton.contract import ParameterError
 from gateway.engine import GenerationEngine, TritonEngine
 from gateway.errors import JobConflict, NotAuthorized, UploadInUse, install_error_handlers
 from gateway.formats import AUDIO_MEDIA_TYPES, MEDIA_TYPES
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
     install_error_handlers(app)
     auth = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
     _add_upload_routes(app, uploads, jobs, auth)
+    _add_audio_stream_route(app, jobs, store, retention, auth)
 
     def known_job(job_id: str) -> Job:
         """The job, or 404 before a streaming answer starts (a stream cannot change its status later)."""
@@ -157,7 +159,7 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         },
     )
     async def generate(request: GenerateRequest, http: Request) -> Response:
-        job, _ = jobs.submit(request)
+        job, _ = jobs.submit(request, stream_audio=False)
         finished = asyncio.ensure_future(jobs.wait(job.id))
         gone = asyncio.ensure_future(_disconnected(http))
         await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -302,6 +304,55 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
 
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _add_audio_stream_route(app: FastAPI, jobs: JobManager, store: OutputStore, retention: Retention,
+                            auth: list) -> None:
+    """GET /jobs/{id}/audio: a WAV job's audio while it is decoded (gateway/audio_stream.py)."""
+
+    @app.get(
+        "/jobs/{job_id}/audio",
+        response_class=StreamingResponse,
+        dependencies=auth,
+        summary="A WAV job's audio as it is decoded: plays while it grows, ends as the job's file",
+        responses={
+            200: {"description": "WAV (the job's bit depth), chunked. Its header gives the whole length from "
+                  "the start; the bytes are the job's file's bytes, the first of them sent while the vocoder "
+                  "still decodes later chunks (gRPC deployments; over HTTP Triton reports no chunks and the "
+                  "stream starts when the file is written). A job that fails or is cancelled ends the stream "
+                  "early.", "content": {"audio/wav": {}}},
+            **_errors(400, 401, 404, 409),
+        },
+    )
+    async def job_audio(job_id: str, item: Annotated[int, Query(ge=0, description="Which item (seed), "
+                                                                "0 for the first.")] = 0) -> StreamingResponse:
+        job = jobs.get(job_id)
+        request = GenerateRequest.model_validate(job.request)
+        if request.format != "wav":
+            raise JobConflict(f"job {job_id} writes {request.format}: audio streams are WAV, for WAV jobs "
+                              "(its file is at /download once it succeeded)")
+        items = max(1, len(request.actual_seeds))
+        if item >= items:
+            raise ParameterError("item", f"job {job_id} has {items} item(s), got item {item}")
+        stream = jobs.audio_stream(job_id)
+
+        async def body():
+            sent = 0
+            if stream is not None:
+                while chunk := await stream.read(item, sent):
+                    sent += len(chunk)
+                    yield chunk
+            finished = await jobs.wait(job_id)
+            if finished.state is JobState.SUCCEEDED:
+                name = finished.files[item]
+                retention.serving_started(name)
+                try:
+                    data = await run_in_threadpool((store.root / name).read_bytes)
+                finally:
+                    retention.serving_finished(name)
+                yield data[sent:]
+
+        return StreamingResponse(body(), media_type="audio/wav", headers={"X-Job-Id": job_id})
 
 
 def _add_upload_routes(app: FastAPI, uploads: UploadStore, jobs: JobManager, auth: list) -> None:

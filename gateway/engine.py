@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
+import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
@@ -41,11 +42,16 @@ log = logging.getLogger("gateway")
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a generation is: the contract stage now running and, in `diffusion`, steps done of all."""
+    """Where a generation is: the contract stage now running and, in `diffusion`, steps done of all.
+    A streaming vocoder's report also carries its chunk: `audio` [items, 2, n] float32 holding output
+    samples audio_offset .. audio_offset + n of audio_samples."""
 
     stage: str
     step: int = 0
     steps: int = 0
+    audio: np.ndarray | None = None
+    audio_offset: int = 0
+    audio_samples: int = 0
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -59,12 +65,13 @@ class GenerationEngine(abc.ABC):
 
     @abc.abstractmethod
     async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None,
-                       source: SourceAudio | None = None) -> GenerationResult:
+                       source: SourceAudio | None = None, stream_audio: bool = False) -> GenerationResult:
         """Generate one item per seed (one item when no seed is given), calling `progress` as stages and
         steps complete where the engine can observe them. `source` is the audio of the tasks that start
         from one (contract.AUDIO_INPUT_TASKS), None for the others. A request that only the source
         shows to be invalid (a repaint window past its end) raises contract.ParameterError or
-        EngineRejected naming the field."""
+        EngineRejected naming the field. With `stream_audio` an engine that can decodes the audio in
+        chunks and reports each one (Progress.audio) before it returns; one that cannot ignores it."""
 
     @abc.abstractmethod
     async def ready(self) -> tuple[bool, str]:
@@ -172,15 +179,20 @@ class TritonEngine(GenerationEngine):
         return True, ""
 
     async def generate(self, params: GenerationParams, progress: ProgressCallback | None = None,
-                       source: SourceAudio | None = None) -> GenerationResult:
-        """Over gRPC: `acestep_stream`, reporting every stage and step to `progress`; cancelling the
-        awaiting task cancels the stream and Triton stops the loop after the step in flight. Over
-        HTTP: the `acestep` ensemble, no progress, and a cancel only closes the connection (Triton's
-        HTTP front end has no request cancellation: the generation runs to its end there)."""
+                       source: SourceAudio | None = None, stream_audio: bool = False) -> GenerationResult:
+        """Over gRPC: `acestep_stream`, reporting every stage and step to `progress` (and, with
+        `stream_audio`, every chunk of audio); cancelling the awaiting task cancels the stream and
+        Triton stops the loop after the step in flight. Over HTTP: the `acestep` ensemble, no progress
+        and no audio chunks, and a cancel only closes the connection (Triton's HTTP front end has no
+        request cancellation: the generation runs to its end there)."""
         client, connect_seconds = self._connected()
         inputs = infer_inputs(grpcclient if self.protocol == "grpc" else _http_client_module(), params, source=source)
         try:
             if self.protocol == "grpc":
+                if stream_audio:
+                    flag = grpcclient.InferInput("STREAM_AUDIO", [1], "BOOL")
+                    flag.set_data_from_numpy(np.array([True]))
+                    inputs.append(flag)
                 result = await asyncio.wait_for(self._stream(client, inputs, progress), self.timeout_s)
             else:
                 result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs), self.timeout_s)
@@ -222,7 +234,12 @@ class TritonEngine(GenerationEngine):
                 if progress is not None:
                     stage = result.as_numpy("STAGE").reshape(-1)[0].decode()
                     step, steps = (int(result.as_numpy(n).reshape(-1)[0]) for n in ("STEP", "STEPS"))
-                    progress(Progress(stage, step, steps))
+                    audio = result.as_numpy("AUDIO")
+                    if audio is None:
+                        progress(Progress(stage, step, steps))
+                    else:
+                        offset, total = (int(result.as_numpy(n).reshape(-1)[0]) for n in ("AUDIO_OFFSET", "AUDIO_SAMPLES"))
+                        progress(Progress(stage, step, steps, audio, offset, total))
         finally:
             responses.cancel()  # a no-op once the final response came; cancels Triton's request otherwise
         raise EngineFailed(f"{STREAM_MODEL_NAME} ended its stream without a result")

@@ -123,8 +123,44 @@ class Encoding:
         if self.bitrate_mode is not None:
             options["bitrate_mode"] = self.bitrate_mode.upper()
         buffer = io.BytesIO()
-        soundfile.write(buffer, data, sample_rate, format=self.format.container, subtype=self.subtype, **options)
+        with soundfile.SoundFile(buffer, "w", sample_rate, data.shape[1], self.subtype, format=self.format.container,
+                                 **options) as file:
+            if self.format.container == "WAV":
+                _omit_peak_chunk(file)
+            file.write(data)
         return buffer.getvalue()
+
+    def wav_header(self, frames: int, channels: int, sample_rate: int) -> bytes:
+        """The bytes of a WAV file of `frames` frames before its first sample: they do not depend on the
+        samples (no PEAK chunk), so a stream can send them before the audio exists."""
+        silence = self.encode(np.zeros((channels, frames), dtype=np.float32), sample_rate)
+        return silence[: len(silence) - frames * channels * self._sample_bytes()]
+
+    def wav_samples(self, waveform: np.ndarray, sample_rate: int) -> bytes:
+        """The sample bytes `encode` writes for waveform [channels, n] (a WAV's data, header left out):
+        the conversion is per sample, so the pieces of a waveform put together are its file's data."""
+        encoded = self.encode(waveform, sample_rate)
+        return encoded[len(encoded) - waveform.size * self._sample_bytes():]
+
+    def _sample_bytes(self) -> int:
+        if self.format.container != "WAV":
+            raise ValueError(f"{self.format.name} is not WAV: its bytes are not laid out sample by sample")
+        return self.bit_depth // 8
+
+
+# libsndfile's command that turns off the PEAK chunk of float WAVs (sndfile.h SFC_SET_ADD_PEAK_CHUNK).
+SFC_SET_ADD_PEAK_CHUNK = 0x1050
+
+
+def _omit_peak_chunk(file: soundfile.SoundFile) -> None:
+    """Write no PEAK chunk in a float WAV (libsndfile puts an equal-sized PAD chunk there instead).
+
+    PEAK holds the whole signal's peaks and the time of writing, so the header of a float WAV would
+    depend on its last sample and on the clock: no stream could send it first, and two writes of one
+    waveform would differ. soundfile exposes no switch for it, so libsndfile's own command is sent
+    through soundfile's handle of the open file.
+    """
+    soundfile._snd.sf_command(file._file, SFC_SET_ADD_PEAK_CHUNK, soundfile._ffi.NULL, 0)
 
 
 def choose_encoding(

@@ -39,6 +39,7 @@ from acestep_triton.contract import (
     SourceAudio,
     validate_source,
 )
+from gateway.audio_stream import AudioStream
 from gateway.engine import GenerationEngine, Progress
 from gateway.errors import (
     INTERNAL_ERROR_DETAIL,
@@ -119,6 +120,7 @@ class _Live:
     """What the manager keeps in memory for a pending job of this process."""
 
     job: Job  # its latest state
+    audio: AudioStream | None = None  # its audio as decoded, when the job streams it
     task: asyncio.Task | None = None
     loop_started: float | None = None  # monotonic time the first diffusion step was seen
     cancel_reason: str | None = None
@@ -165,8 +167,11 @@ class JobManager:
 
     # ---- submit, look up, cancel ----------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    def submit(self, request: GenerateRequest, idempotency_key: str | None = None,
+               stream_audio: bool = True) -> tuple[Job, bool]:
         """Validate and queue a request; (job, created). The same idempotency key returns the same job.
+        `stream_audio`: decode the audio in chunks that GET /jobs/{id}/audio can send as they come
+        (a WAV job, an engine that streams; /generate, which answers with the whole file, passes False).
 
         Raises ParameterError (400) for a bad request and Busy (429) past the bound.
         """
@@ -196,7 +201,7 @@ class JobManager:
         )
         job, created = self.store.create(self.estimated(job))
         if created:
-            self._schedule(job)
+            self._schedule(job, stream_audio)
         return job, created
 
     def get(self, job_id: str) -> Job:
@@ -308,8 +313,15 @@ class JobManager:
         if changed is not None:
             changed.set()
 
-    def _schedule(self, job: Job) -> None:
-        live = _Live(job)
+    def audio_stream(self, job_id: str) -> AudioStream | None:
+        """The running or queued job's audio stream; None when it has none (not streaming, or over)."""
+        live = self._live.get(job_id)
+        return None if live is None else live.audio
+
+    def _schedule(self, job: Job, stream_audio: bool = True) -> None:
+        encoding = GenerateRequest.model_validate(job.request).encoding()
+        streams = stream_audio and self.settings.stream_job_audio and encoding.format.name == "wav"
+        live = _Live(job, AudioStream(encoding, OUTPUT_SAMPLE_RATE) if streams else None)
         self._live[job.id] = live
         live.task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
 
@@ -333,11 +345,14 @@ class JobManager:
                         nonlocal job
                         if p.stage == "diffusion" and live.loop_started is None:
                             live.loop_started = time.monotonic()
+                        if p.audio is not None:
+                            live.audio.feed(p.audio, p.audio_offset, p.audio_samples)
                         job = self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
                                                     progress=progress_of(p.stage, p.step, p.steps)))
 
                     try:
-                        result = await self.engine.generate(params, on_progress, source)
+                        result = await self.engine.generate(params, on_progress, source,
+                                                            stream_audio=live.audio is not None)
                     except (ParameterError, EngineRejected) as exc:
                         raise in_request_terms(exc, source_ref) from None
                     triton_s = time.perf_counter() - run_start
@@ -371,6 +386,8 @@ class JobManager:
             self._finish(job, JobState.FAILED, exc)
         finally:
             self._live.pop(job.id, None)
+            if live.audio is not None:
+                live.audio.close()
 
     async def _read_source(self, field: str, name: str) -> SourceAudio:
         """Decode the job's source audio in a worker thread (retention leaves it alone meanwhile)."""

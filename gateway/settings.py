@@ -55,6 +55,7 @@ class Settings:
     max_upload_bytes: int = 64 * 2**20
     max_upload_s: float = MAX_DURATION_S
     upload_retention_s: float = 24 * 3600.0
+    stream_job_audio: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs_dir", Path(self.outputs_dir))
@@ -107,6 +108,7 @@ class Settings:
             max_upload_bytes=_number(environ, "ACESTEP_MAX_UPLOAD_BYTES", 64 * 2**20, int),
             max_upload_s=_number(environ, "ACESTEP_MAX_UPLOAD_S", MAX_DURATION_S, float),
             upload_retention_s=_number(environ, "ACESTEP_UPLOAD_RETENTION_S", 24 * 3600.0, float),
+            stream_job_audio=_flag(environ, "ACESTEP_STREAM_JOB_AUDIO", True),
         )
 
 

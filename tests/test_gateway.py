@@ -41,6 +41,7 @@ from acestep_triton.ensemble_client import input_arrays
 from acestep_triton.geometry import PUBLISHED_GEOMETRY
 from acestep_triton.tritonserver import TritonServer
 from gateway import GenerationEngine, OutputStore, Settings, TritonEngine, create_app
+from gateway.engine import Progress
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
 from gateway.settings import SettingsError
@@ -67,8 +68,9 @@ class ToneEngine(GenerationEngine):
         self.calls: list[GenerationParams] = []
         self.sources: list[SourceAudio | None] = []
 
-    async def generate(self, params: GenerationParams, progress=None, source: SourceAudio | None = None
-                       ) -> GenerationResult:
+    async def generate(self, params: GenerationParams, progress=None, source: SourceAudio | None = None,
+                       stream_audio: bool = False) -> GenerationResult:
+        """With `stream_audio` the tones also go to `progress` in three chunks, as a streaming vocoder's."""
         self.calls.append(params)
         self.sources.append(source)
         if self.failure is not None:
@@ -78,6 +80,11 @@ class ToneEngine(GenerationEngine):
         t = np.arange(int(duration * OUTPUT_SAMPLE_RATE)) / OUTPUT_SAMPLE_RATE
         tones = [np.sin(2 * np.pi * (200 + seed % 400) * t) * 0.1 for seed in seeds]
         waveforms = np.stack([np.stack([tone, -tone]) for tone in tones]).astype(np.float32)
+        if stream_audio and progress is not None:
+            total = waveforms.shape[-1]
+            for first, last in zip((0, total // 3, 2 * total // 3), (total // 3, 2 * total // 3, total)):
+                progress(Progress("vocoder", 0, 0, waveforms[..., first:last], first, total))
+                await asyncio.sleep(0)
         return GenerationResult(waveforms, tuple(seeds), duration, {s: 0.001 for s in STAGES}, 0.0,
                                 tuple(self.RETAKE_OFFSET + seed for seed in seeds))
 
@@ -698,3 +705,58 @@ def test_job_settings_from_environment():
     ):
         with pytest.raises(SettingsError, match=match):
             Settings.from_env(env | bad)
+
+
+# ---- audio streams of jobs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bit_depth", [16, 32])
+def test_job_audio_stream_is_the_jobs_file(tone_client, bit_depth):
+    """GET /jobs/{id}/audio sends the header of the whole file, then each chunk the engine reports as it
+    comes, then the rest from the written file: the bytes are the file's, for every item."""
+    job = tone_client.post("/jobs", json=payload(actual_seeds=[3, 4], bit_depth=bit_depth)).json()
+    for item in (0, 1):
+        with tone_client.stream("GET", f"/jobs/{job['id']}/audio", params={"item": item}) as streamed:
+            assert streamed.status_code == 200 and streamed.headers["content-type"] == "audio/wav"
+            body = b"".join(streamed.iter_bytes())
+        finished = tone_client.get(f"/jobs/{job['id']}").json()
+        assert finished["state"] == "succeeded"
+        assert body == tone_client.get(f"/download/{finished['files'][item]}").content
+
+
+def test_job_audio_stream_refuses_other_formats_and_items(tone_client):
+    flac = tone_client.post("/jobs", json=payload(format="flac")).json()
+    answer = tone_client.get(f"/jobs/{flac['id']}/audio")
+    assert answer.status_code == 409 and "flac" in answer.json()["detail"]
+    wav = tone_client.post("/jobs", json=payload(actual_seeds=[1])).json()
+    answer = tone_client.get(f"/jobs/{wav['id']}/audio", params={"item": 1})
+    assert answer.status_code == 400 and answer.json()["detail"].startswith("item")
+    assert tone_client.get("/jobs/nope/audio").status_code == 404
+
+
+def test_generate_does_not_ask_the_engine_to_stream(tmp_path):
+    """/generate answers with the whole file, so its generation is not split into chunks."""
+    asked = []
+
+    class Recording(ToneEngine):
+        async def generate(self, params, progress=None, source=None, stream_audio=False):
+            asked.append(stream_audio)
+            return await super().generate(params, progress, source, stream_audio)
+
+    with TestClient(create_app(settings_for(tmp_path), Recording())) as client:
+        assert client.post("/generate", json=payload()).status_code == 200
+        job = client.post("/jobs", json=payload()).json()
+        assert client.get(f"/jobs/{job['id']}/audio").status_code == 200
+    assert asked == [False, True]
+
+
+def test_float_wav_header_does_not_depend_on_the_samples():
+    """No PEAK chunk (peaks and a timestamp): a float WAV's header is known before its samples."""
+    from gateway.formats import choose_encoding
+
+    encoding = choose_encoding("wav")
+    loud = np.full((2, 480), 0.9, dtype=np.float32)
+    first, second = encoding.encode(loud, OUTPUT_SAMPLE_RATE), encoding.encode(loud * 0.1, OUTPUT_SAMPLE_RATE)
+    header = encoding.wav_header(480, 2, OUTPUT_SAMPLE_RATE)
+    assert first.startswith(header) and second.startswith(header) and b"PEAK" not in first
+    assert header + encoding.wav_samples(loud[:, :100], OUTPUT_SAMPLE_RATE) + \
+        encoding.wav_samples(loud[:, 100:], OUTPUT_SAMPLE_RATE) == first

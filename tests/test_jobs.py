@@ -378,3 +378,19 @@ def test_stream_sends_the_audio_chunk_by_chunk_and_the_chunks_are_the_final_wave
     assert [offset for offset, _, _ in chunks] == list(np.cumsum([0] + [c.shape[-1] for _, c, _ in chunks[:-1]]))
     assert np.array_equal(np.concatenate([c for _, c, _ in chunks], axis=-1), final)
     np.testing.assert_allclose(final, direct.as_numpy("WAVEFORM"), rtol=0, atol=1e-4)
+
+
+def test_job_audio_streams_while_the_vocoder_decodes_and_equals_the_file(gateway, tiny_checkpoint):
+    """The real stack: a job's WAV stream starts (header and the first chunk) while the job still
+    runs, and its bytes are the written file's bytes."""
+    request = short_request(tiny_checkpoint, audio_duration=8.0, infer_step=2, output_path="streamed.wav")
+    job = gateway.post("/jobs", json=request).json()
+    received, states = [], []
+    with gateway.stream("GET", f"/jobs/{job['id']}/audio") as streamed:
+        assert streamed.status_code == 200
+        for chunk in streamed.iter_bytes():
+            if not received:
+                states.append(gateway.get(f"/jobs/{job['id']}").json()["state"])
+            received.append(chunk)
+    assert states == ["running"], "the first bytes came only after the job ended"
+    assert b"".join(received) == gateway.get("/download/streamed.wav").content
