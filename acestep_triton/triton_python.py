@@ -163,8 +163,8 @@ class ComponentModel:
     cut into sub-batches of at most MAX_ROW_FRAMES rows x frames when the config sets it
     (acestep_triton.sub_batches).
 
-    Subclasses name the component and may override `request_inputs`; everything else comes from the
-    config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES).
+    Subclasses name the component and may override `request_inputs` and `run`; everything else comes
+    from the config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES).
     A request that fails (bad input, out of memory in its sub-batch) gets its own error response.
     """
 
@@ -189,13 +189,14 @@ class ComponentModel:
         return {name: value.to(self.device) for name, value in
                 input_tensors(request, [t.name for t in self.spec.inputs]).items()}
 
-    def request_failed(self, request, exc: Exception) -> None:
-        """Called for each request that failed after its inputs were read (a hook for subclasses)."""
+    def run(self, inputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor] | Exception]:
+        """Outputs per request of one execute() (or the exception that failed it): bounded sub-batches."""
+        from acestep_triton.sub_batches import run_bounded
+
+        return run_bounded(self.engine.run, self.spec, inputs, self.max_row_frames)
 
     def execute(self, requests):
         import time
-
-        from acestep_triton.sub_batches import run_bounded
 
         responses: list = [None] * len(requests)
         inputs: dict[int, dict[str, torch.Tensor]] = {}
@@ -206,11 +207,10 @@ class ComponentModel:
                 responses[i] = error_response(exc)
         start = time.perf_counter()
         indices = list(inputs)
-        results = run_bounded(self.engine.run, self.spec, [inputs[i] for i in indices], self.max_row_frames)
+        results = self.run([inputs[i] for i in indices])
         elapsed = np.float32(time.perf_counter() - start)
         for i, result in zip(indices, results):
             if isinstance(result, Exception):
-                self.request_failed(requests[i], result)
                 responses[i] = error_response(result)
                 continue
             rows = next(iter(result.values())).shape[0]

@@ -25,13 +25,11 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.bls_loop import DitStepError, StepLoop
+from acestep_triton.bls_loop import DitStepError, StepLoop, branch_plan
 from acestep_triton.condition_cache import ConditionSender, new_request_id
 from acestep_triton.contract import BRANCHES, ParameterError
 from acestep_triton.sampling.conditions import Conditions
-from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.loop import denoise
-from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, latent_frames, make_generators
 from acestep_triton.triton_python import (
     error_response,
@@ -100,10 +98,7 @@ class TritonPythonModel:
             generators = make_generators(tensors["SEEDS"].cpu().tolist())
             noise = initial_noise(generators, latent_frames(duration), device=self.device)
             sender = ConditionSender(new_request_id()) if self.use_cache else None
-            schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
-            guidance = Guidance(params, schedule.num_inference_steps)
-            plan = [guidance.branches(i) for i in range(len(schedule.timesteps))]
-            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, plan)
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, branch_plan(params))
 
             latents = denoise(loop.step, params, noise, generators, lambda i, total: self.after_step(request, i, total))
         except Exception as exc:
