@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -14,9 +15,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from acestep_triton.contract import ENSEMBLE_INPUTS, GenerationParams, ParameterError
+from acestep_triton.phase_log import PhaseLog
 
 log = logging.getLogger("acestep_triton")
-
 
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
     """The string parameters of the model's config.pbtxt."""
@@ -69,14 +70,19 @@ def output_tensor(name: str, value: torch.Tensor | np.ndarray):
     return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.detach().contiguous()))
 
 
+def synchronize(outputs: Iterable[torch.Tensor | np.ndarray]) -> None:
+    """Wait until the devices of the CUDA tensors among `outputs` finished writing them."""
+    for device in {v.device for v in outputs if isinstance(v, torch.Tensor) and v.is_cuda}:
+        torch.cuda.synchronize(device)
+
+
 def handoff(outputs: Mapping[str, torch.Tensor | np.ndarray]) -> list:
     """pb_utils.Tensors for `outputs`, after the device finished writing them.
 
     Another process (the server, or the model a BLS call reaches) reads CUDA outputs through its
     own stream, which does not wait for ours: synchronise once before handing them over.
     """
-    for device in {v.device for v in outputs.values() if isinstance(v, torch.Tensor) and v.is_cuda}:
-        torch.cuda.synchronize(device)
+    synchronize(outputs.values())
     return [output_tensor(name, value) for name, value in outputs.items()]
 
 
@@ -183,6 +189,7 @@ class ComponentModel:
         self.dtype = getattr(torch, params.get("DTYPE", "float32"))
         self.max_row_frames = int(params["MAX_ROW_FRAMES"]) if "MAX_ROW_FRAMES" in params else None
         self.time_name = stage_time_name(self.component)
+        self.phases = PhaseLog(self.component)
 
     def request_inputs(self, request) -> dict[str, torch.Tensor]:
         """The spec's inputs of one request, on the engine's device."""
@@ -196,8 +203,9 @@ class ComponentModel:
         return run_bounded(self.engine.run, self.spec, inputs, self.max_row_frames)
 
     def execute(self, requests):
-        import time
-
+        """Phases (PhaseLog): inputs (reading the requests), run (the host's work up to the last
+        launch), gpu (waiting for the device to finish), respond (building the responses)."""
+        self.phases.start()
         responses: list = [None] * len(requests)
         inputs: dict[int, dict[str, torch.Tensor]] = {}
         for i, request in enumerate(requests):
@@ -205,10 +213,14 @@ class ComponentModel:
                 inputs[i] = self.request_inputs(request)
             except Exception as exc:  # this request fails, the others run
                 responses[i] = error_response(exc)
+        self.phases.mark("inputs")
         start = time.perf_counter()
         indices = list(inputs)
         results = self.run([inputs[i] for i in indices])
+        self.phases.mark("run")
+        synchronize(v for result in results if not isinstance(result, Exception) for v in result.values())
         elapsed = np.float32(time.perf_counter() - start)
+        self.phases.mark("gpu")
         for i, result in zip(indices, results):
             if isinstance(result, Exception):
                 responses[i] = error_response(result)
@@ -216,4 +228,7 @@ class ComponentModel:
             rows = next(iter(result.values())).shape[0]
             result[self.time_name] = np.full((rows, 1), elapsed, dtype=np.float32)
             responses[i] = response(result)
+        self.phases.mark("respond")
+        self.phases.write(requests=len(requests), rows=sum(int(next(iter(r.values())).shape[0])
+                                                          for r in results if not isinstance(r, Exception)))
         return responses
