@@ -38,16 +38,19 @@ CONDITION_CACHE_BYTES = 16 * 2**30
 CONDITION_CACHE_TTL_S = 600.0
 
 
-def in_process_dit_step(engine) -> DitStep:
-    """The `dit_step` callable of an in-process pipeline over a loaded dit_step engine."""
-    return DitStep(engine, ConditionCache(CONDITION_CACHE_BYTES, CONDITION_CACHE_TTL_S))
+def engine_calls(engines: Mapping[str, object]) -> dict[str, Engine]:
+    """The pipeline's callables over loaded engines (TorchEngine / OnnxEngine): each one's `run`,
+    and for dit_step a DitStep with its own condition cache (it takes the loop's keyed requests)."""
+    calls: dict[str, Engine] = {name: engine.run for name, engine in engines.items()}
+    calls["dit_step"] = DitStep(engines["dit_step"], ConditionCache(CONDITION_CACHE_BYTES, CONDITION_CACHE_TTL_S))
+    return calls
 
 
 class Text2MusicPipeline:
     """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings.
 
     `engines` maps each component to a callable on named tensors; "dit_step"'s takes a `dit_step`
-    request as the Triton model does (conditions by CONDITION_KEY once sent: `in_process_dit_step`).
+    request as the Triton model does (conditions by CONDITION_KEY once sent: `engine_calls`).
     """
 
     def __init__(self, text_tokenizer: TextTokenizer, lyric_tokenizer: LyricTokenizer,
@@ -74,13 +77,10 @@ class Text2MusicPipeline:
         """Load every component (one shared transformer); `accelerate` applies the gpu profile's
         speed-ups (CUDA only, see acestep_triton.acceleration)."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else validate_checkpoint(checkpoint)
-        loaded = load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate)
-        engines = {name: engine.run for name, engine in loaded.items()}
-        engines["dit_step"] = in_process_dit_step(loaded["dit_step"])
         return cls(
             TextTokenizer.from_pretrained(ckpt.text_encoder),
             LyricTokenizer.from_file(find_lyric_vocab(ckpt, lyric_vocab)),
-            engines,
+            engine_calls(load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate)),
             torch.device(device),
             latent_geometry(ckpt),
         )

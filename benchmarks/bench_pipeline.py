@@ -61,7 +61,7 @@ from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
-from acestep_triton.pipeline import Text2MusicPipeline
+from acestep_triton.pipeline import Text2MusicPipeline, engine_calls
 from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import latent_frames
@@ -177,7 +177,7 @@ def make_engines(models: dict[str, torch.nn.Module], config_dir: Path, device: t
 def make_pipeline(engines: dict[str, TorchEngine], lyric_vocab: Path, device: torch.device,
                   vocab_size: int) -> Text2MusicPipeline:
     return Text2MusicPipeline(HashPromptTokenizer(vocab_size), LyricTokenizer.from_file(lyric_vocab),
-                              {name: engine.run for name, engine in engines.items()}, device)
+                              engine_calls(engines), device)
 
 
 def accelerate_all(engines: dict[str, TorchEngine], settings: Acceleration) -> dict[str, float]:
@@ -644,7 +644,7 @@ class Bench:
                 captured["latents"] = batch["LATENTS"].float().cpu()
                 return dcae_run(batch)
 
-            runs = {name: engine.run for name, engine in engines.items()}
+            runs = engine_calls(engines)
             runs["dcae_decoder"] = spy
             pipe = Text2MusicPipeline(HashPromptTokenizer(self.vocab_size),
                                       LyricTokenizer.from_file(Path(self.args.lyric_vocab)), runs, self.device)
