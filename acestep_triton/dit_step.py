@@ -36,6 +36,7 @@ from acestep_triton.condition_cache import (
     stack_rows,
 )
 from acestep_triton.contract import ParameterError
+from acestep_triton.phase_log import PhaseLog
 from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 from acestep_triton.sub_batches import run_bounded
 
@@ -49,11 +50,15 @@ class DitStep:
     """The transformer's step for a batch of `dit_step` requests, with its condition cache.
 
     `engine` is a TorchEngine or OnnxEngine of the dit_step component (its `spec`, `run`, and for
-    PyTorch its `module`, `device` and `dtype`).
+    PyTorch its `module`, `device` and `dtype`). `phases` (the served model's) gets `resolve` (the
+    conditions looked up, or prepared and stored) and `decode` (the host's work up to the last
+    launch) marked per execute.
     """
 
-    def __init__(self, engine, cache: ConditionCache, max_row_frames: int | None = None) -> None:
+    def __init__(self, engine, cache: ConditionCache, max_row_frames: int | None = None,
+                 phases: PhaseLog | None = None) -> None:
         self.engine, self.cache, self.max_row_frames = engine, cache, max_row_frames
+        self.phases = phases
         spec = engine.spec
         # the spec without the keyed inputs: what every request carries as tensors
         self.row_spec = replace(spec, inputs=tuple(t for t in spec.inputs if t.name not in KEYED_INPUTS),
@@ -80,9 +85,13 @@ class DitStep:
                     ready[i] = self._resolve(request, keys[i])
                 except Exception as exc:  # this request fails, the others run
                     results[i] = exc
+            if self.phases is not None:
+                self.phases.mark("resolve")
             order = list(ready)
             outputs = run_bounded(self._run, self.row_spec, [ready[i] for i in order], self.max_row_frames,
                                   collate=self._collate)
+            if self.phases is not None:
+                self.phases.mark("decode")
         for i, output in zip(order, outputs):
             if isinstance(output, Exception) and keys[i] is not None:
                 self.cache.release(keys[i])  # the loop gives up on a failed request

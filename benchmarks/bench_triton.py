@@ -583,6 +583,7 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
                 checkpoint, Path(args.lyric_vocab), server.grpc_url, params, run.out, args.perf_analyzer_concurrency),
                 into)
         run.section("stats", lambda: model_stats(server.http_url), into, required=True)
+    shutil.copytree(phase_dir, run.out / phase_dir.name, dirs_exist_ok=True)  # every call, for a closer look
     return into
 
 

@@ -21,7 +21,7 @@ class TritonPythonModel(ComponentModel):
         super().initialize(args)
         params = model_parameters(args)
         cache = ConditionCache(int(params["CONDITION_CACHE_MIB"]) * 2**20, float(params["CONDITION_CACHE_TTL_S"]))
-        self.step = DitStep(self.engine, cache, self.max_row_frames)
+        self.step = DitStep(self.engine, cache, self.max_row_frames, self.phases)
 
     def request_inputs(self, request) -> dict:
         """The request as DitStep takes it: the numeric inputs it sent as tensors where they arrived,
