@@ -22,13 +22,15 @@ Semantics (the contract between the `diffusion` loop and the `dit_step` model):
   one key per batch row) and CONDITION_RELEASE [N, 1] (BOOL). ENCODER_STATES / ENCODER_MASK
   become optional:
     states, no key   a direct client (perf_analyzer, tests): used as sent, nothing is stored;
-    states + key     used as sent, and each key's row is prepared once and stored (the first row
-                     of each key);
+    states + key     each key's row is prepared from the first row of that key and stored, unless
+                     the key is held already (the loop sends every branch of a step inline when one
+                     of them is new: the held ones are used as they are);
     key, no states   each row's prepared conditions are looked up; if any key is missing the request
                      fails with a TritonError whose message starts with MISS_MESSAGE (code NOT_FOUND),
                      and nothing is computed for it: the loop re-sends its conditions inline;
     neither          the request fails (INVALID_ARG).
-  Rows sharing a key must carry equal conditions (the loop's rows of one branch do).
+  Rows sharing a key must carry equal conditions (the loop's rows of one branch do), and a key names
+  one set of conditions for as long as it is held.
 - Lifetime. A row's CONDITION_RELEASE frees its key once the request is resolved (its rows hold
   their own references to what they use). The loop sets it on a branch's rows at the last step
   that uses the branch, so a finished request holds nothing without an extra call; a loop that
@@ -184,14 +186,17 @@ class ConditionCache:
         missing = [k for k in dict.fromkeys(keys) if k not in self._entries]
         if missing:
             raise ConditionMiss(missing)
-        now = self.clock()
-        rows = []
-        for key in keys:
-            entry = self._entries[key]
-            entry.last_used = now
-            self._entries.move_to_end(key)
-            rows.append(entry.row)
-        return rows
+        return [self.find(key) for key in keys]
+
+    def find(self, key: str) -> ConditionRow | None:
+        """The row held under `key` (marked used), or None."""
+        self._evict()
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        entry.last_used = self.clock()
+        self._entries.move_to_end(key)
+        return entry.row
 
     def release(self, keys: Iterable[str]) -> int:
         """Drop these keys (absent ones are skipped); returns how many were held."""
@@ -225,8 +230,9 @@ def resolve_conditions(
     """One request's condition rows, in its row order.
 
     `inputs` are the request's tensors (ENCODER_* possibly absent), `keys` its CONDITION_KEY per
-    row (None when it sent none). Sent conditions are prepared (only the first row of each key) and
-    stored under their keys; otherwise the keys are looked up (ConditionMiss when one is not held).
+    row (None when it sent none). Sent conditions are prepared (only the first row of each key not
+    held yet) and stored under their keys; otherwise the keys are looked up (ConditionMiss when one
+    is not held).
     See the module docstring.
     """
     present = [name for name in KEYED_INPUTS if name in inputs]
@@ -238,12 +244,19 @@ def resolve_conditions(
             return prepare(states, mask)
         if len(keys) != states.shape[0]:
             raise ParameterError(CONDITION_KEY, f"{len(keys)} keys for {states.shape[0]} rows")
-        first_row: dict[str, int] = {}
+        stored: dict[str, ConditionRow] = {}
+        first_row: dict[str, int] = {}  # keys not held yet: prepared from their first row
         for row, key in enumerate(keys):
-            first_row.setdefault(key, row)
-        index = list(first_row.values())
-        prepared = prepare(states[index], mask[index])
-        stored = {key: cache.put(key, row) for key, row in zip(first_row, prepared)}
+            if key in stored or key in first_row:
+                continue
+            held = cache.find(key)  # a key names one set of conditions: a held one is not prepared again
+            if held is None:
+                first_row[key] = row
+            else:
+                stored[key] = held
+        if first_row:
+            index = list(first_row.values())
+            stored.update({key: cache.put(key, row) for key, row in zip(first_row, prepare(states[index], mask[index]))})
         return [stored[key] for key in keys]
     if keys is None:
         raise ParameterError("ENCODER_STATES", f"missing: send {' and '.join(KEYED_INPUTS)} or {CONDITION_KEY}")

@@ -135,6 +135,18 @@ def test_resolve_inline_with_keys_prepares_and_stores_the_first_row_of_each_key_
     assert cache.get(["k1", "k0"]) == [out[2], out[0]]  # later steps decode the very same rows
 
 
+def test_resolve_inline_prepares_only_keys_not_held_yet() -> None:
+    """The loop sends (cond, null) inline when null is new and cond is held: cond is not prepared
+    again, and its rows are the held ones (the decode's buffer then copies nothing for them)."""
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    held = cache.put("cond", row(0))
+    r1 = row(1)
+    inputs = {"ENCODER_STATES": torch.stack([row(0).tokens, r1.tokens]), "ENCODER_MASK": torch.stack([held.mask, r1.mask])}
+    as_rows.prepared = 0
+    out = resolve_conditions(cache, inputs, ["cond", "null"], as_rows)
+    assert as_rows.prepared == 1 and out[0] is held and torch.equal(out[1].tokens, 2 * r1.tokens)
+
+
 def test_resolve_by_key_returns_the_stored_rows_without_preparing() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
     short, long = cache.put("short", row(0, tokens=3)), cache.put("long", row(1, tokens=5))
