@@ -103,8 +103,8 @@ class CudaGraphs:
     result stays valid after the next replay. An input that already lies where the graph reads it
     is not copied: inputs at the `resident` positions are captured as given (not cloned), so a
     caller that keeps such a tensor and updates it in place (BucketedDecode's cross-attention
-    keys/values, passed as views of one buffer) pays no copy per call. Graphs share one memory pool, which is safe because
-    they are replayed one at a time on one stream; the least recently used one is dropped beyond
+    keys/values, passed as views of one buffer) pays no copy per call. Graphs share one memory
+    pool, which is safe because they are replayed one at a time on one stream; the least recently used one is dropped beyond
     `max_graphs`. Call under torch.inference_mode (TorchEngine.run does).
     """
 

@@ -256,7 +256,8 @@ def resolve_conditions(
                 stored[key] = held
         if first_row:
             index = list(first_row.values())
-            stored.update({key: cache.put(key, row) for key, row in zip(first_row, prepare(states[index], mask[index]))})
+            prepared = prepare(states[index], mask[index])
+            stored.update({key: cache.put(key, row) for key, row in zip(first_row, prepared)})
         return [stored[key] for key in keys]
     if keys is None:
         raise ParameterError("ENCODER_STATES", f"missing: send {' and '.join(KEYED_INPUTS)} or {CONDITION_KEY}")

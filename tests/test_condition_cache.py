@@ -141,7 +141,8 @@ def test_resolve_inline_prepares_only_keys_not_held_yet() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
     held = cache.put("cond", row(0))
     r1 = row(1)
-    inputs = {"ENCODER_STATES": torch.stack([row(0).tokens, r1.tokens]), "ENCODER_MASK": torch.stack([held.mask, r1.mask])}
+    inputs = {"ENCODER_STATES": torch.stack([row(0).tokens, r1.tokens]),
+              "ENCODER_MASK": torch.stack([held.mask, r1.mask])}
     as_rows.prepared = 0
     out = resolve_conditions(cache, inputs, ["cond", "null"], as_rows)
     assert as_rows.prepared == 1 and out[0] is held and torch.equal(out[1].tokens, 2 * r1.tokens)

@@ -201,8 +201,9 @@ def test_vocab_without_lyric_tokens_is_rejected(tmp_path: Path) -> None:
         LyricTokenizer.from_file(stripped)
 
 
-@pytest.mark.parametrize("line", ["Headlights paint the empty road", "Bonjour tout le monde", "Hola amigos de la noche",
-                                  "你好世界", "Привет мир", "Guten Abend, meine Damen und Herren", "hello 123"])
+@pytest.mark.parametrize("line", ["Headlights paint the empty road", "Bonjour tout le monde",
+                                  "Hola amigos de la noche", "你好世界", "Привет мир",
+                                  "Guten Abend, meine Damen und Herren", "hello 123"])
 def test_sparse_language_scores_equal_py3langid(line: str) -> None:
     """_classify takes the classifier's product over the line's features only: same language, and
     the probability py3langid gives up to float32 summation order."""
