@@ -28,7 +28,7 @@ without it the caching allocator's fragmentation reserves ~40 % more than is all
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +37,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from acestep_triton.condition_cache import ConditionRow, condition_rows
 from acestep_triton.models.dcae import decode_local_part
 from acestep_triton.registry import component, resolve
 from acestep_triton.sampling.seeds import latent_frames
@@ -67,16 +68,18 @@ class Acceleration:
     # their K/V are computed once per request), and one bucket for every request up to 512 tokens
     # lets the graphs captured at load serve them all
     token_bucket: int = 512
-    # batch rows (guidance branches x requests) are padded up to one of these, repeating the first row
-    row_buckets: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    # batch rows (guidance branches x requests) are padded up to one of these, repeating the first
+    # row; more rows run as several decodes: a row-decode costs ~7.6 ms alone and ~7.0 ms in a batch
+    # of 16 at 60 s (benchmarks/NOTES.md), so larger graphs would gain little and hold more memory
+    row_buckets: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    # the most rows x padded frames one decode runs (8 rows at 60 s, 4 at 120 s, 2 at 240 s): bounds
+    # the graphs' activation memory by what the warm 240 s captures need anyway
+    max_decode_row_frames: int = 8 * 656
     max_graphs: int = 32
     # decode graphs captured at load (one token bucket), so that a request of a common length never
     # waits for a capture: (audio seconds) x (rows: one guidance branch, two)
     warm_seconds: tuple[float, ...] = (30.0, 60.0, 120.0, 240.0)
     warm_rows: tuple[int, ...] = (1, 2)
-    # (rows, tokens) shapes whose conditions' cross-attention K/V stay held (~126 MiB per 512-token
-    # row at full size): a request needs two (guided and unguided steps)
-    max_held_conditions: int = 2
     # mel frames (~23.8 s of audio); None decodes whole. Windows keep one shape, so cuDNN's algorithm
     # search (seconds to a minute for a new length) runs once at warm-up; the overlap costs 9-19 %.
     vocoder_window_frames: int | None = 2048
@@ -97,11 +100,11 @@ class CudaGraphs:
     """Calls fn(*tensors) -> tensor through CUDA graphs captured once per input shapes and dtypes.
 
     Inputs are copied into the graph's static tensors and the output is cloned out of it, so a
-    result stays valid after the next replay. An input that already is the graph's static tensor
+    result stays valid after the next replay. An input that already lies where the graph reads it
     is not copied: inputs at the `resident` positions are captured as given (not cloned), so a
     caller that keeps such a tensor and updates it in place (BucketedDecode's cross-attention
-    keys/values) pays no copy per call. Graphs share one memory pool, which is safe because
-    they are replayed one at a time on one stream; the least recently used one is dropped beyond
+    keys/values, passed as views of one buffer) pays no copy per call. Graphs share one memory
+    pool, which is safe because they are replayed one at a time on one stream; the least recently used one is dropped beyond
     `max_graphs`. Call under torch.inference_mode (TorchEngine.run does).
     """
 
@@ -124,7 +127,7 @@ class CudaGraphs:
             self._capture(key, tensors)
         graph, static_inputs, static_output = self.graphs[key]
         for static, value in zip(static_inputs, tensors):
-            if static is not value:
+            if static.data_ptr() != value.data_ptr():
                 static.copy_(value)
         graph.replay()
         return static_output.clone()
@@ -147,76 +150,98 @@ class CudaGraphs:
         self.graphs[key] = (graph, static_inputs, static_output)
 
 
-@dataclass
-class _HeldConditions:
-    """Conditions seen last for one padded (rows, tokens) shape and their cross-attention K/V."""
+class _RowBuffer:
+    """The decode graphs' cross-attention input: `rows` rows of prepared keys/values and additive
+    masks of up to `tokens` tokens, shared by every graph (a graph of n rows reads the first n, so
+    every graph is captured on views of this one buffer). A row is copied in only when the
+    ConditionRow it holds (by serial) is another one, so the steps of a request, and of requests
+    batched in the same order, copy nothing. Zero-initialised: a row never written is finite."""
 
-    states: torch.Tensor
-    mask: torch.Tensor
-    keys_values: torch.Tensor
-    bias: torch.Tensor
+    def __init__(self, rows: int, tokens: int, like: ConditionRow) -> None:
+        shape = (*like.tokens.shape[:-2], tokens, like.tokens.shape[-1])
+        self.keys_values = torch.zeros(rows, *shape, dtype=like.tokens.dtype, device=like.tokens.device)
+        self.bias = torch.zeros(rows, tokens, dtype=like.mask.dtype, device=like.mask.device)
+        self.serials: list[int | None] = [None] * rows
+
+    def load(self, rows: Sequence[ConditionRow], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first `count` buffer rows, the first len(rows) holding `rows` (shorter rows
+        padded with masked tokens); the rest hold whatever they held (finite; their output is unused)."""
+        tokens = self.bias.shape[1]
+        for i, row in enumerate(rows):
+            if self.serials[i] == row.serial:
+                continue
+            self.keys_values[i, ..., : row.length, :].copy_(row.tokens)
+            self.bias[i, : row.length].copy_(row.mask)
+            if row.length < tokens:
+                self.keys_values[i, ..., row.length :, :].zero_()
+                self.bias[i, row.length :].fill_(float("-inf"))
+            self.serials[i] = row.serial
+        return self.keys_values[:count], self.bias[:count]
 
 
 class BucketedDecode:
-    """`transformer.decode` with frames and condition tokens zero-padded up to bucket multiples
-    (masks zeroed there) and rows padded up to a row bucket (copies of the first row), run through
-    CudaGraphs; returns the velocity of the real rows and frames only. Buckets bound the number of
-    graphs a server needs whatever lengths and batch sizes its requests bring.
+    """The dit_step decode (`DiTStepComponent`'s `decode`, `prepare` and `decode_rows`) with frames
+    and condition tokens zero-padded up to bucket multiples (masked there) and rows padded up to a
+    row bucket (copies of the first row), run through CudaGraphs; returns the velocity of the real
+    rows and frames only. Buckets bound the number of graphs a server needs whatever lengths and
+    batch sizes its requests bring; more rows than the largest bucket (or than
+    `max_decode_row_frames` allows) run as several decodes.
 
-    The conditions are the same at every step of a request, so their cross-attention keys and
-    values (`prepare_cross_attention`) are computed only when they change: per padded
-    (rows, tokens) shape the last conditions seen and their K/V are held, compared exactly with the
-    incoming ones (one device comparison and a host sync per step), and the held K/V tensors are the
-    graphs' own inputs (resident: updated in place, never copied per step). The guided and unguided
-    steps of a request have different row counts, so each keeps its own entry.
+    Conditions arrive prepared (`prepare`: cross-attention keys/values, padded to the token bucket,
+    computed once per request by dit_step's condition cache) and reach the graphs through one
+    shared `_RowBuffer` per token length, into which a row is copied only when another row was
+    there: no comparison of tensors, no host synchronisation, no recomputation when requests mix.
+    The spec's `decode` (a direct client, the warm-up) prepares its conditions for that call alone.
     """
 
     def __init__(self, transformer: torch.nn.Module, settings: Acceleration) -> None:
+        self.transformer = transformer
         self.frame_bucket = settings.frame_bucket
         self.token_bucket = settings.token_bucket
-        self.row_buckets = settings.row_buckets
-        self.prepare = transformer.prepare_cross_attention
+        self.row_buckets = tuple(sorted(settings.row_buckets))
+        self.max_row_frames = settings.max_decode_row_frames
         decode = transformer.decode_prepared
         self.run = CudaGraphs(decode, settings.max_graphs, resident=(2, 3)) if settings.decode_graphs else decode
-        self.max_held = settings.max_held_conditions
-        self.held: OrderedDict[tuple, _HeldConditions] = OrderedDict()
+        self.buffers: dict[int, _RowBuffer] = {}
 
     def __call__(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale) -> torch.Tensor:
-        rows, frames, tokens = latents.shape[0], latents.shape[-1], encoder_states.shape[1]
-        frame_pad, token_pad = -frames % self.frame_bucket, -tokens % self.token_bucket
-        if frame_pad:
-            latents = F.pad(latents, (0, frame_pad))
-            attention_mask = F.pad(attention_mask, (0, frame_pad))
+        return self.decode_rows(latents, attention_mask, self.prepare(encoder_states, encoder_mask), timestep, q_scale)
+
+    def prepare(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> list[ConditionRow]:
+        """Per row, the cross-attention keys/values and additive mask, tokens padded to the bucket."""
+        token_pad = -encoder_states.shape[1] % self.token_bucket
         if token_pad:
             encoder_states = F.pad(encoder_states, (0, 0, 0, token_pad))
             encoder_mask = F.pad(encoder_mask, (0, token_pad))
-        inputs = (latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale)
-        row_pad = next((b for b in self.row_buckets if b >= rows), rows) - rows
-        if row_pad:
-            inputs = tuple(torch.cat([t, t[:1].expand(row_pad, *t.shape[1:])]) for t in inputs)
-        latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale = inputs
-        keys_values, bias = self.cross_attention(encoder_states, encoder_mask)
-        return self.run(latents, attention_mask, keys_values, bias, timestep, q_scale)[:rows, ..., :frames]
+        return condition_rows(*self.transformer.prepare_cross_attention(encoder_states, encoder_mask))
 
-    def cross_attention(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held K/V for these (padded) conditions, recomputed in place when they differ."""
-        key = (tuple(states.shape), states.dtype)
-        held = self.held.get(key)
-        if held is not None:
-            self.held.move_to_end(key)
-            if torch.equal(held.states, states) and torch.equal(held.mask, mask):
-                return held.keys_values, held.bias
-            keys_values, bias = self.prepare(states, mask)
-            held.keys_values.copy_(keys_values)
-            held.bias.copy_(bias)
-            held.states.copy_(states)
-            held.mask.copy_(mask)
-            return held.keys_values, held.bias
-        while len(self.held) >= self.max_held:
-            self.held.popitem(last=False)
-        keys_values, bias = self.prepare(states, mask)
-        self.held[key] = _HeldConditions(states.clone(), mask.clone(), keys_values, bias)
-        return keys_values, bias
+    def decode_rows(self, latents: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[ConditionRow],
+                    timestep: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
+        frames = latents.shape[-1]
+        frame_pad = -frames % self.frame_bucket
+        if frame_pad:
+            latents = F.pad(latents, (0, frame_pad))
+            attention_mask = F.pad(attention_mask, (0, frame_pad))
+        per_decode = max(1, min(self.row_buckets[-1], self.max_row_frames // latents.shape[-1]))
+        parts = [self._decode(latents[i : i + per_decode], attention_mask[i : i + per_decode],
+                              rows[i : i + per_decode], timestep[i : i + per_decode], q_scale[i : i + per_decode])
+                 for i in range(0, latents.shape[0], per_decode)]
+        velocity = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return velocity[..., :frames]
+
+    def _decode(self, latents, attention_mask, rows, timestep, q_scale) -> torch.Tensor:
+        count = latents.shape[0]
+        bucket = next(b for b in self.row_buckets if b >= count)
+        inputs = (latents, attention_mask, timestep, q_scale)
+        if bucket > count:
+            inputs = tuple(torch.cat([t, t[:1].expand(bucket - count, *t.shape[1:])]) for t in inputs)
+        latents, attention_mask, timestep, q_scale = inputs
+        tokens = max(row.length for row in rows)
+        tokens += -tokens % self.token_bucket
+        if tokens not in self.buffers:
+            self.buffers[tokens] = _RowBuffer(self.row_buckets[-1], tokens, rows[0])
+        keys_values, bias = self.buffers[tokens].load(rows, bucket)
+        return self.run(latents, attention_mask, keys_values, bias, timestep, q_scale)[:count]
 
 
 def compile_blocks(transformer: torch.nn.Module) -> None:
@@ -288,6 +313,7 @@ def accelerate_engine(name: str, engine: TorchEngine, settings: Acceleration = A
     if hook:
         resolve(hook)(engine, settings)
     torch.cuda.synchronize(engine.device)
+    torch.cuda.empty_cache()  # what warm-up and capture left cached outside the graphs' pools
 
 
 def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
@@ -301,7 +327,8 @@ def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
             block.attn.fused = fused_linear_attention
     if settings.compile_blocks:
         compile_blocks(module.transformer)
-    module.decode = BucketedDecode(module.transformer, settings)
+    decode = BucketedDecode(module.transformer, settings)
+    module.decode, module.prepare, module.decode_rows = decode, decode.prepare, decode.decode_rows
     # first calls: different frame and token counts, so dynamic shapes do not tie the two together
     for rows in (1, 2):
         engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, settings.token_bucket))

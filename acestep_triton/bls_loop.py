@@ -1,7 +1,8 @@
-"""The `diffusion` model's step function: one `dit_step` request per denoising step, conditions by key.
+"""The sampling loop's step function: one `dit_step` request per denoising step, conditions by key.
 
-Triton-free (the BLS call is injected), so the condition cache's loop side is tested without a
-server. Semantics of the keys, misses and releases: acestep_triton.condition_cache.
+Triton-free (the call is injected): the `diffusion` model calls `dit_step` through BLS, the
+in-process pipeline calls acestep_triton.dit_step.DitStep directly, so both send the same requests.
+Semantics of the keys, misses and releases: acestep_triton.condition_cache.
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from acestep_triton.condition_cache import ConditionSender, is_miss
+from acestep_triton.condition_cache import ConditionMiss, ConditionSender, is_miss
+from acestep_triton.contract import GenerationParams
 from acestep_triton.sampling.conditions import Conditions, branch_inputs
+from acestep_triton.sampling.guidance import Guidance
+from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 
-# One dit_step request: named tensors / arrays -> VELOCITY; raises DitStepError when it answers an error.
+# One dit_step request: named tensors / arrays -> VELOCITY; raises DitStepError when it answers an
+# error (ConditionMiss when called in-process).
 Call = Callable[[Mapping[str, torch.Tensor | np.ndarray]], torch.Tensor]
+
+
+def branch_plan(params: GenerationParams) -> list[tuple[str, ...]]:
+    """The guidance branches each step of `params`' schedule evaluates (StepLoop's `plan`)."""
+    schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
+    guidance = Guidance(params, schedule.num_inference_steps)
+    return [tuple(guidance.branches(i)) for i in range(len(schedule.timesteps))]
 
 
 class DitStepError(RuntimeError):
@@ -68,8 +80,8 @@ class StepLoop:
         if self.sender.holds(branches):
             try:
                 velocity = self.call({**{k: v for k, v in base.items() if k not in KEYED_INPUTS}, **extra})
-            except DitStepError as exc:
-                if not is_miss(exc.message):
+            except (DitStepError, ConditionMiss) as exc:
+                if isinstance(exc, DitStepError) and not is_miss(exc.message):
                     raise
                 self.sender.missed()
         if velocity is None:
@@ -94,6 +106,6 @@ class StepLoop:
                  CONDITION_RELEASE: np.ones((len(held), 1), dtype=bool)}
         try:
             self.call(batch)
-        except DitStepError:
+        except (DitStepError, ConditionMiss):
             pass
         self.sender.missed()

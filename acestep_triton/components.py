@@ -15,6 +15,7 @@ from torch import nn
 
 from acestep_triton.audio import resample
 from acestep_triton.checkpoint import Checkpoint
+from acestep_triton.condition_cache import ConditionRow, condition_rows, stack_rows
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE
 from acestep_triton.models.dcae import decode_local_part, latents_to_mel, latents_to_mel_windowed
 from acestep_triton.models.text_encoder import TextEncoder
@@ -59,7 +60,11 @@ class ConditionEncoderComponent(nn.Module):
 class DiTStepComponent(nn.Module):
     """One denoising decode: LATENTS [B,8,16,T] ... -> VELOCITY [B,8,16,T].
 
-    `decode` is `transformer.decode`; the gpu profile replaces it by a CUDA-graph replay of it.
+    `forward` is the spec (what ONNX exports and a direct client sends). Served, the conditions
+    are prepared once per request instead (`prepare`: the cross-attention keys/values the decode
+    attends to, one ConditionRow per row, kept by dit_step's condition cache) and each step decodes
+    from them (`decode_rows`). The gpu profile replaces `decode`, `prepare` and `decode_rows` by
+    acceleration.BucketedDecode's CUDA-graph versions of the same functions.
     """
 
     def __init__(self, transformer: ACEStepTransformer) -> None:
@@ -70,6 +75,17 @@ class DiTStepComponent(nn.Module):
     def forward(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale):
         velocity = self.decode(latents, attention_mask, encoder_states, encoder_mask, timestep[:, 0], q_scale[:, 0])
         return (velocity,)
+
+    def prepare(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> list[ConditionRow]:
+        """encoder_states [B, S, D], encoder_mask [B, S] -> per row, its keys/values and additive mask."""
+        return condition_rows(*self.transformer.prepare_cross_attention(encoder_states, encoder_mask))
+
+    def decode_rows(self, latents: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[ConditionRow],
+                    timestep: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
+        """`forward`'s velocity with row b's conditions given as `rows[b]` (from `prepare`); timestep and
+        q_scale [B]. Rows of different token counts are padded with masked tokens."""
+        keys_values, bias = stack_rows(rows, float("-inf"))
+        return self.transformer.decode_prepared(latents, attention_mask, keys_values, bias, timestep, q_scale)
 
 
 class DcaeDecoderComponent(nn.Module):

@@ -1,10 +1,15 @@
-"""Conditions cross into `dit_step` once per request: a per-request condition cache in the model.
+"""Conditions cross into `dit_step` once per request, and are prepared there once per request.
 
 A request's encoder states (ENCODER_STATES [K, L, D], ENCODER_MASK [K, L], one row per guidance
 branch) are the same at every denoising step, and they are by far the largest input of a step
 (at 60 s, ~9 MB in float32 against ~0.5 MB of latents per row). Sending them with every step costs
 a copy through the python backend's shared memory and a host-to-device copy each time. Instead the
 sampling loop sends a branch's conditions once, under a key, and later steps name the key.
+
+What `dit_step` keeps per key is the row as its decode consumes it (a `ConditionRow`): for the
+PyTorch engine the transformer's cross-attention keys/values and additive mask
+(`DiTStepComponent.prepare`), computed once when the conditions arrive, so a step neither
+recomputes them nor compares anything; for other engines the encoder states themselves.
 
 Semantics (the contract between the `diffusion` loop and the `dit_step` model):
 
@@ -17,35 +22,43 @@ Semantics (the contract between the `diffusion` loop and the `dit_step` model):
   one key per batch row) and CONDITION_RELEASE [N, 1] (BOOL). ENCODER_STATES / ENCODER_MASK
   become optional:
     states, no key   a direct client (perf_analyzer, tests): used as sent, nothing is stored;
-    states + key     used as sent, and each key's row is stored (the first row of each key);
-    key, no states   each row's conditions are looked up; if any key is missing the request fails
-                     with a TritonError whose message starts with MISS_MESSAGE (code NOT_FOUND),
+    states + key     each key's row is prepared from the first row of that key and stored, unless
+                     the key is held already (the loop sends every branch of a step inline when one
+                     of them is new: the held ones are used as they are);
+    key, no states   each row's prepared conditions are looked up; if any key is missing the request
+                     fails with a TritonError whose message starts with MISS_MESSAGE (code NOT_FOUND),
                      and nothing is computed for it: the loop re-sends its conditions inline;
     neither          the request fails (INVALID_ARG).
-  Rows sharing a key must carry equal conditions (the loop's rows of one branch do).
-- Lifetime. A row's CONDITION_RELEASE frees its key once the request is resolved (its rows are
-  computed from copies). The loop sets it on a branch's rows at the last step that uses the branch,
-  so a finished request holds nothing without an extra call; a loop that stops early (cancelled,
-  failed) sends a release request (one row per branch still held, by key). An entry is also freed
-  when a request naming it fails inside `dit_step` (e.g. out of memory), and as a safety net by a
-  TTL since last use and an LRU bound on bytes. Releasing a key that is not held is not an error.
+  Rows sharing a key must carry equal conditions (the loop's rows of one branch do), and a key names
+  one set of conditions for as long as it is held.
+- Lifetime. A row's CONDITION_RELEASE frees its key once the request is resolved (its rows hold
+  their own references to what they use). The loop sets it on a branch's rows at the last step
+  that uses the branch, so a finished request holds nothing without an extra call; a loop that
+  stops early (cancelled, failed) sends a release request (one row per branch still held, by key).
+  An entry is also freed when a request naming it fails inside `dit_step` (e.g. out of memory), and
+  as a safety net by a TTL since last use and an LRU bound on bytes. Releasing a key that is not
+  held is not an error.
 - Misses are never answered wrongly: another `dit_step` instance, a restarted stub or an evicted
   entry all look the same (the key is not held), and the loop answers every miss by sending the
   conditions again. With several `dit_step` instances each instance fills its own cache on its
   first miss; a release reaches only the instance that serves it, the others' entries expire by TTL.
+- Identity. Every prepared row has a `serial` no other row of the process shares; a decode that
+  keeps rows in its own buffers (acceleration.BucketedDecode) copies a row in only when the serial
+  it holds differs, so a re-sent key (a new entry, a new serial) is always copied in afresh.
 - Under dynamic batching one execute() may hold requests of all kinds; each is resolved on its own
-  (`resolve_conditions`) before the rows are batched.
+  (`resolve_conditions`) before the rows are batched (acestep_triton.dit_step).
 
-Torch only: unit-tested without Triton, used by model_repository/diffusion and dit_step.
+Torch only: unit-tested without Triton, used by acestep_triton.dit_step and the diffusion loop.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,6 +68,8 @@ from acestep_triton.contract import ParameterError
 from acestep_triton.specs import CONDITION_KEY, KEYED_INPUTS
 
 MISS_MESSAGE = "condition cache miss"
+
+_SERIALS = itertools.count()
 
 
 class ConditionMiss(LookupError):
@@ -88,21 +103,59 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass
-class _Entry:
-    states: torch.Tensor  # [L, D]
-    mask: torch.Tensor  # [L]
-    last_used: float
+@dataclass(frozen=True, eq=False)
+class ConditionRow:
+    """One batch row's conditions as the decode consumes them, never modified after it is made.
+
+    `tokens` [..., S, C] has the condition tokens on its second-to-last axis and `mask` [S] one value
+    per token: the prepared cross-attention keys/values [layers, 2, heads, S, head_dim] and their
+    additive mask (0 valid, -inf masked) for the PyTorch engine, or the encoder states [S, D] and
+    their mask (1 valid, 0 masked) for engines that take the spec's inputs. `serial` is unique in the
+    process: equal serials, equal content.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[-1]
 
     @property
     def nbytes(self) -> int:
-        return self.states.nbytes + self.mask.nbytes
+        return self.tokens.nbytes + self.mask.nbytes
+
+
+def condition_rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[ConditionRow]:
+    """Rows [B, ..., S, C] and [B, S] -> B ConditionRows (views of them)."""
+    return [ConditionRow(tokens[i], mask[i]) for i in range(tokens.shape[0])]
+
+
+def stack_rows(rows: Sequence[ConditionRow], mask_fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows stacked into [B, ..., S, C] and [B, S], padded to the longest S: tokens with zeros, the mask
+    with `mask_fill` (what the decode reads as an absent token: 0 for a 0/1 mask, -inf for an additive one)."""
+    longest = max(row.length for row in rows)
+    tokens = torch.stack([F.pad(row.tokens, (0, 0, 0, longest - row.length)) for row in rows])
+    mask = torch.stack([F.pad(row.mask, (0, longest - row.length), value=mask_fill) for row in rows])
+    return tokens, mask
+
+
+# Conditions [n, L, D] and masks [n, L] of n rows -> their n ConditionRows.
+Prepare = Callable[[torch.Tensor, torch.Tensor], list[ConditionRow]]
+
+
+@dataclass
+class _Entry:
+    row: ConditionRow
+    last_used: float
 
 
 class ConditionCache:
-    """Condition rows by key, on the model's device and dtype, bounded by bytes (LRU) and a TTL.
+    """ConditionRows by key, bounded by bytes (LRU) and a TTL.
 
-    `put` copies: the python backend frees a request's input tensors when execute() returns.
+    `put` keeps a compact copy of the row (a row may be a view into a request's batch, whose memory
+    would otherwise stay alive and uncounted).
     """
 
     def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -118,28 +171,32 @@ class ConditionCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def put(self, key: str, states: torch.Tensor, mask: torch.Tensor) -> None:
-        """Store one row: states [L, D], mask [L] (copied)."""
+    def put(self, key: str, row: ConditionRow) -> ConditionRow:
+        """Store `row` under `key` (copied); returns the stored row."""
         self.release([key])
-        entry = _Entry(states.clone(), mask.clone(), self.clock())
-        self._entries[key] = entry
-        self.nbytes += entry.nbytes
+        stored = ConditionRow(row.tokens.clone(), row.mask.clone())
+        self._entries[key] = _Entry(stored, self.clock())
+        self.nbytes += stored.nbytes
         self._evict()
+        return stored
 
-    def get(self, keys: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(states, mask) per key, or ConditionMiss naming every missing key (nothing is touched then)."""
+    def get(self, keys: Sequence[str]) -> list[ConditionRow]:
+        """The row per key, or ConditionMiss naming every missing key (nothing is touched then)."""
         self._evict()
         missing = [k for k in dict.fromkeys(keys) if k not in self._entries]
         if missing:
             raise ConditionMiss(missing)
-        now = self.clock()
-        rows = []
-        for key in keys:
-            entry = self._entries[key]
-            entry.last_used = now
-            self._entries.move_to_end(key)
-            rows.append((entry.states, entry.mask))
-        return rows
+        return [self.find(key) for key in keys]
+
+    def find(self, key: str) -> ConditionRow | None:
+        """The row held under `key` (marked used), or None."""
+        self._evict()
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        entry.last_used = self.clock()
+        self._entries.move_to_end(key)
+        return entry.row
 
     def release(self, keys: Iterable[str]) -> int:
         """Drop these keys (absent ones are skipped); returns how many were held."""
@@ -147,7 +204,7 @@ class ConditionCache:
         for key in keys:
             entry = self._entries.pop(key, None)
             if entry is not None:
-                self.nbytes -= entry.nbytes
+                self.nbytes -= entry.row.nbytes
                 dropped += 1
         return dropped
 
@@ -164,46 +221,47 @@ class ConditionCache:
             self.release([next(iter(self._entries))])
 
 
-def _pad_tokens(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack rows of (states [L, D], mask [L]) padded to the longest L (padding masked out)."""
-    longest = max(states.shape[0] for states, _ in rows)
-    states = torch.stack([F.pad(s, (0, 0, 0, longest - s.shape[0])) for s, _ in rows])
-    mask = torch.stack([F.pad(m, (0, longest - m.shape[0])) for _, m in rows])
-    return states, mask
-
-
 def resolve_conditions(
     cache: ConditionCache,
     inputs: Mapping[str, torch.Tensor],
     keys: Sequence[str] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """One request's ENCODER_STATES / ENCODER_MASK rows on `device`, floating ones in `dtype`.
+    prepare: Prepare,
+) -> list[ConditionRow]:
+    """One request's condition rows, in its row order.
 
     `inputs` are the request's tensors (ENCODER_* possibly absent), `keys` its CONDITION_KEY per
-    row (None when it sent none). Sent conditions are stored under their keys; otherwise they
-    are looked up (ConditionMiss when a key is not held). See the module docstring.
+    row (None when it sent none). Sent conditions are prepared (only the first row of each key not
+    held yet) and stored under their keys; otherwise the keys are looked up (ConditionMiss when one
+    is not held).
+    See the module docstring.
     """
     present = [name for name in KEYED_INPUTS if name in inputs]
     if present and len(present) != len(KEYED_INPUTS):
         raise ParameterError(present[0], f"{' and '.join(KEYED_INPUTS)} come together")
     if present:
-        states = inputs["ENCODER_STATES"].to(device, dtype)
-        mask = inputs["ENCODER_MASK"].to(device, dtype)
-        if keys is not None:
-            if len(keys) != states.shape[0]:
-                raise ParameterError(CONDITION_KEY, f"{len(keys)} keys for {states.shape[0]} rows")
-            first_row: dict[str, int] = {}
-            for row, key in enumerate(keys):
-                first_row.setdefault(key, row)
-            for key, row in first_row.items():
-                cache.put(key, states[row], mask[row])
-        return {"ENCODER_STATES": states, "ENCODER_MASK": mask}
+        states, mask = inputs["ENCODER_STATES"], inputs["ENCODER_MASK"]
+        if keys is None:
+            return prepare(states, mask)
+        if len(keys) != states.shape[0]:
+            raise ParameterError(CONDITION_KEY, f"{len(keys)} keys for {states.shape[0]} rows")
+        stored: dict[str, ConditionRow] = {}
+        first_row: dict[str, int] = {}  # keys not held yet: prepared from their first row
+        for row, key in enumerate(keys):
+            if key in stored or key in first_row:
+                continue
+            held = cache.find(key)  # a key names one set of conditions: a held one is not prepared again
+            if held is None:
+                first_row[key] = row
+            else:
+                stored[key] = held
+        if first_row:
+            index = list(first_row.values())
+            prepared = prepare(states[index], mask[index])
+            stored.update({key: cache.put(key, row) for key, row in zip(first_row, prepared)})
+        return [stored[key] for key in keys]
     if keys is None:
         raise ParameterError("ENCODER_STATES", f"missing: send {' and '.join(KEYED_INPUTS)} or {CONDITION_KEY}")
-    states, mask = _pad_tokens(cache.get(keys))
-    return {"ENCODER_STATES": states.to(device, dtype), "ENCODER_MASK": mask.to(device, dtype)}
+    return cache.get(keys)
 
 
 def request_conditions(
@@ -211,14 +269,13 @@ def request_conditions(
     sent: Mapping[str, torch.Tensor],
     keys: Sequence[str] | None,
     release: Sequence[bool] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
+    prepare: Prepare,
+) -> list[ConditionRow]:
     """`dit_step`'s handling of one request: `resolve_conditions`, then the keys of the rows whose
-    CONDITION_RELEASE is set are dropped whatever the outcome (the rows this execution needs were
-    copied out of the cache already)."""
+    CONDITION_RELEASE is set are dropped whatever the outcome (the rows this execution needs are
+    held by the returned list)."""
     try:
-        return resolve_conditions(cache, sent, keys, device, dtype)
+        return resolve_conditions(cache, sent, keys, prepare)
     finally:
         if release is not None and keys is not None:
             cache.release([key for key, flag in zip(keys, release) if flag])

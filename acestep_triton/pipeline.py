@@ -2,6 +2,9 @@
 
 Stages are the ensemble's (contract.STAGES) and call the same code the Triton models call:
 prepare_request -> text_encoder -> condition_encoder -> denoise(dit_step) -> dcae_decoder -> vocoder.
+The loop's steps go through the served loop's step function (bls_loop.StepLoop, conditions sent
+once per branch by key) to a `dit_step` callable that takes the same requests as the Triton model
+(for a loaded checkpoint, acestep_triton.dit_step.DitStep with its own condition cache).
 """
 
 from __future__ import annotations
@@ -13,23 +16,42 @@ from contextlib import contextmanager
 
 import torch
 
+from acestep_triton.bls_loop import StepLoop, branch_plan
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
+from acestep_triton.condition_cache import ConditionCache, ConditionSender, new_request_id
 from acestep_triton.contract import GenerationParams, GenerationResult
+from acestep_triton.dit_step import DitStep
 from acestep_triton.engines import load_engines
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, LatentGeometry, latent_geometry
 from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.preprocess import PreparedRequest, prepare_request
 from acestep_triton.registry import NEURAL_COMPONENTS
-from acestep_triton.sampling.conditions import Conditions, branch_inputs
+from acestep_triton.sampling.conditions import Conditions
 from acestep_triton.sampling.loop import ProgressFn, denoise
 from acestep_triton.sampling.seeds import initial_noise, make_generators
 from acestep_triton.text_tokenizer import TextTokenizer
 
 Engine = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+# The in-process condition cache: a request releases its entries at its last step; this bounds
+# what requests that stopped early (and released) could leave behind.
+CONDITION_CACHE_BYTES = 16 * 2**30
+CONDITION_CACHE_TTL_S = 600.0
+
+
+def engine_calls(engines: Mapping[str, object]) -> dict[str, Engine]:
+    """The pipeline's callables over loaded engines (TorchEngine / OnnxEngine): each one's `run`,
+    and for dit_step a DitStep with its own condition cache (it takes the loop's keyed requests)."""
+    calls: dict[str, Engine] = {name: engine.run for name, engine in engines.items()}
+    calls["dit_step"] = DitStep(engines["dit_step"], ConditionCache(CONDITION_CACHE_BYTES, CONDITION_CACHE_TTL_S))
+    return calls
 
 
 class Text2MusicPipeline:
-    """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings."""
+    """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings.
+
+    `engines` maps each component to a callable on named tensors; "dit_step"'s takes a `dit_step`
+    request as the Triton model does (conditions by CONDITION_KEY once sent: `engine_calls`).
+    """
 
     def __init__(self, text_tokenizer: TextTokenizer, lyric_tokenizer: LyricTokenizer,
                  engines: Mapping[str, Engine], device: torch.device,
@@ -55,12 +77,10 @@ class Text2MusicPipeline:
         """Load every component (one shared transformer); `accelerate` applies the gpu profile's
         speed-ups (CUDA only, see acestep_triton.acceleration)."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else validate_checkpoint(checkpoint)
-        engines = {name: engine.run
-                   for name, engine in load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate).items()}
         return cls(
             TextTokenizer.from_pretrained(ckpt.text_encoder),
             LyricTokenizer.from_file(find_lyric_vocab(ckpt, lyric_vocab)),
-            engines,
+            engine_calls(load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate)),
             torch.device(device),
             latent_geometry(ckpt),
         )
@@ -92,17 +112,13 @@ class Text2MusicPipeline:
             generators = make_generators(prepared.seeds)
             noise = initial_noise(generators, self.geometry.frames(prepared.duration), self.geometry, self.device)
 
-            per_branches: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
-
-            def step_fn(latents, timestep, branches):
-                key = tuple(branches)
-                if key not in per_branches:
-                    per_branches[key] = branch_inputs(conditions, key, noise.shape[0], noise.shape[-1],
-                                                      params.use_erg_diffusion)
-                batch = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1), **per_branches[key]}
-                return self.engines["dit_step"](batch)["VELOCITY"].to(latents)
-
-            latents = denoise(step_fn, params, noise, generators, callback)
+            loop = StepLoop(lambda batch: self.engines["dit_step"](batch)["VELOCITY"], conditions,
+                            params.use_erg_diffusion, ConditionSender(new_request_id()), branch_plan(params))
+            try:
+                latents = denoise(loop.step, params, noise, generators, callback)
+            except BaseException:
+                loop.release()
+                raise
         with stage("dcae_decoder"):
             mel = self.engines["dcae_decoder"]({"LATENTS": latents})["MEL"]
         with stage("vocoder"):

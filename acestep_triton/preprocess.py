@@ -24,6 +24,11 @@ from acestep_triton.sampling.seeds import resolve_duration, resolve_seeds
 from acestep_triton.specs import ERG_Q_SCALE
 
 EMPTY_LYRICS = ([0], [0])
+# Tokenised once when a `preprocess` instance starts, so that what tokenisation loads on first use
+# (the language identifier's model, the number spelling) does not fall on a request: with several
+# instances, each one's first request paid for it.
+WARM_UP_PARAMS = GenerationParams(prompt="warm up", lyrics="[verse]\nwarm up the tokenizers 2 times\n",
+                                  actual_seeds=(0,))
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,12 @@ class PreparedRequest:
             "SEEDS": np.asarray(self.seeds, dtype=np.int64),
             "DURATION": np.asarray([self.duration], dtype=np.float32),
         }
+
+
+def warm_up(tokenize_text: Callable[[str], tuple[Sequence[int], Sequence[int]]],
+            tokenize_lyrics: Callable[[str], Sequence[int]]) -> None:
+    """Tokenise WARM_UP_PARAMS once (the result is dropped)."""
+    prepare_request(WARM_UP_PARAMS, tokenize_text, tokenize_lyrics)
 
 
 def prepare_request(

@@ -23,6 +23,7 @@ from acestep_triton.contract import ParameterError
 from acestep_triton.specs import ComponentSpec
 
 Run = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+Collate = Callable[[ComponentSpec, Sequence[Mapping[str, torch.Tensor]]], dict[str, torch.Tensor]]
 
 
 class BatchBoundError(ParameterError):
@@ -84,14 +85,19 @@ def plan_sub_batches(sizes: Sequence[tuple[int, int]], bound: int | None) -> tup
 
 
 def _rows(inputs: Mapping[str, torch.Tensor], part: Part) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of every input (a tensor, or a list with one entry per row)."""
     return {name: value[part.start : part.stop] for name, value in inputs.items()}
 
 
 def run_bounded(
-    run: Run, spec: ComponentSpec, requests: Sequence[Mapping[str, torch.Tensor]], bound: int | None
+    run: Run, spec: ComponentSpec, requests: Sequence[Mapping[str, torch.Tensor]], bound: int | None,
+    collate: Collate = collate,
 ) -> list[dict[str, torch.Tensor] | Exception]:
-    """Outputs per request (split to its rows and lengths), or the exception that failed it."""
-    sizes = [(int(next(iter(r.values())).shape[0]), request_length(spec, r)) for r in requests]
+    """Outputs per request (split to its rows and lengths), or the exception that failed it.
+
+    `collate` batches a sub-batch's parts (batching.collate; dit_step's also joins its per-row
+    conditions); the spec's first input's first axis counts a request's rows."""
+    sizes = [(int(r[spec.inputs[0].name].shape[0]), request_length(spec, r)) for r in requests]
     batches, too_long = plan_sub_batches(sizes, bound)
     failed: dict[int, Exception] = {
         i: BatchBoundError(f"a row of {sizes[i][1]} frames exceeds this model's bound of {bound} rows x frames")

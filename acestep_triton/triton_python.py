@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -14,9 +15,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from acestep_triton.contract import ENSEMBLE_INPUTS, GenerationParams, ParameterError
+from acestep_triton.phase_log import PhaseLog
 
 log = logging.getLogger("acestep_triton")
-
 
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
     """The string parameters of the model's config.pbtxt."""
@@ -69,14 +70,19 @@ def output_tensor(name: str, value: torch.Tensor | np.ndarray):
     return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.detach().contiguous()))
 
 
+def synchronize(outputs: Iterable[torch.Tensor | np.ndarray]) -> None:
+    """Wait until the devices of the CUDA tensors among `outputs` finished writing them."""
+    for device in {v.device for v in outputs if isinstance(v, torch.Tensor) and v.is_cuda}:
+        torch.cuda.synchronize(device)
+
+
 def handoff(outputs: Mapping[str, torch.Tensor | np.ndarray]) -> list:
     """pb_utils.Tensors for `outputs`, after the device finished writing them.
 
     Another process (the server, or the model a BLS call reaches) reads CUDA outputs through its
     own stream, which does not wait for ours: synchronise once before handing them over.
     """
-    for device in {v.device for v in outputs.values() if isinstance(v, torch.Tensor) and v.is_cuda}:
-        torch.cuda.synchronize(device)
+    synchronize(outputs.values())
     return [output_tensor(name, value) for name, value in outputs.items()]
 
 
@@ -163,9 +169,15 @@ class ComponentModel:
     cut into sub-batches of at most MAX_ROW_FRAMES rows x frames when the config sets it
     (acestep_triton.sub_batches).
 
-    Subclasses name the component and may override `request_inputs`; everything else comes from the
-    config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES).
+    Subclasses name the component and may override `request_inputs` and `run`; everything else comes
+    from the config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES).
     A request that fails (bad input, out of memory in its sub-batch) gets its own error response.
+
+    Outputs go back where the request's tensors came from: a request whose tensors all arrived in
+    host memory (a loop on the CPU, a client, a stage fed by the CPU) gets host tensors, so that its
+    sender never holds a CUDA tensor. A CPU process handed one creates a CUDA context for it (~0.5 GiB
+    of GPU memory per process, and ~0.3 s at its first use: the gpu profile's 16 CPU loops held
+    8 GiB that way on the H200). Requests from the GPU get their outputs on the GPU.
     """
 
     component = ""
@@ -183,37 +195,52 @@ class ComponentModel:
         self.dtype = getattr(torch, params.get("DTYPE", "float32"))
         self.max_row_frames = int(params["MAX_ROW_FRAMES"]) if "MAX_ROW_FRAMES" in params else None
         self.time_name = stage_time_name(self.component)
+        self.phases = PhaseLog(self.component)
 
     def request_inputs(self, request) -> dict[str, torch.Tensor]:
-        """The spec's inputs of one request, on the engine's device."""
-        return {name: value.to(self.device) for name, value in
-                input_tensors(request, [t.name for t in self.spec.inputs]).items()}
+        """The spec's inputs of one request, where they arrived."""
+        return input_tensors(request, [t.name for t in self.spec.inputs])
 
-    def request_failed(self, request, exc: Exception) -> None:
-        """Called for each request that failed after its inputs were read (a hook for subclasses)."""
-
-    def execute(self, requests):
-        import time
-
+    def run(self, inputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor] | Exception]:
+        """Outputs per request of one execute() (or the exception that failed it): bounded sub-batches."""
         from acestep_triton.sub_batches import run_bounded
 
+        return run_bounded(self.engine.run, self.spec, inputs, self.max_row_frames)
+
+    def execute(self, requests):
+        """Phases (PhaseLog): inputs (reading the requests), run (the host's work up to the last
+        launch), gpu (waiting for the device to finish), respond (building the responses)."""
+        self.phases.start()
         responses: list = [None] * len(requests)
         inputs: dict[int, dict[str, torch.Tensor]] = {}
+        from_host: dict[int, bool] = {}
         for i, request in enumerate(requests):
             try:
-                inputs[i] = self.request_inputs(request)
+                arrived = self.request_inputs(request)
             except Exception as exc:  # this request fails, the others run
                 responses[i] = error_response(exc)
+                continue
+            tensors = [v for v in arrived.values() if isinstance(v, torch.Tensor)]
+            from_host[i] = all(not t.is_cuda for t in tensors)
+            inputs[i] = {name: v.to(self.device) if isinstance(v, torch.Tensor) else v for name, v in arrived.items()}
+        self.phases.mark("inputs")
         start = time.perf_counter()
         indices = list(inputs)
-        results = run_bounded(self.engine.run, self.spec, [inputs[i] for i in indices], self.max_row_frames)
+        results = self.run([inputs[i] for i in indices])
+        self.phases.mark("run")
+        synchronize(v for result in results if not isinstance(result, Exception) for v in result.values())
         elapsed = np.float32(time.perf_counter() - start)
+        self.phases.mark("gpu")
         for i, result in zip(indices, results):
             if isinstance(result, Exception):
-                self.request_failed(requests[i], result)
                 responses[i] = error_response(result)
                 continue
+            if from_host[i]:
+                result = {name: value.cpu() for name, value in result.items()}
             rows = next(iter(result.values())).shape[0]
             result[self.time_name] = np.full((rows, 1), elapsed, dtype=np.float32)
             responses[i] = response(result)
+        self.phases.mark("respond")
+        self.phases.write(requests=len(requests), rows=sum(int(next(iter(r.values())).shape[0])
+                                                          for r in results if not isinstance(r, Exception)))
         return responses

@@ -26,7 +26,11 @@ Sections, in order; each one's numbers land in triton_results.json as it finishe
                written by the gateway), median of --gateway-runs, overhead over Triton
   concurrency  for each level c, c workers send --requests-per-worker requests back to back (after one
                untimed round): audio seconds per wall second, p50/p99 latency, and the GPU memory of
-               all server processes (NVML, sampled every 0.25 s; peak)
+               all server processes (NVML, sampled every 0.25 s; peak, and each process's part at it)
+  phases       where a step's time goes: the server's models log each call's phases
+               (acestep_triton.triton_python.PhaseLog, $ACESTEP_PHASE_LOG); medians per call of `dit_step`
+               (inputs, run, gpu, respond) and of the loop's steps (loop, send, bls, receive), over the
+               single-request runs and over the highest concurrency level
   stats        Triton's /v2/models/stats per model: rows per execution, queue / input / infer / output
                milliseconds per request (cumulative over everything above)
   perf_analyzer  against `acestep` and `dit_step`, when the binary and its libraries (libb64, libcudart)
@@ -73,6 +77,7 @@ from acestep_triton.checkpoint import (
 )
 from acestep_triton.contract import ENSEMBLE_NAME, STAGES, GenerationParams
 from acestep_triton.ensemble_client import infer_inputs, read_result
+from acestep_triton.phase_log import PHASE_LOG_ENV
 from benchmarks.bench_pipeline import (
     DEFAULT_LYRIC_VOCAB,
     FULL_SIZE_CONFIGS,
@@ -170,7 +175,22 @@ class ServerMemory:
         mine = {pid: b for pid, b in used.items() if pid in group}
         pid_match = bool(mine)
         counted = mine if pid_match else {pid: b for pid, b in used.items() if pid != os.getpid()}
-        return {"mib": sum(counted.values()) / 2**20, "processes": len(counted), "pid_match": pid_match}
+        per_process: dict[str, float] = {}
+        for pid, used_bytes in counted.items():
+            name = process_name(pid)
+            per_process[name] = per_process.get(name, 0.0) + used_bytes / 2**20
+        return {"mib": sum(counted.values()) / 2**20, "processes": len(counted), "pid_match": pid_match,
+                "mib_per_model": per_process}
+
+
+def process_name(pid: int) -> str:
+    """The Triton model a python-backend stub serves (its model.py's folder), else the program's name."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    model = next((a for a in args if a.endswith("/model.py")), None)
+    return Path(model).parents[1].name if model else Path(args[0]).name
 
 
 class MemoryPeak:
@@ -196,6 +216,34 @@ class MemoryPeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def phase_summary(folder: Path, since: float, until: float) -> dict:
+    """Per model, the median milliseconds of each phase per call over the calls logged (PhaseLog) in
+    [since, until] (wall clock), the calls counted and their median rows."""
+    calls: dict[str, list[dict]] = {}
+    for path in folder.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            if since <= entry["t"] <= until:
+                calls.setdefault(entry.pop("model"), []).append(entry)
+    summary = {}
+    for model, entries in calls.items():
+        phases = list(dict.fromkeys(k for e in entries for k, v in e.items() if isinstance(v, float) and k != "t"))
+        summary[model] = {"calls": len(entries),
+                          "rows_median": statistics.median(e.get("rows", 0) for e in entries),
+                          "ms_median": {p: statistics.median(e.get(p, 0.0) for e in entries) for p in phases},
+                          "ms_mean": {p: statistics.fmean(e.get(p, 0.0) for e in entries) for p in phases}}
+    return summary
+
+
+def phase_text(summary: dict) -> str:
+    return "; ".join(f"{model} ({s['calls']} calls, {s['rows_median']:g} rows): "
+                     + ", ".join(f"{p} {v:.2f}" for p, v in s["ms_median"].items()) + " ms"
+                     for model, s in sorted(summary.items()))
 
 
 # ----------------------------------------------------------------------------- Triton clients
@@ -486,17 +534,23 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
                                   args.lyric_vocab, overrides=overrides)
     pool = [f"--cuda-memory-pool-byte-size={gpu}:{args.cuda_pool_mib * 2**20}"
             for gpu in range(torch.cuda.device_count())]
+    phase_dir = Path(args.work) / f"phases-{name}"
+    shutil.rmtree(phase_dir, ignore_errors=True)
+    phase_dir.mkdir(parents=True)
     server = TritonServer(repository, log_path=run.out / f"tritonserver-{name}.log",
-                          startup_timeout_s=args.startup_timeout_s, env=SERVER_ENV, python=args.server_python,
-                          extra_args=pool)
+                          startup_timeout_s=args.startup_timeout_s, env={**SERVER_ENV, PHASE_LOG_ENV: str(phase_dir)},
+                          python=args.server_python, extra_args=pool)
     start = time.perf_counter()
     with server:
         into["server_start_s"] = time.perf_counter() - start
         memory = run.section("memory_probe", lambda: {"idle": ServerMemory(server.process.pid).sample()}, into)
         nvml = ServerMemory(server.process.pid) if memory else None
         print(f"tritonserver ready in {into['server_start_s']:.0f} s", flush=True)
+        since = time.time()
         single_out = run.section("single", lambda: _single(server.grpc_url, params, args.runs, into), into,
                                  required=True)
+        into["phases_single"] = phase_summary(phase_dir, since, time.time())
+        print("phases, single request (median ms per call): " + phase_text(into["phases_single"]), flush=True)
         if single_out is not None and reference is not None:
             run.section("correctness", lambda: correctness(single_out, reference, args.max_rel_l2), into,
                         required=True)
@@ -505,8 +559,11 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
                                                            run.out), into)
         into["levels"] = []
         for concurrency in levels:
+            since = time.time()
             level = run.section(f"concurrency_{concurrency}", lambda c=concurrency: asyncio.run(
                 load_level(server.grpc_url, params, c, args.requests_per_worker, nvml)), into)
+            if level is not None:
+                level["phases"] = phase_summary(phase_dir, since, time.time())
             if level is not None:
                 into["levels"].append(level)
                 memory_text = (f"{level['gpu_memory_peak']['mib'] / 1024:.1f} GiB"
@@ -514,11 +571,19 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
                 print(f"concurrency {concurrency:2d}: {level['audio_s_per_s']:6.1f} audio s / s, p50 "
                       f"{level['latency_p50_s']:.2f} s, p99 {level['latency_p99_s']:.2f} s, GPU {memory_text}",
                       flush=True)
+        if into["levels"]:
+            top = into["levels"][-1]
+            print(f"phases at concurrency {top['concurrency']} (median ms per call): {phase_text(top['phases'])}",
+                  flush=True)
+            if top["gpu_memory_peak"]:
+                print("GPU memory per model at that peak (MiB): " + json.dumps(
+                    {k: round(v) for k, v in top["gpu_memory_peak"]["mib_per_model"].items()}), flush=True)
         if full and args.perf_analyzer_concurrency:
             run.section("perf_analyzer", lambda: perf_analyzer_section(
                 checkpoint, Path(args.lyric_vocab), server.grpc_url, params, run.out, args.perf_analyzer_concurrency),
                 into)
         run.section("stats", lambda: model_stats(server.http_url), into, required=True)
+    shutil.copytree(phase_dir, run.out / phase_dir.name, dirs_exist_ok=True)  # every call, for a closer look
     return into
 
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from acestep_triton.checkpoint import DCAE_DIR, TEXT_ENCODER_DIR, TRANSFORMER_DIR, VOCODER_DIR, Checkpoint
-from acestep_triton.components import component_module, keep_transformer_parts
+from acestep_triton.components import keep_parts
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.registry import component_spec
+from acestep_triton.registry import component, component_spec, resolve
 from acestep_triton.versions import ONNX_OPSET
 from export.onnx_export import COMPONENTS, export_onnx, parameter_bytes
 from export.progress import stage
@@ -65,7 +65,7 @@ def build_module(name: str, configs: Path, seed: int = WEIGHT_SEED) -> torch.nn.
 
         with torch.device("meta"):
             model = ACEStepTransformer.from_config(ACEStepTransformer.load_config(configs / TRANSFORMER_DIR))
-        keep_transformer_parts(model, [name])
+        keep_parts(model, [name])
         model.to_empty(device="cpu")
         _random_init(model, seed)
     elif name == "text_encoder":
@@ -85,7 +85,7 @@ def build_module(name: str, configs: Path, seed: int = WEIGHT_SEED) -> torch.nn.
         model = ADaMoSHiFiGAN.from_config(ADaMoSHiFiGAN.load_config(configs / VOCODER_DIR)).eval()
     else:
         raise ValueError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
-    return component_module(name, model).float().eval().requires_grad_(False)
+    return resolve(component(name).module)(model).float().eval().requires_grad_(False)
 
 
 def _timed(fn) -> tuple[object, float]:

@@ -101,7 +101,9 @@ class Profile:
     # the most rows x latent frames one dit_step forward holds (acestep_triton.sub_batches): more
     # rows in one execution run in several forwards, so running out of memory fails one sub-batch
     dit_max_row_frames: int = 64 * PUBLISHED_GEOMETRY.frames(MAX_DURATION_S)
-    condition_cache_mib: int = 1024  # per dit_step instance; LRU beyond it
+    # per dit_step instance; LRU beyond it. An entry is a branch's prepared cross-attention keys and
+    # values (full size, bf16: ~126 MiB per 512 condition tokens), so 8 GiB holds ~32 requests' branches
+    condition_cache_mib: int = 8192
     condition_cache_ttl_s: float = 300.0  # an entry unused this long is dropped
 
 
@@ -112,9 +114,10 @@ class Profile:
 # PyTorch's expandable segments (which the server's models keep for their memory), an allocator of
 # its own (LOOP_CUDA_ALLOC_CONF). `bench_triton --variant loop_device=cuda` measures the other choice.
 # The gpu profile's counts: preprocess tokenises on the CPU (Python, one request at a time per
-# instance), the decoders take ~0.1-0.2 s per 60 s request each, so two instances keep a request
-# from waiting for the previous one's decode. Starting values, to be set by measurement.
-GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocoder_instances": 2}
+# instance). One instance each of the decoders: they are GPU-bound (~40 and ~100 ms per 60 s item),
+# so a second instance only interleaves with the first on the same GPU, and it held its own weights,
+# graphs and cuDNN workspaces (the 2026-11-30 H200 run: 52 GiB at 8 concurrent with two each).
+GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 1, "vocoder_instances": 1}
 
 PROFILES = {
     "cpu": Profile("cpu", "pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),

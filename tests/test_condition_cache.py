@@ -15,18 +15,18 @@ from acestep_triton.condition_cache import (
     ConditionCache,
     ConditionKey,
     ConditionMiss,
+    ConditionRow,
     ConditionSender,
+    condition_rows,
     decode_keys,
     is_miss,
     new_request_id,
     resolve_conditions,
+    stack_rows,
 )
 from acestep_triton.contract import ParameterError, TensorSpec
 from acestep_triton.specs import ComponentSpec
 from acestep_triton.sub_batches import BatchBoundError, Part, plan_sub_batches, run_bounded
-
-CPU = torch.device("cpu")
-
 
 class Clock:
     def __init__(self) -> None:
@@ -36,24 +36,46 @@ class Clock:
         return self.now
 
 
-def row(seed: int, tokens: int = 5, dim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def row(seed: int, tokens: int = 5, dim: int = 4) -> ConditionRow:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(tokens, dim, generator=g), torch.ones(tokens)
+    return ConditionRow(torch.randn(tokens, dim, generator=g), torch.ones(tokens))
+
+
+def as_rows(states: torch.Tensor, mask: torch.Tensor) -> list[ConditionRow]:
+    """A stand-in `prepare` that records how many rows it prepared."""
+    as_rows.prepared += states.shape[0]
+    return condition_rows(states * 2, mask)
 
 
 def test_put_copies_and_get_returns_rows_in_key_order() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
-    states, mask = row(0)
-    cache.put("a", states, mask)
-    states.zero_()  # the request's memory is reused after execute(): the cache must not alias it
-    cache.put("b", *row(1))
+    first = row(0)
+    stored = cache.put("a", first)
+    first.tokens.zero_()  # the request's memory is reused after execute(): the cache must not alias it
+    cache.put("b", row(1))
     got = cache.get(["b", "a", "b"])
-    assert torch.equal(got[1][0], row(0)[0]) and torch.equal(got[0][0], row(1)[0]) and got[2][0] is got[0][0]
+    assert torch.equal(got[1].tokens, row(0).tokens) and torch.equal(got[0].tokens, row(1).tokens)
+    assert got[2] is got[0] and got[1] is stored and stored.serial != first.serial
+
+
+def test_serials_are_unique_and_views_of_a_batch_are_stored_compactly() -> None:
+    batch = torch.randn(3, 5, 4)
+    rows = condition_rows(batch, torch.ones(3, 5))
+    assert len({r.serial for r in rows}) == 3 and rows[1].tokens.data_ptr() == batch[1].data_ptr()
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    stored = cache.put("k", rows[1])
+    assert cache.nbytes == stored.nbytes == (5 * 4 + 5) * 4 and stored.tokens.untyped_storage().nbytes() == 5 * 4 * 4
+
+
+def test_stack_rows_pads_tokens_with_zeros_and_the_mask_with_its_fill() -> None:
+    tokens, mask = stack_rows([row(0, tokens=3), row(1, tokens=5)], float("-inf"))
+    assert tokens.shape == (2, 5, 4) and torch.equal(tokens[0, :3], row(0, tokens=3).tokens)
+    assert tokens[0, 3:].abs().sum() == 0 and mask[0].tolist() == [1, 1, 1, float("-inf"), float("-inf")]
 
 
 def test_miss_names_every_missing_key_and_is_recognisable() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
-    cache.put("a", *row(0))
+    cache.put("a", row(0))
     with pytest.raises(ConditionMiss) as info:
         cache.get(["a", "x", "y", "x"])
     assert info.value.keys == ("x", "y")
@@ -63,10 +85,10 @@ def test_miss_names_every_missing_key_and_is_recognisable() -> None:
 
 def test_release_frees_bytes_and_tolerates_absent_keys() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
-    cache.put("a", *row(0))
-    cache.put("b", *row(1))
+    cache.put("a", row(0))
+    cache.put("b", row(1))
     assert cache.release(["a", "zzz"]) == 1
-    assert "a" not in cache and "b" in cache and cache.nbytes == sum(t.nbytes for t in row(1))
+    assert "a" not in cache and "b" in cache and cache.nbytes == row(1).nbytes
     cache.clear()
     assert len(cache) == 0 and cache.nbytes == 0
 
@@ -74,22 +96,22 @@ def test_release_frees_bytes_and_tolerates_absent_keys() -> None:
 def test_ttl_drops_entries_unused_for_that_long() -> None:
     clock = Clock()
     cache = ConditionCache(max_bytes=2**20, ttl_s=10, clock=clock)
-    cache.put("old", *row(0))
-    cache.put("used", *row(1))
+    cache.put("old", row(0))
+    cache.put("used", row(1))
     clock.now = 8
     cache.get(["used"])
     clock.now = 15
-    assert torch.equal(cache.get(["used"])[0][0], row(1)[0])
+    assert torch.equal(cache.get(["used"])[0].tokens, row(1).tokens)
     assert "old" not in cache
 
 
 def test_lru_bound_evicts_least_recently_used_first() -> None:
-    one = sum(t.nbytes for t in row(0))
+    one = row(0).nbytes
     cache = ConditionCache(max_bytes=2 * one, ttl_s=60)
-    cache.put("a", *row(0))
-    cache.put("b", *row(1))
+    cache.put("a", row(0))
+    cache.put("b", row(1))
     cache.get(["a"])
-    cache.put("c", *row(2))
+    cache.put("c", row(2))
     assert "a" in cache and "c" in cache and "b" not in cache and cache.nbytes <= 2 * one
 
 
@@ -101,40 +123,57 @@ def test_keys_are_unique_per_request_and_branch() -> None:
     assert str(ConditionKey(first, "cond", adapter="lora-a")) != str(ConditionKey(first, "cond"))
 
 
-def test_resolve_inline_with_keys_stores_first_row_of_each_key() -> None:
+def test_resolve_inline_with_keys_prepares_and_stores_the_first_row_of_each_key_once() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
-    (s0, m0), (s1, m1) = row(0), row(1)
-    inputs = {"ENCODER_STATES": torch.stack([s0, s0, s1]), "ENCODER_MASK": torch.stack([m0, m0, m1])}
-    out = resolve_conditions(cache, inputs, ["k0", "k0", "k1"], CPU, torch.float32)
-    assert torch.equal(out["ENCODER_STATES"], inputs["ENCODER_STATES"])
-    assert len(cache) == 2 and torch.equal(cache.get(["k1"])[0][0], s1)
+    r0, r1 = row(0), row(1)
+    inputs = {"ENCODER_STATES": torch.stack([r0.tokens, r0.tokens, r1.tokens]),
+              "ENCODER_MASK": torch.stack([r0.mask, r0.mask, r1.mask])}
+    as_rows.prepared = 0
+    out = resolve_conditions(cache, inputs, ["k0", "k0", "k1"], as_rows)
+    assert as_rows.prepared == 2 and len(cache) == 2
+    assert out[0] is out[1] and torch.equal(out[2].tokens, 2 * r1.tokens)
+    assert cache.get(["k1", "k0"]) == [out[2], out[0]]  # later steps decode the very same rows
 
 
-def test_resolve_by_key_rebuilds_the_rows_and_pads_tokens() -> None:
+def test_resolve_inline_prepares_only_keys_not_held_yet() -> None:
+    """The loop sends (cond, null) inline when null is new and cond is held: cond is not prepared
+    again, and its rows are the held ones (the decode's buffer then copies nothing for them)."""
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
-    cache.put("short", *row(0, tokens=3))
-    cache.put("long", *row(1, tokens=5))
-    out = resolve_conditions(cache, {}, ["long", "short", "short"], CPU, torch.float64)
-    assert out["ENCODER_STATES"].shape == (3, 5, 4) and out["ENCODER_STATES"].dtype == torch.float64
-    assert torch.equal(out["ENCODER_STATES"][1, :3], row(0, tokens=3)[0].double())
-    assert out["ENCODER_MASK"][1].tolist() == [1, 1, 1, 0, 0] and out["ENCODER_STATES"][1, 3:].abs().sum() == 0
+    held = cache.put("cond", row(0))
+    r1 = row(1)
+    inputs = {"ENCODER_STATES": torch.stack([row(0).tokens, r1.tokens]),
+              "ENCODER_MASK": torch.stack([held.mask, r1.mask])}
+    as_rows.prepared = 0
+    out = resolve_conditions(cache, inputs, ["cond", "null"], as_rows)
+    assert as_rows.prepared == 1 and out[0] is held and torch.equal(out[1].tokens, 2 * r1.tokens)
+
+
+def test_resolve_by_key_returns_the_stored_rows_without_preparing() -> None:
+    cache = ConditionCache(max_bytes=2**20, ttl_s=60)
+    short, long = cache.put("short", row(0, tokens=3)), cache.put("long", row(1, tokens=5))
+    as_rows.prepared = 0
+    assert resolve_conditions(cache, {}, ["long", "short", "short"], as_rows) == [long, short, short]
+    assert as_rows.prepared == 0
 
 
 def test_resolve_without_states_or_keys_is_a_clear_error() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
     with pytest.raises(ParameterError, match="CONDITION_KEY"):
-        resolve_conditions(cache, {}, None, CPU, torch.float32)
+        resolve_conditions(cache, {}, None, as_rows)
     with pytest.raises(ParameterError, match="come together"):
-        resolve_conditions(cache, {"ENCODER_STATES": row(0)[0][None]}, None, CPU, torch.float32)
+        resolve_conditions(cache, {"ENCODER_STATES": row(0).tokens[None]}, None, as_rows)
+    with pytest.raises(ParameterError, match="2 keys for 1 rows"):
+        resolve_conditions(cache, {"ENCODER_STATES": row(0).tokens[None], "ENCODER_MASK": row(0).mask[None]},
+                           ["a", "b"], as_rows)
     with pytest.raises(ConditionMiss):
-        resolve_conditions(cache, {}, ["never-sent"], CPU, torch.float32)
+        resolve_conditions(cache, {}, ["never-sent"], as_rows)
 
 
-def test_direct_client_states_are_used_and_not_stored() -> None:
+def test_direct_client_states_are_prepared_and_not_stored() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
-    s, m = row(0)
-    out = resolve_conditions(cache, {"ENCODER_STATES": s[None], "ENCODER_MASK": m[None]}, None, CPU, torch.float32)
-    assert torch.equal(out["ENCODER_STATES"][0], s) and len(cache) == 0
+    r = row(0)
+    out = resolve_conditions(cache, {"ENCODER_STATES": r.tokens[None], "ENCODER_MASK": r.mask[None]}, None, as_rows)
+    assert torch.equal(out[0].tokens, 2 * r.tokens) and len(cache) == 0
 
 
 def test_sender_sends_inline_until_held_and_again_after_a_miss() -> None:

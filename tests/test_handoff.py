@@ -1,7 +1,7 @@
 """Conditions cross into dit_step once per request; bounded dit_step batches; on the tiny checkpoint.
 
 First the loop side (acestep_triton.bls_loop) against dit_step's own request handling
-(condition_cache.request_conditions) and the real DiT, without a server. Then dit_step served by a
+(acestep_triton.dit_step.DitStep) and the real DiT, without a server. Then dit_step served by a
 real tritonserver: a direct client, keys, misses, releases, requests of different conditions in one
 batch, and the rows x frames bound. The whole ensemble through this path is
 tests/test_triton_repository.py (it must equal the in-process pipeline).
@@ -19,23 +19,15 @@ import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from acestep_triton.bls_loop import DitStepError, StepLoop
+from acestep_triton.bls_loop import StepLoop, branch_plan
 from acestep_triton.checkpoint import validate_checkpoint
-from acestep_triton.condition_cache import (
-    MISS_MESSAGE,
-    ConditionCache,
-    ConditionMiss,
-    ConditionSender,
-    decode_keys,
-    request_conditions,
-)
+from acestep_triton.condition_cache import MISS_MESSAGE, ConditionCache, ConditionSender, decode_keys
 from acestep_triton.contract import GenerationParams
+from acestep_triton.dit_step import DitStep
 from acestep_triton.engines import load_engines
 from acestep_triton.geometry import PUBLISHED_GEOMETRY
 from acestep_triton.sampling.conditions import Conditions
-from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.loop import denoise
-from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, make_generators
 from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 from export.build_repository import build_repository
@@ -57,32 +49,24 @@ def conditions(dim: int, seed: int, branches=("cond", "null")) -> Conditions:
     return Conditions(tuple(branches), torch.randn(len(branches), TOKENS, dim, generator=g), mask)
 
 
-class DitStep:
-    """dit_step's request handling without Triton: the condition cache, then the DiT; records what it got."""
+class Recorded:
+    """dit_step's request handling without Triton (acestep_triton.dit_step.DitStep, as the in-process
+    pipeline calls it); records what each request carried."""
 
     def __init__(self, engine, cache: ConditionCache) -> None:
-        self.engine, self.cache = engine, cache
+        self.step, self.cache = DitStep(engine, cache), cache
         self.requests: list[dict] = []
 
     def __call__(self, batch):
         keys = decode_keys(batch[CONDITION_KEY]) if CONDITION_KEY in batch else None
         release = batch[CONDITION_RELEASE].reshape(-1).tolist() if CONDITION_RELEASE in batch else None
         self.requests.append({"inline": "ENCODER_STATES" in batch, "keys": keys, "release": release})
-        sent = {name: batch[name] for name in KEYED_INPUTS if name in batch}
-        try:
-            resolved = request_conditions(self.cache, sent, keys, release, torch.device("cpu"), torch.float32)
-        except ConditionMiss as miss:
-            raise DitStepError("dit_step", str(miss)) from None
-        inputs = {**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, **resolved}
-        return self.engine.run(inputs)["VELOCITY"]
+        return self.step(batch)["VELOCITY"]
 
 
 def run_loop(engine, dit_call, cond: Conditions, with_cache: bool, callback=None):
     sender = ConditionSender("request-1") if with_cache else None
-    schedule = flow_match_schedule(PARAMS.scheduler_type, PARAMS.infer_step)
-    guidance = Guidance(PARAMS, schedule.num_inference_steps)
-    plan = [guidance.branches(i) for i in range(len(schedule.timesteps))]
-    loop = StepLoop(dit_call, cond, PARAMS.use_erg_diffusion, sender, plan)
+    loop = StepLoop(dit_call, cond, PARAMS.use_erg_diffusion, sender, branch_plan(PARAMS))
     generators = make_generators(PARAMS.actual_seeds)
     noise = initial_noise(generators, FRAMES)
     try:
@@ -94,9 +78,9 @@ def run_loop(engine, dit_call, cond: Conditions, with_cache: bool, callback=None
 
 def test_conditions_cross_once_per_branch_and_the_result_equals_sending_them_every_step(dit) -> None:
     cond = conditions(dit.spec.input("ENCODER_STATES").dims[-1], seed=0)
-    every_step, _ = run_loop(dit, DitStep(dit, ConditionCache(2**20, 60)), cond, with_cache=False)
+    every_step, _ = run_loop(dit, Recorded(dit, ConditionCache(2**20, 60)), cond, with_cache=False)
     cache = ConditionCache(2**20, 60)
-    served = DitStep(dit, cache)
+    served = Recorded(dit, cache)
     latents, _ = run_loop(dit, served, cond, with_cache=True)
     assert torch.equal(latents, every_step)
     assert len(served.requests) == PARAMS.infer_step  # no call beyond the steps: releases ride on them
@@ -109,9 +93,9 @@ def test_conditions_cross_once_per_branch_and_the_result_equals_sending_them_eve
 
 def test_a_miss_is_answered_by_sending_the_conditions_again(dit) -> None:
     cond = conditions(dit.spec.input("ENCODER_STATES").dims[-1], seed=1)
-    reference, _ = run_loop(dit, DitStep(dit, ConditionCache(2**20, 60)), cond, with_cache=False)
+    reference, _ = run_loop(dit, Recorded(dit, ConditionCache(2**20, 60)), cond, with_cache=False)
     cache = ConditionCache(2**20, 60)
-    served = DitStep(dit, cache)
+    served = Recorded(dit, cache)
 
     def evict(step, total):  # another instance / a restarted stub: the entries are gone
         if step == 3:
@@ -128,7 +112,7 @@ def test_a_miss_is_answered_by_sending_the_conditions_again(dit) -> None:
 def test_a_stopped_loop_releases_its_conditions(dit, failure) -> None:
     cond = conditions(dit.spec.input("ENCODER_STATES").dims[-1], seed=2)
     cache = ConditionCache(2**20, 60)
-    served = DitStep(dit, cache)
+    served = Recorded(dit, cache)
 
     def stop(step, total):
         if step == 2:

@@ -15,8 +15,9 @@ import pytest
 from safetensors import safe_open
 
 from acestep_triton.lyrics import LyricTokenizer, build_tiny_lyric_vocab, detect_language, normalize_line
-from acestep_triton.lyrics.language import language_counts
+from acestep_triton.lyrics.language import _classify, _identifier, language_counts
 from acestep_triton.lyrics.tokenizer import SUPPORTED_LANGUAGES, language_tag
+from acestep_triton.preprocess import warm_up
 
 WHOLE_LYRICS_CASES = ("a_euler_apg_erg", "b_heun_cfg_noerg", "e_empty_lyrics")
 
@@ -198,3 +199,19 @@ def test_vocab_without_lyric_tokens_is_rejected(tmp_path: Path) -> None:
     stripped.write_text(json.dumps(vocab), encoding="utf-8")
     with pytest.raises(ValueError, match=r"stripped\.json lacks the tokens \['\[START\]'\]"):
         LyricTokenizer.from_file(stripped)
+
+
+@pytest.mark.parametrize("line", ["Headlights paint the empty road", "Bonjour tout le monde",
+                                  "Hola amigos de la noche", "你好世界", "Привет мир",
+                                  "Guten Abend, meine Damen und Herren", "hello 123"])
+def test_sparse_language_scores_equal_py3langid(line: str) -> None:
+    """_classify takes the classifier's product over the line's features only: same language, and
+    the probability py3langid gives up to float32 summation order."""
+    language, probability = _identifier().classify(line)
+    assert _classify(line) == (language, pytest.approx(round(float(probability), 3), abs=1e-3))
+
+
+def test_warm_up_loads_the_language_identifier(tokenizer: LyricTokenizer) -> None:
+    _identifier.cache_clear()
+    warm_up(lambda prompt: ([1], [1]), tokenizer.tokenize)
+    assert _identifier.cache_info().currsize == 1

@@ -40,7 +40,7 @@ def test_gpu_profile_instances_devices_and_handoff(tmp_path, tiny_checkpoint, ly
         group = found[name].instance_group[0]
         assert group.kind == KIND_GPU and group.count == getattr(gpu, f"{name}_instances")
         assert params(found[name])["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
-    assert found["dcae_decoder"].instance_group[0].count == 2 and found["dit_step"].instance_group[0].count == 1
+    assert found["dcae_decoder"].instance_group[0].count == 1 and found["dit_step"].instance_group[0].count == 1
     dit = found["dit_step"]
     optional = {i.name for i in dit.input if i.optional}
     assert optional == {"ENCODER_STATES", "ENCODER_MASK", CONDITION_KEY, CONDITION_RELEASE}

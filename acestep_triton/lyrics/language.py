@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
+import numpy as np
+
 from acestep_triton.lyrics.numbers_zh import SSML_READINGS, UnreadableNumberError
 
 # The py3langid language set; upstream passes it (in this order) as LangSegment's filters.
@@ -132,8 +134,17 @@ def _identifier():
 
 
 def _classify(text: str) -> tuple[str, float]:
-    language, probability = _identifier().classify(text)
-    return language, round(float(probability), 3)
+    """py3langid's `classify`, with its feature product taken over the features the text has: a
+    line has a few dozen of the model's 7480, and the dense product (a BLAS call per line, threaded
+    and contended in a busy server) was ~90 % of tokenising lyrics. The result differs from the
+    dense product only by float32 summation order (~1e-6 on the probability)."""
+    identifier = _identifier()
+    features = identifier.instance2fv(text)
+    present = np.flatnonzero(features)
+    scores = features[present].astype(identifier.nb_ptc.dtype) @ identifier.nb_ptc[present] + identifier.nb_pc
+    probabilities = identifier.norm_probs(scores)
+    best = int(np.argmax(probabilities))
+    return identifier.nb_classes[best], round(float(probabilities[best]), 3)
 
 
 class _LineSegmenter:

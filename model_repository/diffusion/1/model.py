@@ -25,15 +25,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.bls_loop import DitStepError, StepLoop
+from acestep_triton.bls_loop import DitStepError, StepLoop, branch_plan
 from acestep_triton.condition_cache import ConditionSender, new_request_id
-from acestep_triton.contract import BRANCHES, ParameterError
+from acestep_triton.contract import BRANCHES, GenerationParams, ParameterError
 from acestep_triton.sampling.conditions import Conditions
-from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.loop import denoise
-from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, latent_frames, make_generators
 from acestep_triton.triton_python import (
+    PhaseLog,
     error_response,
     handoff,
     input_tensors,
@@ -58,6 +57,7 @@ class TritonPythonModel:
         if "TORCH_THREADS" in params:  # many loop instances side by side: keep each one's CPU math small
             torch.set_num_threads(int(params["TORCH_THREADS"]))
         self.device = torch.device(params["LOOP_DEVICE"])
+        self.phases = PhaseLog("diffusion")
         self.preferred_memory = None
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
@@ -65,20 +65,40 @@ class TritonPythonModel:
             torch.cuda.memory._set_allocator_settings(params["CUDA_ALLOC_CONF"])
             torch.cuda.set_device(self.device)
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """The loop's own work once (contract defaults, a stand-in step), so that an instance's first
+        request does not pay for what the scheduler and guidance load or build on first use."""
+        params = GenerationParams(prompt="", lyrics="", audio_duration=1.0, actual_seeds=(0,))
+        generators = make_generators([0])
+        noise = initial_noise(generators, latent_frames(params.audio_duration), device=self.device)
+        denoise(lambda latents, timestep, branches: torch.zeros_like(latents), params, noise, generators)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
 
     def _call(self, batch) -> torch.Tensor:
-        """One BLS call to dit_step: its VELOCITY on the loop's device, or DitStepError."""
+        """One BLS call to dit_step: its VELOCITY on the loop's device, or DitStepError.
+
+        Phases (PhaseLog, one line per step): loop (since the previous step's call returned: the
+        scheduler, guidance and this step's inputs), send, bls (the call's round trip), receive."""
+        self.phases.mark("loop")
         options = {} if self.preferred_memory is None else {"preferred_memory": self.preferred_memory}
+        inputs = handoff(batch)
+        self.phases.mark("send")
         result = pb_utils.InferenceRequest(
-            model_name=DIT_MODEL, requested_output_names=[DIT_OUTPUT], inputs=handoff(batch), **options
+            model_name=DIT_MODEL, requested_output_names=[DIT_OUTPUT], inputs=inputs, **options
         ).exec()
+        self.phases.mark("bls")
         if result.has_error():
+            self.phases.write(error=True)
             raise DitStepError(DIT_MODEL, result.error().message())
         velocity = pb_utils.get_output_tensor_by_name(result, DIT_OUTPUT)
-        return torch.from_dlpack(velocity.to_dlpack()).to(self.device)
+        velocity = torch.from_dlpack(velocity.to_dlpack()).to(self.device)
+        self.phases.mark("receive")
+        self.phases.write(rows=int(velocity.shape[0]), inline="ENCODER_STATES" in batch)
+        return velocity
 
     def after_step(self, request, step: int, total: int) -> None:
         """Runs after each step (0-based `step` of `total`): stops a cancelled request. `acestep_stream`
@@ -88,6 +108,7 @@ class TritonPythonModel:
 
     def _one(self, request):
         start = time.perf_counter()
+        self.phases.start()
         loop = None
         try:
             tensors = input_tensors(request, ["ENCODER_STATES", "ENCODER_MASK", "SEEDS", "DURATION"])
@@ -100,10 +121,7 @@ class TritonPythonModel:
             generators = make_generators(tensors["SEEDS"].cpu().tolist())
             noise = initial_noise(generators, latent_frames(duration), device=self.device)
             sender = ConditionSender(new_request_id()) if self.use_cache else None
-            schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
-            guidance = Guidance(params, schedule.num_inference_steps)
-            plan = [guidance.branches(i) for i in range(len(schedule.timesteps))]
-            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, plan)
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, branch_plan(params))
 
             latents = denoise(loop.step, params, noise, generators, lambda i, total: self.after_step(request, i, total))
         except Exception as exc:

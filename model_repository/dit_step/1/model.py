@@ -4,15 +4,14 @@ Inputs: the dit_step spec (acestep_triton.specs: LATENTS [N, 8, 16, T], ATTENTIO
 ENCODER_STATES [N, L, D], ENCODER_MASK [N, L], TIMESTEP [N, 1], Q_SCALE [N, 1]), where
 ENCODER_STATES / ENCODER_MASK are optional when CONDITION_KEY [N, 1] names cached rows, and
 CONDITION_RELEASE [N, 1] frees the request's keys. Outputs: VELOCITY [N, 8, 16, T], TIME_DIT_STEP [N, 1].
-The cache's semantics are in acestep_triton.condition_cache; batching and bounds in
-acestep_triton.triton_python.ComponentModel.
+The request handling (cache, prepared conditions, bounded sub-batches) is acestep_triton.dit_step.DitStep;
+the cache's semantics are in acestep_triton.condition_cache.
 """
 
-import torch
-
-from acestep_triton.condition_cache import ConditionCache, decode_keys, request_conditions
-from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
-from acestep_triton.triton_python import ComponentModel, input_array, input_tensor, input_tensors, model_parameters
+from acestep_triton.condition_cache import ConditionCache
+from acestep_triton.dit_step import DitStep
+from acestep_triton.specs import CONDITION_INPUTS
+from acestep_triton.triton_python import ComponentModel, input_array, input_tensor, model_parameters
 
 
 class TritonPythonModel(ComponentModel):
@@ -21,30 +20,18 @@ class TritonPythonModel(ComponentModel):
     def initialize(self, args):
         super().initialize(args)
         params = model_parameters(args)
-        self.cache = ConditionCache(int(params["CONDITION_CACHE_MIB"]) * 2**20, float(params["CONDITION_CACHE_TTL_S"]))
+        cache = ConditionCache(int(params["CONDITION_CACHE_MIB"]) * 2**20, float(params["CONDITION_CACHE_TTL_S"]))
+        self.step = DitStep(self.engine, cache, self.max_row_frames, self.phases)
 
-    @staticmethod
-    def _keys(request) -> list[str] | None:
-        array = input_array(request, CONDITION_KEY)
-        return None if array is None else decode_keys(array)
+    def request_inputs(self, request) -> dict:
+        """The request as DitStep takes it: the numeric inputs it sent as tensors where they arrived,
+        its keys and release flags as numpy."""
+        inputs = {t.name: input_tensor(request, t.name) for t in self.spec.inputs}
+        inputs.update({t.name: input_array(request, t.name) for t in CONDITION_INPUTS})
+        return {name: value for name, value in inputs.items() if value is not None}
 
-    def request_inputs(self, request) -> dict[str, torch.Tensor]:
-        """Spec inputs on the device; the conditions inline or from the cache (released here when flagged)."""
-        names = [t.name for t in self.spec.inputs if t.name not in KEYED_INPUTS]
-        inputs = {name: value.to(self.device) for name, value in input_tensors(request, names).items()}
-        sent = {name: input_tensor(request, name) for name in KEYED_INPUTS}
-        keys = self._keys(request)
-        release = input_array(request, CONDITION_RELEASE)
-        inputs.update(request_conditions(self.cache, {k: v for k, v in sent.items() if v is not None}, keys,
-                                         None if release is None else release.reshape(-1).tolist(),
-                                         self.device, self.dtype))
-        return inputs
-
-    def request_failed(self, request, exc: Exception) -> None:
-        """A request that failed here (e.g. out of memory) frees its conditions: the loop gives up on it."""
-        keys = self._keys(request)
-        if keys is not None:
-            self.cache.release(keys)
+    def run(self, inputs):
+        return self.step.execute(inputs)
 
     def finalize(self):
-        self.cache.clear()
+        self.step.cache.clear()

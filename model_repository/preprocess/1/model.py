@@ -11,7 +11,7 @@ import numpy as np
 
 from acestep_triton.checkpoint import deployment_checkpoint, find_lyric_vocab
 from acestep_triton.lyrics import LyricTokenizer
-from acestep_triton.preprocess import prepare_request
+from acestep_triton.preprocess import prepare_request, warm_up
 from acestep_triton.text_tokenizer import TextTokenizer
 from acestep_triton.triton_python import error_response, model_parameters, request_params, response
 
@@ -22,6 +22,7 @@ class TritonPythonModel:
         ckpt = deployment_checkpoint(params["CHECKPOINT"])
         self.text_tokenizer = TextTokenizer.from_pretrained(ckpt.text_encoder)
         self.lyric_tokenizer = LyricTokenizer.from_file(find_lyric_vocab(ckpt, params.get("LYRIC_VOCAB")))
+        warm_up(self.text_tokenizer.tokenize_one, self.lyric_tokenizer.tokenize)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
