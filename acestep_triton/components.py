@@ -16,7 +16,7 @@ from torch import nn
 from acestep_triton.audio import resample
 from acestep_triton.checkpoint import Checkpoint
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE
-from acestep_triton.models.dcae import decode_local_part, latents_to_mel, latents_to_mel_windowed
+from acestep_triton.models.dcae import AudioEncoder, decode_local_part, latents_to_mel, latents_to_mel_windowed
 from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
@@ -70,6 +70,17 @@ class DiTStepComponent(nn.Module):
     def forward(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale):
         velocity = self.decode(latents, attention_mask, encoder_states, encoder_mask, timestep[:, 0], q_scale[:, 0])
         return (velocity,)
+
+
+class DcaeEncoderComponent(nn.Module):
+    """AUDIO [B,2,N] at the vocoder's sample rate -> LATENTS [B,8,16,ceil(N/4096)] (upstream's MusicDCAE.encode)."""
+
+    def __init__(self, encoder: AudioEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, audio: torch.Tensor):
+        return (self.encoder(audio),)
 
 
 class DcaeDecoderComponent(nn.Module):

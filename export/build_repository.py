@@ -14,9 +14,10 @@ Profiles (where each component runs; the ensemble wiring is the same for all):
   gpu   python backend, PyTorch bfloat16 on CUDA, with acestep_triton.acceleration's speed-ups
         (compiled blocks, CUDA-graph decode and vocoder windows, warmed up at load)
   onnx  python backend running the exported ONNX graphs with ONNX Runtime
-  tensorrt  the five neural components as `tensorrt_plan` models (engines from export.tensorrt_build,
-        --engine-dir; their I/O read from the ONNX graphs they were built from); preprocess and the
-        sampling loop stay python. Plans cannot time themselves: their TIME_<stage> outputs are left out.
+  tensorrt  the neural components as `tensorrt_plan` models (engines from export.tensorrt_build,
+        --engine-dir; their I/O read from the ONNX graphs they were built from); preprocess, the
+        sampling loop and the components TensorRT cannot build (registry `plan`: dcae_encoder) stay
+        python. Plans cannot time themselves: their TIME_<stage> outputs are left out.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from acestep_triton.contract import (
     stage_time_name,
 )
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, latent_geometry
-from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
+from acestep_triton.registry import NEURAL_COMPONENTS, component, component_spec
 from acestep_triton.specs import CONDITION_INPUTS, KEYED_INPUTS, ComponentSpec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
@@ -92,6 +93,7 @@ class Profile:
     preprocess_instances: int = 1
     text_encoder_instances: int = 1
     condition_encoder_instances: int = 1
+    dcae_encoder_instances: int = 1
     dit_step_instances: int = 1
     dcae_decoder_instances: int = 1
     vocoder_instances: int = 1
@@ -352,18 +354,21 @@ def build_repository(
 
         onnx_path = Path(onnx_dir) if onnx_dir else out / "onnx"
         for name in NEURAL_COMPONENTS:
-            export_component(name, ckpt, onnx_path)
+            if chosen.engine == "onnx" or component(name).plan:
+                export_component(name, ckpt, onnx_path)
 
     models = {"preprocess": preprocess_model(ckpt, checkpoint_param, vocab, chosen),
               "diffusion": diffusion_model(ckpt, chosen)}
     engines = {}
     for name in NEURAL_COMPONENTS:
         spec = component_spec(name, ckpt)
-        if chosen.engine == "tensorrt":
+        if chosen.engine != "tensorrt":
+            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
+        elif component(name).plan:
             engines[name] = find_engine(Path(engine_dir), name)
             models[name] = plan_model(spec, engines[name], onnx_path / f"{name}.onnx", chosen)
-        else:
-            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
+        else:  # TensorRT cannot build it (registry `plan`): PyTorch on the profile's device and dtype
+            models[name] = component_model(spec, checkpoint_param, replace(chosen, engine="pytorch"), None)
     models[ENSEMBLE_NAME] = ensemble_model(models)
     models[STREAM_MODEL_NAME] = stream_model(models)
     for name, spec in models.items():

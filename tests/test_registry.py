@@ -37,8 +37,8 @@ def test_every_reference_resolves(name: str) -> None:
 
 
 def test_unknown_component_is_named() -> None:
-    with pytest.raises(KeyError, match="unknown component 'dcae_encoder'"):
-        component("dcae_encoder")
+    with pytest.raises(KeyError, match="unknown component 'flux_encoder'"):
+        component("flux_encoder")
 
 
 def test_spec_takes_its_batch_size_from_the_registry(golden_ckpt: Path) -> None:
