@@ -140,12 +140,14 @@ TASK_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
-# The GenerationParams fields the sampling loop reads (schedule, guidance, ERG-diffusion): the
-# ensemble inputs the `diffusion` model takes. The rest is read by `preprocess` only.
+# The GenerationParams fields the sampling loop reads (schedule, guidance, ERG-diffusion, each task's
+# schedule and mixing): the ensemble inputs the `diffusion` model takes. The rest is read by
+# `preprocess` only (retake_seeds included: preprocess resolves them, as it resolves actual_seeds).
 SAMPLING_PARAMS = frozenset({
     "infer_step", "scheduler_type", "omega_scale", "oss_steps", "guidance_scale", "cfg_type", "guidance_interval",
     "guidance_interval_decay", "min_guidance_scale", "guidance_scale_text", "guidance_scale_lyric",
-    "use_erg_diffusion",
+    "use_erg_diffusion", "task", "retake_variance", "repaint_start", "repaint_end", "edit_n_min", "edit_n_max",
+    "edit_n_avg", "ref_audio_strength",
 })
 
 # Guidance branches: CFG and ERG (specs.ERG_Q_SCALE) evaluate the model under up to
@@ -155,11 +157,35 @@ COND = "cond"
 NULL = "null"
 NO_LYRIC = "no_lyric"
 BRANCHES = (COND, NULL, NO_LYRIC)
+# Flow-edit evaluates the model under the source and the target condition, each with its own
+# unconditional row (zero text states, zero lyric ids and mask, no ERG): four rows, in this order.
+EDIT_SOURCE = "edit_source"
+EDIT_SOURCE_NULL = "edit_source_null"
+EDIT_TARGET = "edit_target"
+EDIT_TARGET_NULL = "edit_target_null"
+EDIT_BRANCHES = (EDIT_SOURCE, EDIT_SOURCE_NULL, EDIT_TARGET, EDIT_TARGET_NULL)
 
 
 def uses_double_condition(p: GenerationParams) -> bool:
     """Upstream's double-condition guidance: both separate scales above 1 (it then overrides cfg_type)."""
     return p.guidance_scale_text > 1.0 and p.guidance_scale_lyric > 1.0
+
+
+def condition_branches(p: GenerationParams) -> tuple[str, ...]:
+    """The condition rows `preprocess` lays out for `p`, in order: ENCODER_STATES row k is branch k."""
+    if p.task == EDIT:
+        return EDIT_BRANCHES
+    return BRANCHES if uses_double_condition(p) else BRANCHES[:2]
+
+
+def uses_guidance(p: GenerationParams) -> bool:
+    """Upstream evaluates unconditional rows unless guidance_scale is 0 or 1 (every task)."""
+    return p.guidance_scale not in (0.0, 1.0)
+
+
+def source_field(task: str) -> str:
+    """The upstream request field that names the audio a task starts from (for errors about it)."""
+    return "ref_audio_input" if task == AUDIO2AUDIO else "src_audio_path"
 
 
 def _finite(name: str, value: float, low: float, high: float) -> None:
