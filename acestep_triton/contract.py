@@ -105,8 +105,9 @@ class GenerationParams:
         return out
 
 
-_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-             for f in dataclasses.fields(GenerationParams)}
+# Every field's default: what an absent optional input (TASK_INPUTS) stands for.
+FIELD_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                  for f in dataclasses.fields(GenerationParams)}
 
 # The integer-list fields (tuples here, lists on the wire).
 SEED_LISTS = ("actual_seeds", "oss_steps", "retake_seeds")
@@ -261,7 +262,7 @@ def _validate_task_fields(p: GenerationParams) -> None:
     if p.task not in TASKS:
         raise ParameterError("task", f"must be one of {list(TASKS)}, got {p.task!r}")
     for name in MODE_FIELDS - TASK_FIELDS[p.task]:
-        if getattr(p, name) != _DEFAULTS[name]:
+        if getattr(p, name) != FIELD_DEFAULTS[name]:
             raise ParameterError(name, f"is not used by task {p.task!r} (leave it out or at its default)")
     _seed_list("retake_seeds", p.retake_seeds)
     _finite("retake_variance", p.retake_variance, 0.0, 1.0)
@@ -333,7 +334,8 @@ ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("GUIDANCE_SCALE_TEXT", "TYPE_FP32", (1,), "guidance_scale_text"),
     TensorSpec("GUIDANCE_SCALE_LYRIC", "TYPE_FP32", (1,), "guidance_scale_lyric"),
 )
-# The other tasks' inputs: optional, an absent one keeps its GenerationParams default.
+# The other tasks' inputs: optional, an absent one keeps its GenerationParams default (a text2music
+# request sends none of them).
 TASK_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("TASK", "TYPE_STRING", (1,), "task", optional=True),
     TensorSpec("RETAKE_SEEDS", "TYPE_INT64", (-1,), "retake_seeds", optional=True),
@@ -353,6 +355,8 @@ TASK_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("SRC_AUDIO", "TYPE_FP32", (-1, -1), optional=True),
     TensorSpec("SRC_SAMPLE_RATE", "TYPE_INT32", (1,), optional=True),
 )
+# The TASK_INPUTS that carry the source audio (no GenerationParams field: contract.SourceAudio).
+SOURCE_INPUTS = ("SRC_AUDIO", "SRC_SAMPLE_RATE")
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -391,9 +395,9 @@ class SourceAudio:
 
 
 # WAVEFORM holds one 48 kHz stereo item per seed (one item when no seed is given),
-# SEEDS the seed each item was drawn with, DURATION the seconds actually generated.
-# (To come with the other tasks: RETAKE_SEEDS_USED [B] int64, the retake seed of each item, drawn
-# where not given as SEEDS are.)
+# SEEDS the seed each item was drawn with, RETAKE_SEEDS_USED the retake seed of each item (drawn
+# where not given, as SEEDS are), DURATION the seconds actually generated (a source's length for
+# the tasks that start from one).
 # TIME_<STAGE> is one row per row of that stage's batch, all equal (engines that cannot
 # time themselves, TensorRT plans, leave theirs out).
 # Stage names, in pipeline order; each stage reports its seconds as TIME_<STAGE>.
@@ -408,6 +412,7 @@ def stage_time_name(stage: str) -> str:
 ENSEMBLE_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("WAVEFORM", "TYPE_FP32", (-1, 2, -1)),
     TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
+    TensorSpec("RETAKE_SEEDS_USED", "TYPE_INT64", (-1,)),
     TensorSpec("DURATION", "TYPE_FP32", (1,)),
 ) + tuple(TensorSpec(stage_time_name(s), "TYPE_FP32", (-1, 1)) for s in STAGES)
 

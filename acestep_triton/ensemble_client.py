@@ -17,9 +17,12 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
+    FIELD_DEFAULTS,
     STAGES,
+    TASK_INPUTS,
     GenerationParams,
     GenerationResult,
+    SourceAudio,
     TensorSpec,
     stage_time_name,
 )
@@ -35,28 +38,39 @@ def wire_dtype(spec: TensorSpec) -> str:
     return "BYTES" if name == "STRING" else name
 
 
-def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
-    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes."""
-    arrays = {}
-    for spec in ENSEMBLE_INPUTS:
-        value = getattr(params, spec.param)
-        values = list(value) if spec.dims == (-1,) else [value]
-        if spec.dtype == "TYPE_STRING":
-            arrays[spec.name] = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-        else:
-            arrays[spec.name] = np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
+def _array(spec: TensorSpec, value) -> np.ndarray:
+    values = list(value) if spec.dims == (-1,) else [value]
+    if spec.dtype == "TYPE_STRING":
+        return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+    return np.array(values, dtype=triton_to_np_dtype(wire_dtype(spec)))
+
+
+def input_arrays(params: GenerationParams, source: SourceAudio | None = None) -> dict[str, np.ndarray]:
+    """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes.
+
+    The task inputs (contract.TASK_INPUTS) go only where they differ from their defaults, so a
+    text2music request is the contract's plain one; `source` (the audio of the tasks that start
+    from one) goes as SRC_AUDIO [channels, samples] float32 and SRC_SAMPLE_RATE [1].
+    """
+    arrays = {spec.name: _array(spec, getattr(params, spec.param)) for spec in ENSEMBLE_INPUTS}
+    for spec in TASK_INPUTS:
+        if spec.param and getattr(params, spec.param) != FIELD_DEFAULTS[spec.param]:
+            arrays[spec.name] = _array(spec, getattr(params, spec.param))
+    if source is not None:
+        arrays["SRC_AUDIO"] = np.ascontiguousarray(source.samples, dtype=np.float32)
+        arrays["SRC_SAMPLE_RATE"] = np.array([source.sample_rate], dtype=np.int32)
     return arrays
 
 
 def infer_inputs(client_module: ModuleType, params: GenerationParams,
-                 overrides: Mapping[str, np.ndarray] | None = None) -> list:
-    """`client_module.InferInput`s for `params` (binary tensors over HTTP).
+                 overrides: Mapping[str, np.ndarray] | None = None, source: SourceAudio | None = None) -> list:
+    """`client_module.InferInput`s for `params` and `source` (binary tensors over HTTP).
 
     `overrides` replaces or adds arrays, each sent with its own dtype: how tests send malformed
     requests. No outputs are named by callers that want every output the deployment has (a
     TensorRT deployment leaves out the stage timings its plans cannot measure).
     """
-    arrays = {**input_arrays(params), **(overrides or {})}
+    arrays = {**input_arrays(params, source), **(overrides or {})}
     binary = {"binary_data": True} if client_module.__name__.startswith("tritonclient.http") else {}
     inputs = []
     for name, array in arrays.items():
@@ -82,10 +96,12 @@ def read_result(result, connect_seconds: float = 0.0) -> GenerationResult:
             timings[stage] = float(seconds.reshape(-1)[0])
     if "preprocess" not in timings:
         raise MalformedAnswer(f"Triton's answer lacks {stage_time_name('preprocess')}")
+    retake_seeds = result.as_numpy("RETAKE_SEEDS_USED")
     return GenerationResult(
         waveforms=np.ascontiguousarray(waveforms, dtype=np.float32),
         seeds=tuple(int(s) for s in seeds.reshape(-1)),
         duration=float(duration.reshape(-1)[0]),
         timings=timings,
         connect_seconds=connect_seconds,
+        retake_seeds=() if retake_seeds is None else tuple(int(s) for s in retake_seeds.reshape(-1)),
     )

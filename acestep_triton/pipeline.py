@@ -33,7 +33,10 @@ Engine = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class Text2MusicPipeline:
-    """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings."""
+    """Prompt + lyrics + parameters (+ source audio) -> 48 kHz stereo waveforms, with per-stage timings.
+
+    Every task (contract.TASKS); the name is the one the gateway and the benchmarks know it by.
+    """
 
     def __init__(self, text_tokenizer: TextTokenizer, lyric_tokenizer: LyricTokenizer,
                  engines: Mapping[str, Engine], device: torch.device,

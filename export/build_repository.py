@@ -39,7 +39,9 @@ from acestep_triton.contract import (
     PROGRESS_OUTPUTS,
     SAMPLING_PARAMS,
     STAGES,
+    SOURCE_INPUTS,
     STREAM_MODEL_NAME,
+    TASK_INPUTS,
     TensorSpec,
     stage_time_name,
 )
@@ -152,6 +154,11 @@ def _time(stage: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
     return TensorSpec(stage_time_name(stage), "TYPE_FP32", dims)
 
 
+def _ensemble_output(name: str) -> TensorSpec:
+    """The ensemble output `name` (contract.ENSEMBLE_OUTPUTS), as the model that makes it declares it."""
+    return next(t for t in ENSEMBLE_OUTPUTS if t.name == name)
+
+
 def _unbatched(spec: TensorSpec) -> TensorSpec:
     """A batched tensor as seen by a model without a batch axis."""
     return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
@@ -166,10 +173,11 @@ def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None
     return ModelSpec(
         name="preprocess",
         backend="python",
-        inputs=ENSEMBLE_INPUTS,
+        inputs=(*ENSEMBLE_INPUTS, *TASK_INPUTS),
         outputs=(*map(_unbatched, branch_rows),
-                 TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
-                 TensorSpec("DURATION", "TYPE_FP32", (1,)),
+                 _ensemble_output("SEEDS"),
+                 _ensemble_output("RETAKE_SEEDS_USED"),
+                 _ensemble_output("DURATION"),
                  _time("preprocess", (1, 1))),
         instance_group=InstanceGroup("KIND_CPU", profile.preprocess_instances),
         parameters={"CHECKPOINT": checkpoint, **({"LYRIC_VOCAB": str(lyric_vocab)} if lyric_vocab else {})},
@@ -247,14 +255,16 @@ def plan_model(spec: ComponentSpec, engine: Path, onnx_file: Path, profile: Prof
 
 
 def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
-    """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched.
+    """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched,
+    and `dcae_encoder` once for the tasks that start from audio (SOURCE_INPUTS, optional).
 
     A python `dit_step` keeps the conditions of a request (CONDITION_CACHE=1); a TensorRT plan
     cannot, so the loop sends them with every step there.
     """
     cond = component_spec("condition_encoder", ckpt)
     geometry = latent_geometry(ckpt)
-    params = tuple(t for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS)
+    params = tuple(t for t in (*ENSEMBLE_INPUTS, *TASK_INPUTS) if t.param in SAMPLING_PARAMS)
+    source = tuple(t for t in TASK_INPUTS if t.name in SOURCE_INPUTS)
     parameters = {"LOOP_DEVICE": profile.loop_device,
                   "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1"}
     if profile.loop_threads:
@@ -267,8 +277,8 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     return ModelSpec(
         name="diffusion",
         backend="python",
-        inputs=(*map(_unbatched, cond.outputs), TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
-                TensorSpec("DURATION", "TYPE_FP32", (1,)), *params),
+        inputs=(*map(_unbatched, cond.outputs), _ensemble_output("SEEDS"), _ensemble_output("RETAKE_SEEDS_USED"),
+                _ensemble_output("DURATION"), *params, *source),
         outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, geometry.channels, geometry.height, -1)),
                  _time("diffusion", (1, 1))),
         instance_group=group,
@@ -292,7 +302,7 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
     return ModelSpec(
         name=ENSEMBLE_NAME,
         platform="ensemble",
-        inputs=ENSEMBLE_INPUTS,
+        inputs=(*ENSEMBLE_INPUTS, *TASK_INPUTS),
         outputs=tuple(t for t in ENSEMBLE_OUTPUTS if t.name in produced),
         ensemble_steps=steps,
     )

@@ -69,7 +69,8 @@ class ModelSpec:
     max_batch_size: int = 0
     dynamic_batching: DynamicBatching | None = None
     ragged_inputs: frozenset[str] = frozenset()
-    # inputs a request may leave out (the model reads them as absent)
+    # inputs a request may leave out (the model reads them as absent), beside those whose
+    # TensorSpec says `optional`
     optional_inputs: frozenset[str] = frozenset()
     instance_group: InstanceGroup | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)
@@ -113,7 +114,8 @@ def to_config_dict(spec: ModelSpec) -> dict[str, Any]:
     config: dict[str, Any] = {
         "name": spec.name,
         "max_batch_size": spec.max_batch_size,
-        "input": [_tensor(t, t.name in spec.ragged_inputs, t.name in spec.optional_inputs) for t in spec.inputs],
+        "input": [_tensor(t, t.name in spec.ragged_inputs, t.optional or t.name in spec.optional_inputs)
+                  for t in spec.inputs],
         "output": [_tensor(t, False) for t in spec.outputs],
     }
     if spec.backend:

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from acestep_triton.checkpoint import DCAE_DIR, TRANSFORMER_DIR, Checkpoint, CheckpointError, validate_checkpoint
-from acestep_triton.contract import AUDIO_INPUT_TASKS, ENSEMBLE_INPUTS, SAMPLING_PARAMS, STAGES, GenerationParams
+from acestep_triton.contract import (
+    AUDIO_INPUT_TASKS,
+    ENSEMBLE_INPUTS,
+    SAMPLING_PARAMS,
+    SOURCE_INPUTS,
+    STAGES,
+    TASK_INPUTS,
+    GenerationParams,
+)
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, latent_geometry
 from acestep_triton.registry import COMPONENTS, NEURAL_COMPONENTS, component, component_spec, resolve
 from acestep_triton.sampling.seeds import make_generators
@@ -110,5 +118,6 @@ def test_the_loop_reads_only_the_sampling_params(overrides: dict) -> None:
 def test_diffusion_model_takes_exactly_the_sampling_inputs() -> None:
     model = diffusion_model(Checkpoint(PUBLISHED_CONFIGS), PROFILES["cpu"])
     taken = {t.name for t in model.inputs}
-    assert {t.name for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS} <= taken
-    assert not {t.name for t in ENSEMBLE_INPUTS if t.param not in SAMPLING_PARAMS} & taken
+    inputs = (*ENSEMBLE_INPUTS, *TASK_INPUTS)
+    assert {t.name for t in inputs if t.param in SAMPLING_PARAMS} | set(SOURCE_INPUTS) <= taken
+    assert not {t.name for t in inputs if t.param and t.param not in SAMPLING_PARAMS} & taken

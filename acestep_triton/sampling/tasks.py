@@ -164,12 +164,12 @@ def result_frames(params: GenerationParams, duration: float, frames: int | None)
     return frames
 
 
-def plan_task(params: GenerationParams, source_frames_: int | None) -> str:
+def plan_task(params: GenerationParams, source_length: int | None) -> str:
     """The loop a request runs: its task, but retake for a repaint whose window covers the whole
     source (upstream's quirk: the source is then ignored)."""
-    if params.task == REPAINT and source_frames_ is not None:
-        window = repaint_window(params, source_frames_)
-        if window.end - window.start == source_frames_:
+    if params.task == REPAINT and source_length is not None:
+        window = repaint_window(params, source_length)
+        if window.end - window.start == source_length:
             return RETAKE
     return params.task
 
@@ -299,10 +299,10 @@ def _edit_branches(params: GenerationParams) -> tuple[tuple[str, ...], tuple[str
     return (EDIT_SOURCE,), (EDIT_TARGET,)
 
 
-def call_plan(params: GenerationParams, source_frames_: int | None = None) -> list[tuple[str, ...]]:
+def call_plan(params: GenerationParams, source_length: int | None = None) -> list[tuple[str, ...]]:
     """The branches of every `step_fn` call `generate` makes, in order (the condition cache
-    releases a branch at its last call). `source_frames_` as check_source returns it."""
-    task = plan_task(params, source_frames_)
+    releases a branch at its last call). `source_length` as check_source returns it."""
+    task = plan_task(params, source_length)
     if task == EDIT:
         n_min, n_max = edit_indices(params)
         source, target = _edit_branches(params)
@@ -444,9 +444,9 @@ def _flow_edit(step_fn: StepFn, params: GenerationParams, x_src: torch.Tensor,
     return zt_edit if xt_tar is None else xt_tar
 
 
-def loop_steps(params: GenerationParams, source_frames_: int | None = None) -> int:
+def loop_steps(params: GenerationParams, source_length: int | None = None) -> int:
     """How many steps (callback calls) `generate` makes for `params`."""
-    task = plan_task(params, source_frames_)
+    task = plan_task(params, source_length)
     if task == EDIT:
         return max(0, params.infer_step - edit_indices(params)[0])
     if task == AUDIO2AUDIO:

@@ -1,10 +1,10 @@
 """Triton python model `acestep_stream` (decoupled): the `acestep` ensemble's stages, reporting progress.
 
-Inputs: the ensemble's (acestep_triton.contract.ENSEMBLE_INPUTS). Responses: one per stage start
-and one after every diffusion step, each with STAGE [1] (string), STEP [1] (steps done, never
-decreasing) and STEPS [1] (int32);
-then the last, flagged final, with the ensemble's outputs (WAVEFORM [items, 2, samples], SEEDS,
-DURATION, TIME_<STAGE>) or an error.
+Inputs: the ensemble's (acestep_triton.contract.ENSEMBLE_INPUTS and the optional TASK_INPUTS).
+Responses: one per stage start and one after every diffusion step, each with STAGE [1] (string),
+STEP [1] (steps done, never decreasing) and STEPS [1] (int32); then the last, flagged final, with
+the ensemble's outputs (WAVEFORM [items, 2, samples], SEEDS, RETAKE_SEEDS_USED, DURATION,
+TIME_<STAGE>) or an error.
 
 preprocess, text_encoder, condition_encoder, dcae_decoder and vocoder are called by BLS, in the
 ensemble's order and with its tensor names (the STAGES parameter, written by
@@ -23,7 +23,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from acestep_triton.contract import ENSEMBLE_OUTPUTS
-from acestep_triton.triton_python import error_response, model_parameters
+from acestep_triton.sampling.tasks import loop_steps
+from acestep_triton.triton_python import error_response, model_parameters, request_params
 
 _DIFFUSION_SOURCE = Path(__file__).resolve().parents[2] / "diffusion" / "1" / "model.py"
 _spec = importlib.util.spec_from_file_location("acestep_diffusion_model", _DIFFUSION_SOURCE)
@@ -43,11 +44,13 @@ class StageFailed(Exception):
 
 class _LoopRequest:
     """The loop's view of a stream request: its inputs gathered from the earlier stages, its
-    cancellation and its response sender those of the stream request."""
+    cancellation and its response sender those of the stream request; `steps` the loop's step
+    count, as it reports it."""
 
-    def __init__(self, tensors: dict, sender) -> None:
+    def __init__(self, tensors: dict, sender, steps: int) -> None:
         self._tensors = tensors
         self.sender = sender
+        self.steps = steps
 
     def inputs(self) -> list:
         return list(self._tensors.values())
@@ -90,23 +93,24 @@ class TritonPythonModel(diffusion.TritonPythonModel):
 
     def after_step(self, request, step: int, total: int) -> None:
         super().after_step(request, step, total)
+        request.steps = total
         request.sender.send(progress_response(self.loop_stage, step + 1, total))
 
     def _run(self, request, sender) -> list:
         """Every stage in order; the ensemble's outputs (pb_utils.Tensors)."""
         tensors = {t.name(): t for t in request.inputs()}
-        steps = int(tensors["INFER_STEP"].as_numpy().reshape(-1)[0])
-        oss = tensors["OSS_STEPS"].as_numpy().reshape(-1)
-        steps = len(oss) if oss.size else steps
+        # the task's step count (a repaint of the whole source runs as a retake: the loop corrects it)
+        steps = loop_steps(request_params(request))
         done = 0  # steps done: 0 before the loop, all of them after it
         for stage in self.stages:
             if sender.is_cancelled():
                 raise diffusion.Cancelled(f"cancelled before {stage['model']}")
             sender.send(progress_response(stage["model"], done, steps))
-            inputs = {name: tensors[name] for name in stage["inputs"]}
+            inputs = {name: tensors[name] for name in stage["inputs"] if name in tensors}  # optional ones may lack
             if stage["model"] == self.loop_stage:
-                answer = self._one(_LoopRequest(inputs, sender))
-                done = steps
+                loop_request = _LoopRequest(inputs, sender, steps)
+                answer = self._one(loop_request)
+                done = steps = loop_request.steps
             else:
                 answer = pb_utils.InferenceRequest(
                     model_name=stage["model"], requested_output_names=stage["outputs"], inputs=list(inputs.values())
