@@ -20,10 +20,10 @@ from acestep_triton.contract import GenerationParams, GenerationResult, SourceAu
 from acestep_triton.engines import load_engines
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, LatentGeometry, latent_geometry
 from acestep_triton.lyrics import LyricTokenizer
+from acestep_triton.models.dcae import encoder_audio
 from acestep_triton.preprocess import PreparedRequest, prepare_request
 from acestep_triton.registry import NEURAL_COMPONENTS
 from acestep_triton.sampling.conditions import Conditions, branch_inputs
-from acestep_triton.models.dcae import encoder_audio
 from acestep_triton.sampling.loop import ProgressFn
 from acestep_triton.sampling.seeds import make_generators
 from acestep_triton.sampling.tasks import generate

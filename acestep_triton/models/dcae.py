@@ -22,13 +22,7 @@ from torch import nn
 
 from acestep_triton.audio import resample
 from acestep_triton.checkpoint import VOCODER_DIR
-from acestep_triton.models.vocoder import (
-    ADaMoSHiFiGAN,
-    LogMelSpectrogram,
-    load_log_mel,
-    overlapping_windows,
-    run_grouped,
-)
+from acestep_triton.models.vocoder import LogMelSpectrogram, load_log_mel, overlapping_windows, run_grouped
 
 LATENT_SCALE = 0.1786
 LATENT_SHIFT = -1.9091
