@@ -220,6 +220,16 @@ def test_encode_duplicates_mono_and_skips_resampling_at_the_vocoder_rate(audio_e
         assert audio_encoder(stereo).shape == (1, 8, 16, 4)  # a partial last frame still gives a latent frame
 
 
+def test_encode_keeps_the_log_mel_in_float32_when_cast(golden_ckpt: Path, audio_encoder: AudioEncoder) -> None:
+    """The gpu profile casts the component to bfloat16: the encoder follows, the log-mel does not
+    (bfloat16's rounding of its filterbank moves quiet log-mel bins by whole units)."""
+    cast = load_audio_encoder(golden_ckpt / DCAE_DIR).to(torch.bfloat16)
+    audio = torch.randn(1, 2, 2 * 4096, generator=torch.Generator().manual_seed(1)) * 0.1
+    with torch.no_grad():
+        assert torch.equal(cast.mel(audio), audio_encoder.mel(audio))
+        assert cast(audio).dtype == torch.bfloat16
+
+
 def test_encode_rejects_wrong_channel_count() -> None:
     with pytest.raises(ValueError, match="audio"):
         encoder_audio(torch.zeros(3, 4096), 44100, 44100, 2)

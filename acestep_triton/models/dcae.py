@@ -72,20 +72,27 @@ class AudioEncoder(nn.Module):
     Upstream's `MusicDCAE.encode` after its resampling: the audio is zero-padded at the end to whole
     latent frames (`samples_per_latent` = r * hop samples, so a partial last frame still yields a
     latent frame), each channel goes through the vocoder's log-mel, the mel is normalised to
-    [-1, 1], encoded, shifted and scaled. The log-mel runs in float32 whatever the encoder's dtype
-    (its buffers then hold that dtype's rounding of the stored ones).
+    [-1, 1], encoded, shifted and scaled.
+
+    The log-mel stays float32 on any device whatever the encoder's dtype: it is held outside the
+    module's registered children, so `.to(dtype)` does not reach it (in bfloat16 its window and
+    filterbank round so that the log moves quiet bins by up to 2.4, on the golden source), and it
+    follows the audio's device instead.
     """
 
     def __init__(self, encoder: nn.Module, log_mel: LogMelSpectrogram, samples_per_latent: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.log_mel = log_mel
+        self._front_end = (log_mel.float(),)
         self.samples_per_latent = samples_per_latent
 
     def mel(self, audio: torch.Tensor) -> torch.Tensor:
         """Audio [B, C, N] -> padded log-mel [B, C, n_mels, ceil(N / samples_per_latent) * r] in float32."""
+        log_mel = self._front_end[0]
+        if log_mel.spectrogram.window.device != audio.device:
+            log_mel.to(audio.device)
         audio = F.pad(audio.float(), (0, -audio.shape[-1] % self.samples_per_latent))
-        return self.log_mel(audio.flatten(0, 1)).unflatten(0, audio.shape[:2])
+        return log_mel(audio.flatten(0, 1)).unflatten(0, audio.shape[:2])
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         mel = self.mel(audio)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -52,6 +52,43 @@ def overlapping_windows(total: int, window: int, context: int) -> list[tuple[int
         spans.append((start, kept, keep_to))
         kept = keep_to
     return spans
+
+
+def receptive_context_frames(cfg: Mapping) -> int:
+    """Mel frames on each side of a frame that can change its output samples, for a vocoder config.
+
+    An upper bound on the half-width of the network's receptive field: the backbone's convolutions
+    reach whole frames, each head stage reaches samples at its own rate. Reads only the config, so a
+    model that does not load the vocoder (acestep_stream's chunked decode) can compute it.
+    """
+    reach = STEM_KERNEL_SIZE // 2 + sum(cfg["depths"]) * (cfg["kernel_sizes"][0] // 2) + cfg["pre_conv_kernel_size"] // 2
+    resblock_reach = max(
+        sum((d + 1) * (k // 2) for d in dilations)
+        for k, dilations in zip(cfg["resblock_kernel_sizes"], cfg["resblock_dilation_sizes"])
+    )
+    samples_per_frame = 1
+    for rate, kernel in zip(cfg["upsample_rates"], cfg["upsample_kernel_sizes"]):
+        reach += math.ceil(kernel / rate) / samples_per_frame
+        samples_per_frame *= rate
+        reach += resblock_reach / samples_per_frame
+    reach += (cfg["post_conv_kernel_size"] // 2) / samples_per_frame
+    return math.ceil(reach)
+
+
+def aligned_chunks(total: int, chunk: int, context: int, align: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive chunks of a `total`-frame signal for a decoder whose output at a frame depends on at
+    most `context` frames on either side: (start, stop, keep_from, keep_to) per chunk, decode frames
+    start..stop and keep keep_from..keep_to. Every boundary is a multiple of `align` frames (or an end
+    of the signal), so a resampler after the decoder sees each chunk at the phase it has in the whole
+    signal; `chunk` and the context margin are rounded up to whole `align` blocks. The kept parts tile
+    0..total in order, so they can be sent as they are decoded and equal one whole decode."""
+    block = math.ceil(chunk / align) * align
+    margin = math.ceil(context / align) * align
+    chunks = []
+    for keep_from in range(0, total, block):
+        keep_to = min(total, keep_from + block)
+        chunks.append((max(0, keep_from - margin), min(total, keep_to + margin), keep_from, keep_to))
+    return chunks
 
 
 def run_grouped(windows: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], group: int | None) -> torch.Tensor:
@@ -293,8 +330,7 @@ class MagnitudeSpectrogram(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         padded = F.pad(wave[:, None], self.padding, mode="reflect")[:, 0]
         spec = torch.stft(
-            padded, self.n_fft, self.hop_length, window=self.window.to(padded.dtype), center=False,
-            return_complex=True
+            padded, self.n_fft, self.hop_length, window=self.window, center=False, return_complex=True
         )
         return torch.sqrt(torch.view_as_real(spec).pow(2).sum(-1) + MAGNITUDE_EPS)
 
@@ -307,7 +343,7 @@ class MelScale(nn.Module):
         self.register_buffer("fb", slaney_mel_filterbank(sample_rate, n_freqs, n_mels, f_min, f_max))
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(spec.transpose(-1, -2), self.fb.to(spec.dtype)).transpose(-1, -2)
+        return torch.matmul(spec.transpose(-1, -2), self.fb).transpose(-1, -2)
 
 
 class LogMelSpectrogram(nn.Module):
@@ -409,24 +445,8 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
         return self(mel.flatten(0, 1)).reshape(batch, channels, -1)
 
     def context_frames(self) -> int:
-        """Mel frames on each side of a frame that can change its output samples.
-
-        An upper bound on the half-width of the network's receptive field, from the config: the
-        backbone's convolutions reach whole frames, each head stage reaches samples at its own rate.
-        """
-        cfg = self.config
-        reach = STEM_KERNEL_SIZE // 2 + sum(cfg.depths) * (cfg.kernel_sizes[0] // 2) + cfg.pre_conv_kernel_size // 2
-        resblock_reach = max(
-            sum((d + 1) * (k // 2) for d in dilations)
-            for k, dilations in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
-        )
-        samples_per_frame = 1
-        for rate, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
-            reach += math.ceil(kernel / rate) / samples_per_frame
-            samples_per_frame *= rate
-            reach += resblock_reach / samples_per_frame
-        reach += (cfg.post_conv_kernel_size // 2) / samples_per_frame
-        return math.ceil(reach)
+        """Mel frames on each side of a frame that can change its output samples (receptive_context_frames)."""
+        return receptive_context_frames(self.config)
 
     @torch.no_grad()
     def decode_windowed(
