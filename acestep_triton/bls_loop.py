@@ -13,22 +13,12 @@ import numpy as np
 import torch
 
 from acestep_triton.condition_cache import ConditionMiss, ConditionSender, is_miss
-from acestep_triton.contract import GenerationParams
 from acestep_triton.sampling.conditions import Conditions, branch_inputs
-from acestep_triton.sampling.guidance import Guidance
-from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 
 # One dit_step request: named tensors / arrays -> VELOCITY; raises DitStepError when it answers an
 # error (ConditionMiss when called in-process).
 Call = Callable[[Mapping[str, torch.Tensor | np.ndarray]], torch.Tensor]
-
-
-def branch_plan(params: GenerationParams) -> list[tuple[str, ...]]:
-    """The guidance branches each step of `params`' schedule evaluates (StepLoop's `plan`)."""
-    schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
-    guidance = Guidance(params, schedule.num_inference_steps)
-    return [tuple(guidance.branches(i)) for i in range(len(schedule.timesteps))]
 
 
 class DitStepError(RuntimeError):

@@ -17,7 +17,7 @@ from acestep_triton.audio import resample
 from acestep_triton.checkpoint import Checkpoint
 from acestep_triton.condition_cache import ConditionRow, condition_rows, stack_rows
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE
-from acestep_triton.models.dcae import decode_local_part, latents_to_mel, latents_to_mel_windowed
+from acestep_triton.models.dcae import AudioEncoder, decode_local_part, latents_to_mel, latents_to_mel_windowed
 from acestep_triton.models.text_encoder import TextEncoder
 from acestep_triton.models.transformer import ACEStepTransformer
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN
@@ -86,6 +86,17 @@ class DiTStepComponent(nn.Module):
         q_scale [B]. Rows of different token counts are padded with masked tokens."""
         keys_values, bias = stack_rows(rows, float("-inf"))
         return self.transformer.decode_prepared(latents, attention_mask, keys_values, bias, timestep, q_scale)
+
+
+class DcaeEncoderComponent(nn.Module):
+    """AUDIO [B,2,N] at the vocoder's sample rate -> LATENTS [B,8,16,ceil(N/4096)] (upstream's MusicDCAE.encode)."""
+
+    def __init__(self, encoder: AudioEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, audio: torch.Tensor):
+        return (self.encoder(audio),)
 
 
 class DcaeDecoderComponent(nn.Module):

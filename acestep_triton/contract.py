@@ -105,8 +105,9 @@ class GenerationParams:
         return out
 
 
-_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-             for f in dataclasses.fields(GenerationParams)}
+# Every field's default: what an absent optional input (TASK_INPUTS) stands for.
+FIELD_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                  for f in dataclasses.fields(GenerationParams)}
 
 # The integer-list fields (tuples here, lists on the wire).
 SEED_LISTS = ("actual_seeds", "oss_steps", "retake_seeds")
@@ -140,12 +141,14 @@ TASK_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
-# The GenerationParams fields the sampling loop reads (schedule, guidance, ERG-diffusion): the
-# ensemble inputs the `diffusion` model takes. The rest is read by `preprocess` only.
+# The GenerationParams fields the sampling loop reads (schedule, guidance, ERG-diffusion, each task's
+# schedule and mixing): the ensemble inputs the `diffusion` model takes. The rest is read by
+# `preprocess` only (retake_seeds included: preprocess resolves them, as it resolves actual_seeds).
 SAMPLING_PARAMS = frozenset({
     "infer_step", "scheduler_type", "omega_scale", "oss_steps", "guidance_scale", "cfg_type", "guidance_interval",
     "guidance_interval_decay", "min_guidance_scale", "guidance_scale_text", "guidance_scale_lyric",
-    "use_erg_diffusion",
+    "use_erg_diffusion", "task", "retake_variance", "repaint_start", "repaint_end", "edit_n_min", "edit_n_max",
+    "edit_n_avg", "ref_audio_strength",
 })
 
 # Guidance branches: CFG and ERG (specs.ERG_Q_SCALE) evaluate the model under up to
@@ -155,11 +158,35 @@ COND = "cond"
 NULL = "null"
 NO_LYRIC = "no_lyric"
 BRANCHES = (COND, NULL, NO_LYRIC)
+# Flow-edit evaluates the model under the source and the target condition, each with its own
+# unconditional row (zero text states, zero lyric ids and mask, no ERG): four rows, in this order.
+EDIT_SOURCE = "edit_source"
+EDIT_SOURCE_NULL = "edit_source_null"
+EDIT_TARGET = "edit_target"
+EDIT_TARGET_NULL = "edit_target_null"
+EDIT_BRANCHES = (EDIT_SOURCE, EDIT_SOURCE_NULL, EDIT_TARGET, EDIT_TARGET_NULL)
 
 
 def uses_double_condition(p: GenerationParams) -> bool:
     """Upstream's double-condition guidance: both separate scales above 1 (it then overrides cfg_type)."""
     return p.guidance_scale_text > 1.0 and p.guidance_scale_lyric > 1.0
+
+
+def condition_branches(p: GenerationParams) -> tuple[str, ...]:
+    """The condition rows `preprocess` lays out for `p`, in order: ENCODER_STATES row k is branch k."""
+    if p.task == EDIT:
+        return EDIT_BRANCHES
+    return BRANCHES if uses_double_condition(p) else BRANCHES[:2]
+
+
+def uses_guidance(p: GenerationParams) -> bool:
+    """Upstream evaluates unconditional rows unless guidance_scale is 0 or 1 (every task)."""
+    return p.guidance_scale not in (0.0, 1.0)
+
+
+def source_field(task: str) -> str:
+    """The upstream request field that names the audio a task starts from (for errors about it)."""
+    return "ref_audio_input" if task == AUDIO2AUDIO else "src_audio_path"
 
 
 def _finite(name: str, value: float, low: float, high: float) -> None:
@@ -235,7 +262,7 @@ def _validate_task_fields(p: GenerationParams) -> None:
     if p.task not in TASKS:
         raise ParameterError("task", f"must be one of {list(TASKS)}, got {p.task!r}")
     for name in MODE_FIELDS - TASK_FIELDS[p.task]:
-        if getattr(p, name) != _DEFAULTS[name]:
+        if getattr(p, name) != FIELD_DEFAULTS[name]:
             raise ParameterError(name, f"is not used by task {p.task!r} (leave it out or at its default)")
     _seed_list("retake_seeds", p.retake_seeds)
     _finite("retake_variance", p.retake_variance, 0.0, 1.0)
@@ -360,7 +387,8 @@ ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("GUIDANCE_SCALE_TEXT", "TYPE_FP32", (1,), "guidance_scale_text"),
     TensorSpec("GUIDANCE_SCALE_LYRIC", "TYPE_FP32", (1,), "guidance_scale_lyric"),
 )
-# The other tasks' inputs: optional, an absent one keeps its GenerationParams default.
+# The other tasks' inputs: optional, an absent one keeps its GenerationParams default (a text2music
+# request sends none of them).
 TASK_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("TASK", "TYPE_STRING", (1,), "task", optional=True),
     TensorSpec("RETAKE_SEEDS", "TYPE_INT64", (-1,), "retake_seeds", optional=True),
@@ -380,6 +408,8 @@ TASK_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("SRC_AUDIO", "TYPE_FP32", (-1, -1), optional=True),
     TensorSpec("SRC_SAMPLE_RATE", "TYPE_INT32", (1,), optional=True),
 )
+# The TASK_INPUTS that carry the source audio (no GenerationParams field: contract.SourceAudio).
+SOURCE_INPUTS = ("SRC_AUDIO", "SRC_SAMPLE_RATE")
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -418,9 +448,9 @@ class SourceAudio:
 
 
 # WAVEFORM holds one 48 kHz stereo item per seed (one item when no seed is given),
-# SEEDS the seed each item was drawn with, DURATION the seconds actually generated.
-# (To come with the other tasks: RETAKE_SEEDS_USED [B] int64, the retake seed of each item, drawn
-# where not given as SEEDS are.)
+# SEEDS the seed each item was drawn with, RETAKE_SEEDS_USED the retake seed of each item (drawn
+# where not given, as SEEDS are), DURATION the seconds actually generated (a source's length for
+# the tasks that start from one).
 # TIME_<STAGE> is one row per row of that stage's batch, all equal (engines that cannot
 # time themselves, TensorRT plans, leave theirs out).
 # Stage names, in pipeline order; each stage reports its seconds as TIME_<STAGE>.
@@ -435,6 +465,7 @@ def stage_time_name(stage: str) -> str:
 ENSEMBLE_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("WAVEFORM", "TYPE_FP32", (-1, 2, -1)),
     TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
+    TensorSpec("RETAKE_SEEDS_USED", "TYPE_INT64", (-1,)),
     TensorSpec("DURATION", "TYPE_FP32", (1,)),
 ) + tuple(TensorSpec(stage_time_name(s), "TYPE_FP32", (-1, 1)) for s in STAGES)
 

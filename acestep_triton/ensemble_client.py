@@ -17,6 +17,7 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
+    FIELD_DEFAULTS,
     STAGES,
     TASK_INPUTS,
     GenerationParams,
@@ -25,9 +26,6 @@ from acestep_triton.contract import (
     TensorSpec,
     stage_time_name,
 )
-
-
-_DEFAULTS = GenerationParams(prompt="", lyrics="")
 
 
 class MalformedAnswer(RuntimeError):
@@ -50,13 +48,13 @@ def _array(spec: TensorSpec, value) -> np.ndarray:
 def input_arrays(params: GenerationParams, source: SourceAudio | None = None) -> dict[str, np.ndarray]:
     """One array per ensemble input: [1] for scalars, [n] for lists; strings as UTF-8 bytes.
 
-    The other tasks' inputs (TASK_INPUTS) are optional: only those away from their default are sent,
-    so a text2music request is the contract's ENSEMBLE_INPUTS alone. `source` travels as SRC_AUDIO
-    [channels, samples] float32 and SRC_SAMPLE_RATE [1].
+    The task inputs (contract.TASK_INPUTS) go only where they differ from their defaults, so a
+    text2music request is the contract's plain one; `source` (the audio of the tasks that start
+    from one) goes as SRC_AUDIO [channels, samples] float32 and SRC_SAMPLE_RATE [1].
     """
     arrays = {spec.name: _array(spec, getattr(params, spec.param)) for spec in ENSEMBLE_INPUTS}
     for spec in TASK_INPUTS:
-        if spec.param and getattr(params, spec.param) != getattr(_DEFAULTS, spec.param):
+        if spec.param and getattr(params, spec.param) != FIELD_DEFAULTS[spec.param]:
             arrays[spec.name] = _array(spec, getattr(params, spec.param))
     if source is not None:
         arrays["SRC_AUDIO"] = np.ascontiguousarray(source.samples, dtype=np.float32)
@@ -65,7 +63,7 @@ def input_arrays(params: GenerationParams, source: SourceAudio | None = None) ->
 
 
 def infer_inputs(client_module: ModuleType, params: GenerationParams,
-                 overrides: Mapping[str, np.ndarray] | None = None, *, source: SourceAudio | None = None) -> list:
+                 overrides: Mapping[str, np.ndarray] | None = None, source: SourceAudio | None = None) -> list:
     """`client_module.InferInput`s for `params` and `source` (binary tensors over HTTP).
 
     `overrides` replaces or adds arrays, each sent with its own dtype: how tests send malformed
@@ -98,10 +96,12 @@ def read_result(result, connect_seconds: float = 0.0) -> GenerationResult:
             timings[stage] = float(seconds.reshape(-1)[0])
     if "preprocess" not in timings:
         raise MalformedAnswer(f"Triton's answer lacks {stage_time_name('preprocess')}")
+    retake_seeds = result.as_numpy("RETAKE_SEEDS_USED")
     return GenerationResult(
         waveforms=np.ascontiguousarray(waveforms, dtype=np.float32),
         seeds=tuple(int(s) for s in seeds.reshape(-1)),
         duration=float(duration.reshape(-1)[0]),
         timings=timings,
         connect_seconds=connect_seconds,
+        retake_seeds=() if retake_seeds is None else tuple(int(s) for s in retake_seeds.reshape(-1)),
     )

@@ -1,10 +1,11 @@
-"""The in-process text2music pipeline: the reference the Triton ensemble is checked against.
+"""The in-process pipeline of every task: the reference the Triton ensemble is checked against.
 
 Stages are the ensemble's (contract.STAGES) and call the same code the Triton models call:
-prepare_request -> text_encoder -> condition_encoder -> denoise(dit_step) -> dcae_decoder -> vocoder.
-The loop's steps go through the served loop's step function (bls_loop.StepLoop, conditions sent
-once per branch by key) to a `dit_step` callable that takes the same requests as the Triton model
-(for a loaded checkpoint, acestep_triton.dit_step.DitStep with its own condition cache).
+prepare_request -> text_encoder -> condition_encoder -> [dcae_encoder] + generate(dit_step) ->
+dcae_decoder -> vocoder. The loop's calls go through the served loop's step function
+(bls_loop.StepLoop, conditions sent once per branch by key) to a `dit_step` callable that takes the
+same requests as the Triton model (for a loaded checkpoint, acestep_triton.dit_step.DitStep with its
+own condition cache).
 """
 
 from __future__ import annotations
@@ -14,21 +15,24 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
-from acestep_triton.bls_loop import StepLoop, branch_plan
+from acestep_triton.bls_loop import StepLoop
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.condition_cache import ConditionCache, ConditionSender, new_request_id
-from acestep_triton.contract import GenerationParams, GenerationResult
+from acestep_triton.contract import GenerationParams, GenerationResult, SourceAudio
 from acestep_triton.dit_step import DitStep
 from acestep_triton.engines import load_engines
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, LatentGeometry, latent_geometry
 from acestep_triton.lyrics import LyricTokenizer
+from acestep_triton.models.dcae import encoder_audio
 from acestep_triton.preprocess import PreparedRequest, prepare_request
 from acestep_triton.registry import NEURAL_COMPONENTS
 from acestep_triton.sampling.conditions import Conditions
-from acestep_triton.sampling.loop import ProgressFn, denoise
-from acestep_triton.sampling.seeds import initial_noise, make_generators
+from acestep_triton.sampling.loop import ProgressFn
+from acestep_triton.sampling.seeds import make_generators
+from acestep_triton.sampling.tasks import call_plan, generate
 from acestep_triton.text_tokenizer import TextTokenizer
 
 Engine = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -47,8 +51,9 @@ def engine_calls(engines: Mapping[str, object]) -> dict[str, Engine]:
 
 
 class Text2MusicPipeline:
-    """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings.
+    """Prompt + lyrics + parameters (+ source audio) -> 48 kHz stereo waveforms, with per-stage timings.
 
+    Every task (contract.TASKS); the name is the one the gateway and the benchmarks know it by.
     `engines` maps each component to a callable on named tensors; "dit_step"'s takes a `dit_step`
     request as the Triton model does (conditions by CONDITION_KEY once sent: `engine_calls`).
     """
@@ -85,10 +90,20 @@ class Text2MusicPipeline:
             latent_geometry(ckpt),
         )
 
-    def prepare(self, params: GenerationParams) -> PreparedRequest:
-        return prepare_request(params, self.text_tokenizer.tokenize_one, self.lyric_tokenizer.tokenize)
+    def prepare(self, params: GenerationParams, source: SourceAudio | None = None) -> PreparedRequest:
+        return prepare_request(params, self.text_tokenizer.tokenize_one, self.lyric_tokenizer.tokenize, source)
 
-    def __call__(self, params: GenerationParams, callback: ProgressFn | None = None) -> GenerationResult:
+    def encode_source(self, source: SourceAudio) -> torch.Tensor:
+        """Source audio -> its latents [1, 8, 16, T] on the pipeline's device (the dcae_encoder stage)."""
+        audio = encoder_audio(torch.from_numpy(np.asarray(source.samples, dtype=np.float32)), int(source.sample_rate),
+                              self.geometry.sample_rate, self.geometry.audio_channels)
+        return self.engines["dcae_encoder"]({"AUDIO": audio})["LATENTS"].to(self.device)
+
+    def __call__(self, params: GenerationParams, callback: ProgressFn | None = None,
+                 source: SourceAudio | None = None) -> GenerationResult:
+        """Run `params.task`; `source` is the audio of the tasks that start from one
+        (contract.AUDIO_INPUT_TASKS), as decoded from its file. ParameterError for a request that
+        cannot run (naming the field)."""
         timings: dict[str, float] = {}
 
         @contextmanager
@@ -100,7 +115,7 @@ class Text2MusicPipeline:
             timings[name] = time.perf_counter() - start
 
         with stage("preprocess"):
-            prepared = self.prepare(params)
+            prepared = self.prepare(params, source)
             rows = {name: torch.from_numpy(array) for name, array in prepared.tensors().items()}
         with stage("text_encoder"):
             text_states = self.engines["text_encoder"](rows)["TEXT_STATES"]
@@ -108,14 +123,15 @@ class Text2MusicPipeline:
             out = self.engines["condition_encoder"]({**rows, "TEXT_STATES": text_states})
             conditions = Conditions(prepared.branches, out["ENCODER_STATES"].to(self.device),
                                     out["ENCODER_MASK"].to(self.device))
-        with stage("diffusion"):
-            generators = make_generators(prepared.seeds)
-            noise = initial_noise(generators, self.geometry.frames(prepared.duration), self.geometry, self.device)
-
+        with stage("diffusion"):  # the Triton `diffusion` model encodes the source too
+            source_latents = self.encode_source(source) if source is not None else None
+            frames = None if source_latents is None else source_latents.shape[-1]
             loop = StepLoop(lambda batch: self.engines["dit_step"](batch)["VELOCITY"], conditions,
-                            params.use_erg_diffusion, ConditionSender(new_request_id()), branch_plan(params))
+                            params.use_erg_diffusion, ConditionSender(new_request_id()), call_plan(params, frames))
             try:
-                latents = denoise(loop.step, params, noise, generators, callback)
+                latents = generate(loop.step, params, make_generators(prepared.seeds),
+                                   make_generators(prepared.retake_seeds), prepared.duration, source_latents, callback,
+                                   self.device)
             except BaseException:
                 loop.release()
                 raise
@@ -123,4 +139,5 @@ class Text2MusicPipeline:
             mel = self.engines["dcae_decoder"]({"LATENTS": latents})["MEL"]
         with stage("vocoder"):
             waveforms = self.engines["vocoder"]({"MEL": mel})["WAVEFORM"].float().cpu()
-        return GenerationResult(waveforms.numpy(), prepared.seeds, prepared.duration, timings)
+        return GenerationResult(waveforms.numpy(), prepared.seeds, prepared.duration, timings,
+                                retake_seeds=prepared.retake_seeds)

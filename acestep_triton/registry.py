@@ -25,6 +25,7 @@ from acestep_triton.specs import (
     ComponentSpec,
     condition_encoder_io,
     dcae_decoder_io,
+    dcae_encoder_io,
     dit_step_io,
     text_encoder_io,
     vocoder_io,
@@ -52,6 +53,8 @@ class Component:
         order, a tuple of outputs in spec order).
     samples: callable(spec, ckpt, sizes, draw) -> valid inputs in spec order (export.samples).
     acceleration: callable(engine, settings) applying the gpu profile's speed-ups, or "" for none.
+    plan: whether TensorRT can build it; False keeps it on the python backend's pytorch engine in the
+        tensorrt profile.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Component:
     batching: Batching
     parts: tuple[str, ...] = ()
     acceleration: str = ""
+    plan: bool = True
 
 
 def resolve(reference: str) -> Any:
@@ -78,7 +82,8 @@ def resolve(reference: str) -> Any:
 # parts, so no process keeps them.
 _TRANSFORMER = "acestep_triton.models.transformer:ACEStepTransformer.from_pretrained"
 
-# In pipeline order (contract.STAGES; a test holds them to it).
+# In pipeline order (contract.STAGES; a test holds them to it). dcae_encoder is no ensemble stage: the
+# `diffusion` loop calls it (BLS) for the tasks that start from audio (contract.AUDIO_INPUT_TASKS).
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
@@ -102,6 +107,18 @@ COMPONENTS: dict[str, Component] = {
             samples="export.samples:condition_encoder_samples",
             acceleration="acestep_triton.acceleration:accelerate_encoder",
             batching=Batching(max_batch_size=16),
+        ),
+        Component(
+            name="dcae_encoder",
+            io=dcae_encoder_io,
+            folder=DCAE_DIR,
+            loader="acestep_triton.models.dcae:load_audio_encoder",
+            module="acestep_triton.components:DcaeEncoderComponent",
+            samples="export.samples:dcae_encoder_samples",
+            batching=Batching(max_batch_size=4),
+            # its log-mel is an ONNX STFT, which TensorRT's ONNX parser does not take; it runs once
+            # per request (not per step), so the python backend costs little there
+            plan=False,
         ),
         Component(
             name="dit_step",

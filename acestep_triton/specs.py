@@ -120,6 +120,20 @@ def dit_step_io(ckpt: Checkpoint) -> ComponentIO:
     )
 
 
+def dcae_encoder_io(ckpt: Checkpoint) -> ComponentIO:
+    """Stereo audio at the vocoder's sample rate (acestep_triton.models.dcae.encoder_audio resamples
+    to it) -> latents, upstream's MusicDCAE.encode: T = ceil(samples / (compression * hop)).
+
+    Not ragged: the encoder attends over the whole input, so zero padding would change every
+    latent; requests batch only with equal lengths.
+    """
+    g = latent_geometry(ckpt)
+    return ComponentIO(
+        inputs=(TensorSpec("AUDIO", "TYPE_FP32", (g.audio_channels, -1)),),
+        outputs=(TensorSpec("LATENTS", "TYPE_FP32", (g.channels, g.height, -1)),),
+    )
+
+
 def dcae_decoder_io(ckpt: Checkpoint) -> ComponentIO:
     """Latents -> ACE-Step log-mel (scale/shift and mel denormalisation included)."""
     g = latent_geometry(ckpt)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.contract import ENSEMBLE_INPUTS, GenerationParams, ParameterError
+from acestep_triton.contract import ENSEMBLE_INPUTS, TASK_INPUTS, GenerationParams, ParameterError, SourceAudio
 from acestep_triton.phase_log import PhaseLog
 
 log = logging.getLogger("acestep_triton")
@@ -120,6 +120,11 @@ def _scalar(array: np.ndarray):
     item = value[0]
     if isinstance(item, bytes):
         return item.decode("utf-8")
+    if isinstance(item, np.float32):
+        # The shortest decimal that rounds to this float32: the number the client wrote (up to 7
+        # significant digits), so the tasks' double-precision truncations (int(8 * (1 - 0.7)),
+        # int(10 * 0.7)) give what they give in process and upstream, not what 0.69999999 gives.
+        return float(str(item))
     return item.item()
 
 
@@ -127,10 +132,12 @@ def request_params(request) -> GenerationParams:
     """GenerationParams from the ensemble inputs present on this request (validated).
 
     A model that sees only some inputs (the diffusion loop gets no prompt) keeps the
-    contract defaults for the others.
+    contract defaults for the others; so does a request without the optional task inputs.
     """
     kwargs = {}
-    for spec in ENSEMBLE_INPUTS:
+    for spec in (*ENSEMBLE_INPUTS, *TASK_INPUTS):
+        if not spec.param:
+            continue
         array = input_array(request, spec.name)
         if array is None:
             continue
@@ -145,6 +152,23 @@ def request_params(request) -> GenerationParams:
     kwargs.setdefault("prompt", "")
     kwargs.setdefault("lyrics", "")
     return GenerationParams(**kwargs)
+
+
+def request_source(request) -> SourceAudio | None:
+    """The request's source audio (SRC_AUDIO [channels, samples] at SRC_SAMPLE_RATE Hz), None without.
+
+    tasks.check_source judges it against the task; here only that the two come together.
+    """
+    samples, rate = input_tensor(request, "SRC_AUDIO"), input_array(request, "SRC_SAMPLE_RATE")
+    if samples is None and rate is None:
+        return None
+    if samples is None or rate is None:
+        raise ParameterError("SRC_AUDIO", "SRC_AUDIO and SRC_SAMPLE_RATE come together")
+    try:
+        sample_rate = int(_scalar(rate))
+    except ValueError as exc:
+        raise ParameterError("SRC_SAMPLE_RATE", str(exc)) from None
+    return SourceAudio(samples.cpu().numpy(), sample_rate)
 
 
 def _engine(name: str, params: Mapping[str, str]):

@@ -14,9 +14,10 @@ Profiles (where each component runs; the ensemble wiring is the same for all):
   gpu   python backend, PyTorch bfloat16 on CUDA, with acestep_triton.acceleration's speed-ups
         (compiled blocks, CUDA-graph decode and vocoder windows, warmed up at load)
   onnx  python backend running the exported ONNX graphs with ONNX Runtime
-  tensorrt  the five neural components as `tensorrt_plan` models (engines from export.tensorrt_build,
-        --engine-dir; their I/O read from the ONNX graphs they were built from); preprocess and the
-        sampling loop stay python. Plans cannot time themselves: their TIME_<stage> outputs are left out.
+  tensorrt  the neural components as `tensorrt_plan` models (engines from export.tensorrt_build,
+        --engine-dir; their I/O read from the ONNX graphs they were built from); preprocess, the
+        sampling loop and the components TensorRT cannot build (registry `plan`: dcae_encoder) stay
+        python. Plans cannot time themselves: their TIME_<stage> outputs are left out.
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ from acestep_triton.contract import (
     MAX_DURATION_S,
     PROGRESS_OUTPUTS,
     SAMPLING_PARAMS,
+    SOURCE_INPUTS,
     STAGES,
     STREAM_INPUTS,
     STREAM_MODEL_NAME,
+    TASK_INPUTS,
     TensorSpec,
     stage_time_name,
 )
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, latent_geometry
-from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
+from acestep_triton.registry import NEURAL_COMPONENTS, component, component_spec
 from acestep_triton.specs import CONDITION_INPUTS, KEYED_INPUTS, ComponentSpec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
@@ -94,6 +97,7 @@ class Profile:
     preprocess_instances: int = 1
     text_encoder_instances: int = 1
     condition_encoder_instances: int = 1
+    dcae_encoder_instances: int = 1
     dit_step_instances: int = 1
     dcae_decoder_instances: int = 1
     vocoder_instances: int = 1
@@ -155,6 +159,11 @@ def _time(stage: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
     return TensorSpec(stage_time_name(stage), "TYPE_FP32", dims)
 
 
+def _ensemble_output(name: str) -> TensorSpec:
+    """The ensemble output `name` (contract.ENSEMBLE_OUTPUTS), as the model that makes it declares it."""
+    return next(t for t in ENSEMBLE_OUTPUTS if t.name == name)
+
+
 def _unbatched(spec: TensorSpec) -> TensorSpec:
     """A batched tensor as seen by a model without a batch axis."""
     return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
@@ -169,10 +178,11 @@ def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None
     return ModelSpec(
         name="preprocess",
         backend="python",
-        inputs=ENSEMBLE_INPUTS,
+        inputs=(*ENSEMBLE_INPUTS, *TASK_INPUTS),
         outputs=(*map(_unbatched, branch_rows),
-                 TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
-                 TensorSpec("DURATION", "TYPE_FP32", (1,)),
+                 _ensemble_output("SEEDS"),
+                 _ensemble_output("RETAKE_SEEDS_USED"),
+                 _ensemble_output("DURATION"),
                  _time("preprocess", (1, 1))),
         instance_group=InstanceGroup("KIND_CPU", profile.preprocess_instances),
         parameters={"CHECKPOINT": checkpoint, **({"LYRIC_VOCAB": str(lyric_vocab)} if lyric_vocab else {})},
@@ -250,14 +260,16 @@ def plan_model(spec: ComponentSpec, engine: Path, onnx_file: Path, profile: Prof
 
 
 def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
-    """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched.
+    """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched,
+    and `dcae_encoder` once for the tasks that start from audio (SOURCE_INPUTS, optional).
 
     A python `dit_step` keeps the conditions of a request (CONDITION_CACHE=1); a TensorRT plan
     cannot, so the loop sends them with every step there.
     """
     cond = component_spec("condition_encoder", ckpt)
     geometry = latent_geometry(ckpt)
-    params = tuple(t for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS)
+    params = tuple(t for t in (*ENSEMBLE_INPUTS, *TASK_INPUTS) if t.param in SAMPLING_PARAMS)
+    source = tuple(t for t in TASK_INPUTS if t.name in SOURCE_INPUTS)
     parameters = {"LOOP_DEVICE": profile.loop_device,
                   "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1"}
     if profile.loop_threads:
@@ -270,8 +282,8 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     return ModelSpec(
         name="diffusion",
         backend="python",
-        inputs=(*map(_unbatched, cond.outputs), TensorSpec("SEEDS", "TYPE_INT64", (-1,)),
-                TensorSpec("DURATION", "TYPE_FP32", (1,)), *params),
+        inputs=(*map(_unbatched, cond.outputs), _ensemble_output("SEEDS"), _ensemble_output("RETAKE_SEEDS_USED"),
+                _ensemble_output("DURATION"), *params, *source),
         outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, geometry.channels, geometry.height, -1)),
                  _time("diffusion", (1, 1))),
         instance_group=group,
@@ -295,7 +307,7 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
     return ModelSpec(
         name=ENSEMBLE_NAME,
         platform="ensemble",
-        inputs=ENSEMBLE_INPUTS,
+        inputs=(*ENSEMBLE_INPUTS, *TASK_INPUTS),
         outputs=tuple(t for t in ENSEMBLE_OUTPUTS if t.name in produced),
         ensemble_steps=steps,
     )
@@ -358,18 +370,21 @@ def build_repository(
 
         onnx_path = Path(onnx_dir) if onnx_dir else out / "onnx"
         for name in NEURAL_COMPONENTS:
-            export_component(name, ckpt, onnx_path)
+            if chosen.engine == "onnx" or component(name).plan:
+                export_component(name, ckpt, onnx_path)
 
     models = {"preprocess": preprocess_model(ckpt, checkpoint_param, vocab, chosen),
               "diffusion": diffusion_model(ckpt, chosen)}
     engines = {}
     for name in NEURAL_COMPONENTS:
         spec = component_spec(name, ckpt)
-        if chosen.engine == "tensorrt":
+        if chosen.engine != "tensorrt":
+            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
+        elif component(name).plan:
             engines[name] = find_engine(Path(engine_dir), name)
             models[name] = plan_model(spec, engines[name], onnx_path / f"{name}.onnx", chosen)
-        else:
-            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
+        else:  # TensorRT cannot build it (registry `plan`): PyTorch on the profile's device and dtype
+            models[name] = component_model(spec, checkpoint_param, replace(chosen, engine="pytorch"), None)
     models[ENSEMBLE_NAME] = ensemble_model(models)
     models[STREAM_MODEL_NAME] = stream_model(models)
     for name, spec in models.items():

@@ -69,7 +69,8 @@ class ModelSpec:
     max_batch_size: int = 0
     dynamic_batching: DynamicBatching | None = None
     ragged_inputs: frozenset[str] = frozenset()
-    # inputs a request may leave out (the model reads them as absent)
+    # inputs a request may leave out (the model reads them as absent), beside those whose
+    # TensorSpec says `optional`
     optional_inputs: frozenset[str] = frozenset()
     instance_group: InstanceGroup | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)

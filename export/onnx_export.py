@@ -1,4 +1,4 @@
-"""torch -> ONNX for the five neural components; each graph is checked against PyTorch before it is kept.
+"""torch -> ONNX for the six neural components; each graph is checked against PyTorch before it is kept.
 
     python -m export.onnx_export --checkpoint DIR --out DIR [--components dit_step vocoder] [--force]
 
@@ -13,7 +13,7 @@ saved -> graph I/O checked against the spec -> loaded by ONNX Runtime and run on
 inputs of other lengths than the export sample (a shape baked into the graph fails there), with
 PyTorch on the same inputs; the export fails if the relative error passes the bound.
 
-Exporter choice (torch 2.13): the torch.export-based exporter (`dynamo=True`) for all five. The
+Exporter choice (torch 2.13): the torch.export-based exporter (`dynamo=True`) for all six. The
 TorchScript exporter (`dynamo=False`) was tried first and fails four of them: dcae_decoder
 (diffusers' `movedim(-1, 1)` becomes a Transpose with perm -1, which ONNX Runtime rejects),
 vocoder (the 44.1 -> 48 kHz output length is computed in Python, so tracing bakes it in: wrong

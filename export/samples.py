@@ -141,6 +141,14 @@ def dit_step_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw
             draw.alternating(s.batch, 1.0, ERG_Q_SCALE).reshape(_shape(q_scale, s.batch)))
 
 
+def dcae_encoder_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
+    """Audio of latent_frames - 1 frames and a part (so the encoder pads it to latent_frames), in [-1, 1)."""
+    (audio,) = spec.inputs
+    g = latent_geometry(ckpt)
+    samples = (s.latent_frames - 1) * g.compression * g.hop_length + g.hop_length + 1
+    return (draw.uniform(_shape(audio, s.batch, samples), -1.0, 1.0),)
+
+
 def dcae_decoder_samples(spec: ComponentSpec, ckpt: Checkpoint, s: Sizes, draw: Draw) -> tuple[torch.Tensor, ...]:
     (latents,) = spec.inputs
     return (draw.normal(_shape(latents, s.batch, s.latent_frames)),)

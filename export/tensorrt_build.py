@@ -37,14 +37,12 @@ from pathlib import Path
 
 from acestep_triton.checkpoint import Checkpoint, CheckpointError, validate_checkpoint
 from acestep_triton.contract import MAX_DURATION_S
-from acestep_triton.registry import component_spec
 from acestep_triton.geometry import latent_geometry
+from acestep_triton.registry import NEURAL_COMPONENTS, component, component_spec
 from acestep_triton.text_tokenizer import TEXT_MAX_TOKENS
 from acestep_triton.versions import TENSORRT_VERSION
 from export.onnx_export import (
-    COMPONENTS,
     ExportError,
-    check_component_name,
     export_component,
     manifest_path,
 )
@@ -52,6 +50,8 @@ from export.parity import ParityResult, compare_outputs
 from export.progress import stage
 from export.samples import PARITY_SIZES, Sizes, input_shapes, sample_inputs
 
+# The components TensorRT builds (registry `plan`); the others stay on the python backend.
+PLAN_COMPONENTS = tuple(name for name in NEURAL_COMPONENTS if component(name).plan)
 PRECISIONS = ("bf16", "fp16", "fp32")
 # Bound on the engine vs float32 PyTorch error (TF32 is on in fp32 builds). Starting points,
 # not yet measured: this code has not run against TensorRT (see docs/export.md).
@@ -294,7 +294,8 @@ def build_engine(name: str, ckpt: Checkpoint | str | os.PathLike, onnx_dir: str 
                  out_dir: str | os.PathLike, precision: str = "bf16", shapes: EngineShapes = EngineShapes(),
                  force: bool = False, check: bool = True) -> Path:
     """The engine for one component (exporting its ONNX graph first if needed); cached, see the module docstring."""
-    check_component_name(name)
+    if name not in PLAN_COMPONENTS:
+        raise ValueError(f"{name!r} is not built by TensorRT; the plan components are {', '.join(PLAN_COMPONENTS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     trt = require_tensorrt()
@@ -338,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (published layout)")
     parser.add_argument("--onnx-dir", required=True, type=Path, help="ONNX exports (made here when missing)")
     parser.add_argument("--out", required=True, type=Path, help="directory for the engines and the timing cache")
-    parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="NAME",
-                        help=f"components to build (default: all of {', '.join(COMPONENTS)})")
+    parser.add_argument("--components", nargs="+", choices=PLAN_COMPONENTS, default=list(PLAN_COMPONENTS),
+                        metavar="NAME", help=f"components to build (default: all of {', '.join(PLAN_COMPONENTS)})")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     defaults = EngineShapes()
     parser.add_argument("--durations", nargs="+", type=float, default=list(defaults.durations_s),

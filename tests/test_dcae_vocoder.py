@@ -18,10 +18,14 @@ from acestep_triton.audio import read_audio, resample, resampled_length, sinc_re
 from acestep_triton.checkpoint import DCAE_DIR, VOCODER_DIR
 from acestep_triton.contract import OUTPUT_SAMPLE_RATE
 from acestep_triton.models.dcae import (
+    LATENT_SCALE,
+    LATENT_SHIFT,
     MEL_MAX,
     MEL_MIN,
-    audio_to_latents,
+    AudioEncoder,
+    encoder_audio,
     latents_to_mel,
+    load_audio_encoder,
     load_dcae,
 )
 from acestep_triton.models.vocoder import ADaMoSHiFiGAN, load_vocoder
@@ -183,27 +187,52 @@ def test_resample_same_rate_is_identity() -> None:
     assert resample(wave, 44100, 44100) is wave
 
 
-def test_encode_matches_golden(golden_dir: Path, dcae: AutoencoderDC, vocoder: ADaMoSHiFiGAN) -> None:
+@pytest.fixture(scope="module")
+def audio_encoder(golden_ckpt: Path) -> AudioEncoder:
+    return load_audio_encoder(golden_ckpt / DCAE_DIR)
+
+
+def test_encode_matches_golden_stage_by_stage(golden_dir: Path, audio_encoder: AudioEncoder) -> None:
+    """upstream's MusicDCAE.load_audio + encode on the 48 kHz stereo source, every stored stage."""
     ref = load_file(golden_dir / "ext" / "enc1_48k_stereo.safetensors")
     audio, sample_rate = read_audio(golden_dir / "ext" / "src_chords_48k_stereo.wav")
-    latents = audio_to_latents(dcae, vocoder, audio[None], sample_rate)
-    assert_within(latents, ref["latents"], STAGE_TOL)
-
-    mel, resampled = ref["mel"], ref["resampled_44k"][0]
-    padded_length = mel.shape[-1] * vocoder.config.hop_length
-    padded = torch.nn.functional.pad(resampled, (0, padded_length - resampled.shape[-1]))
+    resampled = encoder_audio(audio, sample_rate, 44100, 2)
+    assert_within(resampled, ref["resampled_44k"], BOOKKEEPING_TOL)
     # The log amplifies float32 STFT rounding in quiet bins, and that rounding depends on the CPU's FFT
     # kernels: on an Intel host the reference's log-mel differs by 3.4e-4 from ours and by 4.0e-4 from
     # a float64 STFT (the reference's own error), so the log-mel gets the golden log-mel bound.
-    torch.testing.assert_close(vocoder.log_mel(padded), mel[0], rtol=0.0, atol=CHAIN_MEL_TOL)
+    mel = audio_encoder.mel(resampled)
+    assert mel.shape == ref["mel"].shape  # zero-padded to whole latent frames: 264600 -> 266240 samples
+    torch.testing.assert_close(mel, ref["mel"], rtol=0.0, atol=CHAIN_MEL_TOL)
     with torch.no_grad():
-        encoded = dcae.encoder(((mel - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5)
+        encoded = audio_encoder.encoder(((ref["mel"] - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5)
+        latents = audio_encoder(resampled)
     assert_within(encoded, ref["dcae_encoder_output"], STAGE_TOL)
+    assert_within(latents, ref["latents"], STAGE_TOL)
+    assert_within((ref["dcae_encoder_output"] - LATENT_SHIFT) * LATENT_SCALE, ref["latents"], BOOKKEEPING_TOL)
 
 
-def test_encode_rejects_wrong_channel_count(dcae: AutoencoderDC, vocoder: ADaMoSHiFiGAN) -> None:
+def test_encode_duplicates_mono_and_skips_resampling_at_the_vocoder_rate(audio_encoder: AudioEncoder) -> None:
+    mono = torch.randn(1, 3 * 4096 + 5, generator=torch.Generator().manual_seed(0)) * 0.3
+    stereo = encoder_audio(mono, 44100, 44100, 2)
+    assert torch.equal(stereo, mono.repeat(2, 1)[None])
+    with torch.no_grad():
+        assert audio_encoder(stereo).shape == (1, 8, 16, 4)  # a partial last frame still gives a latent frame
+
+
+def test_encode_keeps_the_log_mel_in_float32_when_cast(golden_ckpt: Path, audio_encoder: AudioEncoder) -> None:
+    """The gpu profile casts the component to bfloat16: the encoder follows, the log-mel does not
+    (bfloat16's rounding of its filterbank moves quiet log-mel bins by whole units)."""
+    cast = load_audio_encoder(golden_ckpt / DCAE_DIR).to(torch.bfloat16)
+    audio = torch.randn(1, 2, 2 * 4096, generator=torch.Generator().manual_seed(1)) * 0.1
+    with torch.no_grad():
+        assert torch.equal(cast.mel(audio), audio_encoder.mel(audio))
+        assert cast(audio).dtype == torch.bfloat16
+
+
+def test_encode_rejects_wrong_channel_count() -> None:
     with pytest.raises(ValueError, match="audio"):
-        audio_to_latents(dcae, vocoder, torch.zeros(1, 1, 4096), 44100)
+        encoder_audio(torch.zeros(3, 4096), 44100, 44100, 2)
 
 
 def test_write_wav_round_trips_float32(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from acestep_triton.bls_loop import StepLoop, branch_plan
+from acestep_triton.bls_loop import StepLoop
+from acestep_triton.sampling.tasks import call_plan
 from acestep_triton.checkpoint import validate_checkpoint
 from acestep_triton.condition_cache import MISS_MESSAGE, ConditionCache, ConditionSender, decode_keys
 from acestep_triton.contract import GenerationParams
@@ -66,7 +67,7 @@ class Recorded:
 
 def run_loop(engine, dit_call, cond: Conditions, with_cache: bool, callback=None):
     sender = ConditionSender("request-1") if with_cache else None
-    loop = StepLoop(dit_call, cond, PARAMS.use_erg_diffusion, sender, branch_plan(PARAMS))
+    loop = StepLoop(dit_call, cond, PARAMS.use_erg_diffusion, sender, call_plan(PARAMS))
     generators = make_generators(PARAMS.actual_seeds)
     noise = initial_noise(generators, FRAMES)
     try:

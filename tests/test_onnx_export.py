@@ -1,5 +1,5 @@
 """The export chain on the golden tiny checkpoint: ONNX graphs vs PyTorch, graph I/O vs spec, caching,
-engine profiles and the errors a user meets. CPU only; the five exports run once per session
+engine profiles and the errors a user meets. CPU only; the six exports run once per session
 (`onnx_exports` fixture: about 2.5 CPU-minutes, most of this file's time), the rest reuses them."""
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""The in-process pipeline reproduces the official implementation end to end on its tiny checkpoint."""
+"""The in-process pipeline reproduces the official implementation end to end on its tiny checkpoint, every task."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import soundfile
 
 from acestep_triton.contract import STAGES, GenerationParams
 from acestep_triton.pipeline import Text2MusicPipeline
-from tests.golden_cases import GOLDEN_CASES, golden_params, golden_tensors
+from tests.golden_cases import EXT_CASES, GOLDEN_CASES, ext_request, ext_tensors, golden_params, golden_tensors
 
 pytestmark = pytest.mark.slow  # whole generations through the in-process pipeline
 
@@ -73,3 +74,41 @@ def test_random_duration_is_reproducible(pipeline) -> None:
     again = pipeline.prepare(GenerationParams(prompt="pop", lyrics="", audio_duration=-1, actual_seeds=(5,)))
     assert 30.0 <= prepared.duration <= 240.0
     assert prepared.duration == again.duration
+
+
+@pytest.mark.parametrize("case", EXT_CASES)
+def test_task_case_end_to_end(pipeline, golden_dir, case) -> None:
+    """retake, repaint, extend, edit, audio2audio: source latents, final latents and waveform against
+    the official run (golden/ext: 1e-5 * max(1, |ref|) for the encoder, 1e-4 for the chain)."""
+    params, source = ext_request(golden_dir, case)
+    ref = ext_tensors(golden_dir, case)
+    captured = {}
+    engines = dict(pipeline.engines)
+
+    def spy(name):
+        def run(batch):
+            out = engines[name](batch)
+            captured[name] = {**batch, **out}
+            return out
+        return run
+
+    pipeline.engines.update({name: spy(name) for name in ("dcae_encoder", "dcae_decoder")})
+    try:
+        result = pipeline(params, source=source)
+    finally:
+        pipeline.engines.update(engines)
+    if source is not None:
+        src = captured["dcae_encoder"]["LATENTS"]
+        key = "ref_latents" if params.task == "audio2audio" else "src_latents"
+        assert _max_err(src, ref[key]) <= 1e-5 * max(1.0, ref[key].abs().max().item())
+    assert _max_err(captured["dcae_decoder"]["LATENTS"], ref["final_latents"]) < 1e-4
+    wav, _ = soundfile.read(golden_dir / "ext" / f"{case}.wav", dtype="float32", always_2d=True)
+    assert result.waveforms.shape == (1, *wav.T.shape)
+    err = _max_err(result.waveforms[0], wav.T)
+    assert err < 1e-4, f"{case}: waveform max abs error {err:.2e}"
+    assert result.seeds == params.actual_seeds
+    assert len(result.retake_seeds) == 1  # drawn for a1, which gives none
+    assert result.retake_seeds == params.retake_seeds or not params.retake_seeds
+    # a source task lasts as long as its latents; the others as asked (their waveform is cut to whole frames)
+    frames = ref["final_latents"].shape[-1]
+    assert result.duration == (pytest.approx(frames * 512 * 8 / 44100) if source else params.audio_duration)

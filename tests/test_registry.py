@@ -12,11 +12,19 @@ import pytest
 import torch
 
 from acestep_triton.checkpoint import DCAE_DIR, TRANSFORMER_DIR, Checkpoint, CheckpointError, validate_checkpoint
-from acestep_triton.contract import ENSEMBLE_INPUTS, SAMPLING_PARAMS, STAGES, GenerationParams
+from acestep_triton.contract import (
+    AUDIO_INPUT_TASKS,
+    ENSEMBLE_INPUTS,
+    SAMPLING_PARAMS,
+    SOURCE_INPUTS,
+    STAGES,
+    TASK_INPUTS,
+    GenerationParams,
+)
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, latent_geometry
 from acestep_triton.registry import COMPONENTS, NEURAL_COMPONENTS, component, component_spec, resolve
-from acestep_triton.sampling.loop import denoise
-from acestep_triton.sampling.seeds import initial_noise, make_generators
+from acestep_triton.sampling.seeds import make_generators
+from acestep_triton.sampling.tasks import generate
 from export.build_repository import PROFILES, PUBLISHED_CONFIGS, diffusion_model
 
 
@@ -37,8 +45,8 @@ def test_every_reference_resolves(name: str) -> None:
 
 
 def test_unknown_component_is_named() -> None:
-    with pytest.raises(KeyError, match="unknown component 'dcae_encoder'"):
-        component("dcae_encoder")
+    with pytest.raises(KeyError, match="unknown component 'flux_encoder'"):
+        component("flux_encoder")
 
 
 def test_spec_takes_its_batch_size_from_the_registry(golden_ckpt: Path) -> None:
@@ -91,14 +99,18 @@ class _Recording(GenerationParams):
 @pytest.mark.parametrize("overrides", [
     {}, {"scheduler_type": "heun", "cfg_type": "cfg"}, {"scheduler_type": "pingpong", "oss_steps": (2, 5, 9)},
     {"guidance_scale_text": 2.0, "guidance_scale_lyric": 3.0, "guidance_interval_decay": 0.5},
+    {"task": "retake", "retake_variance": 0.4}, {"task": "repaint", "repaint_start": 0.1, "repaint_end": 0.2},
+    {"task": "extend", "repaint_start": -0.2}, {"task": "edit", "edit_n_max": 0.5, "edit_n_avg": 2},
+    {"task": "audio2audio", "ref_audio_strength": 0.3},
 ])
 def test_the_loop_reads_only_the_sampling_params(overrides: dict) -> None:
     """SAMPLING_PARAMS decides which ensemble inputs the `diffusion` model gets; the loop must not
     read any other field, or a Triton deployment would silently use its default."""
-    params = _Recording(prompt="", lyrics="", infer_step=4, actual_seeds=(1,), **overrides)
+    params = _Recording(prompt="", lyrics="", infer_step=4, actual_seeds=(1,), audio_duration=0.3, **overrides)
     object.__getattribute__(params, "__dict__").pop("_read", None)  # validation reads everything
-    noise = initial_noise(make_generators([1]), 3)
-    denoise(lambda x, t, branches: torch.zeros_like(x), params, noise, make_generators([1]))
+    source = torch.zeros(1, 8, 16, 5) if params.task in AUDIO_INPUT_TASKS else None
+    generate(lambda x, t, branches: torch.zeros_like(x), params, make_generators([1]), make_generators([2]), 0.3,
+             source)
     read = object.__getattribute__(params, "__dict__")["_read"]
     assert read <= SAMPLING_PARAMS, read - SAMPLING_PARAMS
 
@@ -106,5 +118,6 @@ def test_the_loop_reads_only_the_sampling_params(overrides: dict) -> None:
 def test_diffusion_model_takes_exactly_the_sampling_inputs() -> None:
     model = diffusion_model(Checkpoint(PUBLISHED_CONFIGS), PROFILES["cpu"])
     taken = {t.name for t in model.inputs}
-    assert {t.name for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS} <= taken
-    assert not {t.name for t in ENSEMBLE_INPUTS if t.param not in SAMPLING_PARAMS} & taken
+    inputs = (*ENSEMBLE_INPUTS, *TASK_INPUTS)
+    assert {t.name for t in inputs if t.param in SAMPLING_PARAMS} | set(SOURCE_INPUTS) <= taken
+    assert not {t.name for t in inputs if t.param and t.param not in SAMPLING_PARAMS} & taken

@@ -18,18 +18,18 @@ from acestep_triton.contract import ENSEMBLE_NAME, stage_time_name
 from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
 from export.build_repository import build_repository
 from export.model_config import read_model_config
-from export.tensorrt_build import engine_manifest
+from export.tensorrt_build import PLAN_COMPONENTS, engine_manifest
 
 PLACEHOLDER = b"placeholder: engines are built inside the NGC image (TensorRT is not installable here)"
 # optimisation profiles per engine, as its manifest records them (dit_step: three duration buckets)
-MANIFEST_PROFILES = {name: 3 if name == "dit_step" else 1 for name in NEURAL_COMPONENTS}
+MANIFEST_PROFILES = {name: 3 if name == "dit_step" else 1 for name in PLAN_COMPONENTS}
 
 
 @pytest.fixture
 def engine_dir(tmp_path: Path) -> Path:
     engines = tmp_path / "engines"
     engines.mkdir()
-    for name in NEURAL_COMPONENTS:
+    for name in PLAN_COMPONENTS:
         engine = engines / f"{name}.trt10.5.0.bf16.d30-60-120_l4096.plan"
         engine.write_bytes(PLACEHOLDER)
         engine_manifest(engine).write_text(json.dumps({"profiles": [{}] * MANIFEST_PROFILES[name]}))
@@ -46,7 +46,7 @@ def test_plan_configs_match_the_onnx_graphs(tmp_path, golden_ckpt, lyric_vocab, 
     repo = build_repository("tensorrt", golden_ckpt, tmp_path / "repo", lyric_vocab, onnx_dir=onnx_exports,
                             engine_dir=engine_dir)
     ckpt = validate_checkpoint(golden_ckpt)
-    for name in NEURAL_COMPONENTS:
+    for name in PLAN_COMPONENTS:
         config = read_model_config(repo / name / "config.pbtxt")
         assert config.platform == "tensorrt_plan"
         # the config is read from the ONNX graph; the spec, an independent source, must agree with it
@@ -57,6 +57,10 @@ def test_plan_configs_match_the_onnx_graphs(tmp_path, golden_ckpt, lyric_vocab, 
         assert list(config.instance_group[0].profile) == [str(i) for i in range(MANIFEST_PROFILES[name])]
         assert (repo / name / "1" / "model.plan").read_bytes() == PLACEHOLDER
     assert read_model_config(repo / "diffusion" / "config.pbtxt").backend == "python"
+    for name in set(NEURAL_COMPONENTS) - set(PLAN_COMPONENTS):  # TensorRT cannot build it: PyTorch on the GPU
+        config = read_model_config(repo / name / "config.pbtxt")
+        assert config.backend == "python" and config.parameters["ENGINE"].string_value == "pytorch"
+        assert config.parameters["DEVICE"].string_value == "cuda"
 
     ensemble = read_model_config(repo / ENSEMBLE_NAME / "config.pbtxt")
     names = {t.name for t in ensemble.output}

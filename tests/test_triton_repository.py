@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from acestep_triton.contract import ENSEMBLE_NAME, STAGES, GenerationParams, GenerationResult
+from acestep_triton.contract import ENSEMBLE_NAME, STAGES, GenerationParams, GenerationResult, SourceAudio
 from acestep_triton.ensemble_client import infer_inputs, read_result
 from acestep_triton.pipeline import Text2MusicPipeline
 from acestep_triton.tritonserver import TritonServer, TritonServerError
@@ -22,13 +22,14 @@ from tests.golden_cases import GOLDEN_CASES, golden_params, golden_tensors
 SHORT = dict(prompt="pop, piano", lyrics="[verse]\nla la la", infer_step=3, actual_seeds=(11,))
 
 
-def infer(server: TritonServer, params: GenerationParams, protocol: str = "grpc", overrides=None) -> GenerationResult:
+def infer(server: TritonServer, params: GenerationParams, protocol: str = "grpc", overrides=None,
+          source: SourceAudio | None = None) -> GenerationResult:
     """Call the ensemble with the gateway's client code; `overrides` replaces input arrays (to send
-    malformed tensors)."""
+    malformed tensors); `source` is the audio of the tasks that start from one."""
     client_mod = grpcclient if protocol == "grpc" else httpclient
     url = server.grpc_url if protocol == "grpc" else server.http_url
     client = client_mod.InferenceServerClient(url)
-    inputs = infer_inputs(client_mod, params, overrides)
+    inputs = infer_inputs(client_mod, params, overrides, source)
     result = client.infer(ENSEMBLE_NAME, inputs, client_timeout=600) if protocol == "grpc" else \
         client.infer(ENSEMBLE_NAME, inputs, timeout=600)
     return read_result(result)
@@ -42,7 +43,7 @@ def pipeline(tiny_checkpoint, lyric_vocab) -> Text2MusicPipeline:
 def test_configs_are_generated_and_parse(model_repository: Path) -> None:
     names = sorted(p.name for p in model_repository.iterdir() if (p / "config.pbtxt").is_file())
     assert names == sorted([ENSEMBLE_NAME, "preprocess", "text_encoder", "condition_encoder", "diffusion",
-                            "dit_step", "dcae_decoder", "vocoder", "acestep_stream"])
+                            "dcae_encoder", "dit_step", "dcae_decoder", "vocoder", "acestep_stream"])
     dit = read_model_config(model_repository / "dit_step" / "config.pbtxt")
     assert dit.max_batch_size > 1 and dit.HasField("dynamic_batching")
     assert {i.name for i in dit.input if i.allow_ragged_batch} == {"LATENTS", "ATTENTION_MASK", "ENCODER_STATES",

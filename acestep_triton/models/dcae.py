@@ -16,10 +16,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderDC
+from torch import nn
 
 from acestep_triton.audio import resample
-from acestep_triton.models.vocoder import ADaMoSHiFiGAN, overlapping_windows, run_grouped
+from acestep_triton.checkpoint import VOCODER_DIR
+from acestep_triton.models.vocoder import LogMelSpectrogram, load_log_mel, overlapping_windows, run_grouped
 
 LATENT_SCALE = 0.1786
 LATENT_SHIFT = -1.9091
@@ -39,24 +42,63 @@ def latents_to_mel(dcae: AutoencoderDC, latents: torch.Tensor) -> torch.Tensor:
     return (mel_norm * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
 
 
-@torch.no_grad()
-def audio_to_latents(
-    dcae: AutoencoderDC, vocoder: ADaMoSHiFiGAN, audio: torch.Tensor, sample_rate: int
-) -> torch.Tensor:
-    """Audio [B, in_channels, N] at `sample_rate` -> latents [B, C_lat, n_mels/r, ceil(N'/(r*hop))].
+def load_audio_encoder(folder: str | Path) -> AudioEncoder:
+    """The encoder half of the published `music_dcae_f8c8/` folder, with the log-mel front end of the
+    `music_vocoder/` folder beside it (the published layout keeps them side by side; upstream's
+    MusicDCAE loads both the same way). The decoder half is dropped."""
+    folder = Path(folder)
+    dcae = load_dcae(folder)
+    log_mel = load_log_mel(folder.parent / VOCODER_DIR)
+    return AudioEncoder(dcae.encoder, log_mel, dcae.spatial_compression_ratio * log_mel.spectrogram.hop_length)
 
-    N' is N resampled to the vocoder rate; the audio is zero-padded at the end to whole latent
-    frames (r*hop samples), so a partial last frame still yields a latent frame.
+
+def encoder_audio(samples: torch.Tensor, sample_rate: int, target_rate: int, channels: int) -> torch.Tensor:
+    """Decoded audio [C, N] at `sample_rate` -> [1, channels, N'] at `target_rate`: what upstream's
+    `MusicDCAE.load_audio` and the resampling in `encode` hand to the mel front end.
+
+    Mono is duplicated to stereo (load_audio); the resampler is torchaudio's `Resample` with its
+    float64-built kernel (acestep_triton.audio), skipped when the rates match.
     """
-    channels = dcae.config.in_channels
-    if audio.ndim != 3 or audio.shape[1] != channels:
-        raise ValueError(f"audio: expected [batch, {channels}, samples], got shape {tuple(audio.shape)}")
-    audio = resample(audio, sample_rate, vocoder.config.sampling_rate)
-    samples_per_latent = dcae.spatial_compression_ratio * vocoder.config.hop_length
-    audio = torch.nn.functional.pad(audio, (0, -audio.shape[-1] % samples_per_latent))
-    mel = vocoder.log_mel(audio.flatten(0, 1)).unflatten(0, audio.shape[:2])
-    mel_norm = ((mel - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5
-    return (dcae.encoder(mel_norm) - LATENT_SHIFT) * LATENT_SCALE
+    if samples.ndim != 2 or samples.shape[0] not in (1, channels):
+        raise ValueError(f"audio: expected [1 or {channels} channels, samples], got shape {tuple(samples.shape)}")
+    if samples.shape[0] == 1:
+        samples = samples.repeat(channels, 1)
+    return resample(samples.float(), sample_rate, target_rate)[None]
+
+
+class AudioEncoder(nn.Module):
+    """Audio at the vocoder's sample rate [B, C, N] -> latents [B, C_lat, n_mels/r, ceil(N / samples_per_latent)].
+
+    Upstream's `MusicDCAE.encode` after its resampling: the audio is zero-padded at the end to whole
+    latent frames (`samples_per_latent` = r * hop samples, so a partial last frame still yields a
+    latent frame), each channel goes through the vocoder's log-mel, the mel is normalised to
+    [-1, 1], encoded, shifted and scaled.
+
+    The log-mel stays float32 on any device whatever the encoder's dtype: it is held outside the
+    module's registered children, so `.to(dtype)` does not reach it (in bfloat16 its window and
+    filterbank round so that the log moves quiet bins by up to 2.4, on the golden source), and it
+    follows the audio's device instead.
+    """
+
+    def __init__(self, encoder: nn.Module, log_mel: LogMelSpectrogram, samples_per_latent: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._front_end = (log_mel.float(),)
+        self.samples_per_latent = samples_per_latent
+
+    def mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """Audio [B, C, N] -> padded log-mel [B, C, n_mels, ceil(N / samples_per_latent) * r] in float32."""
+        log_mel = self._front_end[0]
+        if log_mel.spectrogram.window.device != audio.device:
+            log_mel.to(audio.device)
+        audio = F.pad(audio.float(), (0, -audio.shape[-1] % self.samples_per_latent))
+        return log_mel(audio.flatten(0, 1)).unflatten(0, audio.shape[:2])
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        mel = self.mel(audio)
+        mel_norm = ((mel - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5
+        z = self.encoder(mel_norm.to(next(self.encoder.parameters()).dtype))
+        return (z - LATENT_SHIFT) * LATENT_SCALE
 
 
 def decoder_context_frames(dcae: AutoencoderDC) -> int:

@@ -9,6 +9,7 @@ shapes equal the published checkpoint, including the `weight_g`/`weight_v` pairs
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS_NAME
+from safetensors import safe_open
 from torch import nn
 
 STEM_KERNEL_SIZE = 7
@@ -484,6 +487,22 @@ class ADaMoSHiFiGAN(ModelMixin, ConfigMixin):
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
         """Waveform [B, N] at `sampling_rate` -> log-mel [B, n_mels, N//hop_length] (the encode direction)."""
         return self.mel_transform(wave)
+
+
+def load_log_mel(folder: str | Path) -> LogMelSpectrogram:
+    """The log-mel transform of the published `music_vocoder/` folder alone: built from its config
+    (missing keys take ADaMoSHiFiGAN's defaults), its two buffers read from the weights file."""
+    folder = Path(folder)
+    config = {**{name: p.default for name, p in inspect.signature(ADaMoSHiFiGAN.__init__).parameters.items()
+                 if p.default is not inspect.Parameter.empty},
+              **ADaMoSHiFiGAN.load_config(folder)}
+    log_mel = LogMelSpectrogram(config["sampling_rate"], config["n_fft"], config["win_length"], config["hop_length"],
+                                config["n_mels"], config["f_min"], config["f_max"])
+    prefix = "mel_transform."
+    with safe_open(folder / WEIGHTS_NAME, framework="pt") as weights:
+        state = {key.removeprefix(prefix): weights.get_tensor(key) for key in weights.keys() if key.startswith(prefix)}
+    log_mel.load_state_dict(state)
+    return log_mel.eval()
 
 
 def load_vocoder(folder: str | Path) -> ADaMoSHiFiGAN:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.contract import COND, NO_LYRIC, NULL, GenerationParams, uses_double_condition
+from acestep_triton.contract import COND, NO_LYRIC, NULL, GenerationParams, uses_double_condition, uses_guidance
 
 APG_MOMENTUM = -0.75
 APG_NORM_THRESHOLD = 2.5
@@ -97,7 +97,7 @@ class Guidance:
 
     def __init__(self, params: GenerationParams, num_inference_steps: int) -> None:
         self.params = params
-        self.enabled = params.guidance_scale not in (0.0, 1.0)
+        self.enabled = uses_guidance(params)
         self.double_condition = uses_double_condition(params)
         self.start, self.end = guidance_interval(num_inference_steps, params.guidance_interval)
         self.momentum = MomentumBuffer()

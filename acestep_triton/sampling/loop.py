@@ -28,7 +28,7 @@ import torch
 
 from acestep_triton.contract import BRANCHES, GenerationParams
 from acestep_triton.sampling.guidance import Guidance
-from acestep_triton.sampling.schedulers import flow_match_schedule, make_scheduler
+from acestep_triton.sampling.schedulers import Schedule, flow_match_schedule, make_scheduler
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
 ProgressFn = Callable[[int, int], None]
@@ -48,14 +48,16 @@ def denoise(
     noise: torch.Tensor,
     generators: Sequence[torch.Generator],
     callback: ProgressFn | None = None,
+    schedule: Schedule | None = None,
 ) -> torch.Tensor:
     """Run the full schedule from `noise` [B, C, H, T]; returns the final latents [B, C, H, T].
 
     `generators` are the per-item generators the noise was drawn with (pingpong
-    keeps drawing from the first). `callback(step_index, total)` runs after
+    keeps drawing from them). `callback(step_index, total)` runs after
     each step; raising from it aborts the loop (e.g. on cancellation).
+    `schedule` replaces the request's (audio2audio's partial one, sampling.tasks).
     """
-    schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
+    schedule = schedule or flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
     scheduler = make_scheduler(params.scheduler_type, schedule, params.omega_scale, generators)
     guidance = Guidance(params, schedule.num_inference_steps)
     timesteps = schedule.timesteps.to(noise.device)

@@ -56,33 +56,41 @@ def _shift(sigmas, shift: float = SHIFT):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def _training_sigma_range() -> tuple[float, float]:
-    """(sigma_max, sigma_min) of the shifted float32 training table."""
-    ends = torch.tensor([float(NUM_TRAIN_TIMESTEPS), 1.0]) / NUM_TRAIN_TIMESTEPS
-    sigma_max, sigma_min = _shift(ends).tolist()
-    return sigma_max, sigma_min
+def training_sigma_range(sigma_max: float = 1.0) -> tuple[float, float]:
+    """(sigma_max, sigma_min) of the shifted float32 training table, as Python floats.
+
+    The table runs from 1 to sigma_max * 1000 (upstream's `sigma_max` argument: audio2audio passes
+    1 - ref_audio_strength), divided by 1000 and shifted in float32, so its sigma_max is the
+    argument shifted once (0.5 -> 0.75).
+    """
+    ends = torch.tensor([sigma_max * NUM_TRAIN_TIMESTEPS, 1.0]) / NUM_TRAIN_TIMESTEPS
+    shifted_max, shifted_min = _shift(ends).tolist()
+    return shifted_max, shifted_min
 
 
-def _linspace_sigmas(num_steps: int) -> torch.Tensor:
+def _linspace_sigmas(num_steps: int, sigma_max: float = 1.0) -> torch.Tensor:
     """[num_steps] float32 sigmas of the plain schedule (the second shift applied in float64)."""
-    sigma_max, sigma_min = _training_sigma_range()
-    timesteps = np.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, num_steps)
+    shifted_max, shifted_min = training_sigma_range(sigma_max)
+    timesteps = np.linspace(shifted_max * NUM_TRAIN_TIMESTEPS, shifted_min * NUM_TRAIN_TIMESTEPS, num_steps)
     return torch.from_numpy(_shift(timesteps / NUM_TRAIN_TIMESTEPS)).to(torch.float32)
 
 
-def flow_match_schedule(scheduler_type: str, infer_step: int, oss_steps: Sequence[int] = ()) -> Schedule:
+def flow_match_schedule(scheduler_type: str, infer_step: int, oss_steps: Sequence[int] = (),
+                        sigma_max: float = 1.0) -> Schedule:
     """The timesteps and sigmas upstream's scheduler holds after `retrieve_timesteps`.
 
     With `oss_steps` the run has len(oss_steps) steps at the (1-based) indices
     `oss_steps` of a max(oss_steps)-step schedule, re-shifted; `infer_step` is
     then ignored, as upstream does. The arguments are a validated request's (contract.validate).
+    `sigma_max` < 1 is audio2audio's partial schedule (training_sigma_range): its steps run from
+    the twice-shifted sigma_max down; upstream never combines it with oss_steps.
     """
     if oss_steps:
         picked = _linspace_sigmas(max(oss_steps))[[s - 1 for s in oss_steps]] * NUM_TRAIN_TIMESTEPS
         sigmas = _shift(picked / NUM_TRAIN_TIMESTEPS)
         num_inference_steps = len(oss_steps)
     else:
-        sigmas = _linspace_sigmas(infer_step)
+        sigmas = _linspace_sigmas(infer_step, sigma_max)
         num_inference_steps = infer_step
     timesteps = sigmas * NUM_TRAIN_TIMESTEPS
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -162,15 +170,21 @@ class PingPongScheduler:
         sigma, sigma_next = self.sigmas[self.index], self.sigmas[self.index + 1]
         sample = sample.float()
         denoised = sample - sigma * velocity
-        if len(self.generators) != sample.shape[0]:
-            raise ValueError(f"pingpong: {len(self.generators)} generators for {sample.shape[0]} items")
-        noise = torch.cat([
-            torch.empty((1, *sample.shape[1:]), dtype=sample.dtype).normal_(generator=g) for g in self.generators
-        ])
-        if sample.is_cuda:  # pinned memory lets the copy overlap instead of waiting for the device
-            noise = noise.pin_memory().to(sample.device, non_blocking=True)
+        noise = pingpong_noise(self.generators, sample)
         self.index += 1
         return ((1 - sigma_next) * denoised + sigma_next * noise).to(velocity.dtype)
+
+
+def pingpong_noise(generators: Sequence[torch.Generator], sample: torch.Tensor) -> torch.Tensor:
+    """Fresh noise like `sample` [B, ...] as upstream's pingpong draws it (`empty_like(...).normal_`),
+    item b from generators[b], on the sample's device."""
+    if len(generators) != sample.shape[0]:
+        raise ValueError(f"pingpong: {len(generators)} generators for {sample.shape[0]} items")
+    noise = torch.cat([torch.empty((1, *sample.shape[1:]), dtype=sample.dtype).normal_(generator=g)
+                       for g in generators])
+    if sample.is_cuda:  # pinned memory lets the copy overlap instead of waiting for the device
+        noise = noise.pin_memory().to(sample.device, non_blocking=True)
+    return noise
 
 
 FlowMatchScheduler = EulerScheduler | HeunScheduler | PingPongScheduler

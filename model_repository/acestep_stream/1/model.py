@@ -1,9 +1,9 @@
 """Triton python model `acestep_stream` (decoupled): the `acestep` ensemble's stages, reporting progress.
 
-Inputs: the ensemble's (acestep_triton.contract.ENSEMBLE_INPUTS). Responses: one per stage start
-and one after every diffusion step, each with STAGE [1] (string), STEP [1] (steps done, never
-decreasing) and STEPS [1] (int32);
-then the last, flagged final, with the ensemble's outputs (WAVEFORM [items, 2, samples], SEEDS,
+Inputs: the ensemble's (acestep_triton.contract.ENSEMBLE_INPUTS and the optional TASK_INPUTS) and
+STREAM_AUDIO. Responses: one per stage start and one after every diffusion step, each with STAGE [1]
+(string), STEP [1] (steps done, never decreasing) and STEPS [1] (int32); then the last, flagged
+final, with the ensemble's outputs (WAVEFORM [items, 2, samples], SEEDS, RETAKE_SEEDS_USED,
 DURATION, TIME_<STAGE>) or an error whose text starts with its code's name
 (acestep_triton.contract.stream_error_text: a gRPC stream carries no status code).
 
@@ -23,9 +23,8 @@ put together, so a client that wrote the chunks holds the final audio.
 
 import importlib.util
 import json
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from acestep_triton.contract import (
     stream_error_text,
 )
 from acestep_triton.models.vocoder import receptive_context_frames
+from acestep_triton.sampling.tasks import loop_steps
 from acestep_triton.triton_python import error_response, model_parameters, request_params
 
 _DIFFUSION_SOURCE = Path(__file__).resolve().parents[2] / "diffusion" / "1" / "model.py"
@@ -70,11 +70,13 @@ class StageFailed(Exception):
 
 class _LoopRequest:
     """The loop's view of a stream request: its inputs gathered from the earlier stages, its
-    cancellation and its response sender those of the stream request."""
+    cancellation and its response sender those of the stream request; `steps` the loop's step
+    count, as it reports it."""
 
-    def __init__(self, tensors: dict, sender) -> None:
+    def __init__(self, tensors: dict, sender, steps: int) -> None:
         self._tensors = tensors
         self.sender = sender
+        self.steps = steps
 
     def inputs(self) -> list:
         return list(self._tensors.values())
@@ -118,6 +120,7 @@ class TritonPythonModel(diffusion.TritonPythonModel):
 
     def after_step(self, request, step: int, total: int) -> None:
         super().after_step(request, step, total)
+        request.steps = total
         request.sender.send(progress_response(self.loop_stage, step + 1, total))
 
     def _run(self, request, sender) -> list:
@@ -125,21 +128,21 @@ class TritonPythonModel(diffusion.TritonPythonModel):
 
         The request is validated here first: an error a stage answers through BLS reaches this
         model as INTERNAL whatever its code was, and a bad input must stay INVALID_ARG."""
-        request_params(request)
+        params = request_params(request)
         tensors = {t.name(): t for t in request.inputs()}
         stream_audio = "STREAM_AUDIO" in tensors and bool(tensors.pop("STREAM_AUDIO").as_numpy().reshape(-1)[0])
-        steps = int(tensors["INFER_STEP"].as_numpy().reshape(-1)[0])
-        oss = tensors["OSS_STEPS"].as_numpy().reshape(-1)
-        steps = len(oss) if oss.size else steps
+        # the task's step count (a repaint of the whole source runs as a retake: the loop corrects it)
+        steps = loop_steps(params)
         done = 0  # steps done: 0 before the loop, all of them after it
         for stage in self.stages:
             if sender.is_cancelled():
                 raise diffusion.Cancelled(f"cancelled before {stage['model']}")
             sender.send(progress_response(stage["model"], done, steps))
-            inputs = {name: tensors[name] for name in stage["inputs"]}
+            inputs = {name: tensors[name] for name in stage["inputs"] if name in tensors}  # optional ones may lack
             if stage["model"] == self.loop_stage:
-                answer = self._one(_LoopRequest(inputs, sender))
-                done = steps
+                loop_request = _LoopRequest(inputs, sender, steps)
+                answer = self._one(loop_request)
+                done = steps = loop_request.steps
             elif stage["model"] == self.vocoder_stage and stream_audio:
                 tensors.update(self._vocode_streaming(stage, inputs, sender, steps))
                 continue

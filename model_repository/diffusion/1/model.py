@@ -1,8 +1,11 @@
-"""Triton python model `diffusion` (BLS): the sampling loop, one `dit_step` call per step.
+"""Triton python model `diffusion` (BLS): every task's sampling loop, one `dit_step` call per step.
 
-Inputs: ENCODER_STATES [K, L, D] and ENCODER_MASK [K, L] (one row per guidance branch, in
-acestep_triton.contract.BRANCHES order), SEEDS [B], DURATION [1], and the ensemble's sampling
-parameters. Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1].
+Inputs: ENCODER_STATES [K, L, D] and ENCODER_MASK [K, L] (one row per condition branch,
+acestep_triton.contract.condition_branches), SEEDS [B], RETAKE_SEEDS_USED [B], DURATION [1], the
+ensemble's sampling and task parameters, and the optional SRC_AUDIO [C, N] / SRC_SAMPLE_RATE [1] of
+the tasks that start from audio, which it encodes by a BLS call to `dcae_encoder`.
+Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1]. The loop itself is
+acestep_triton.sampling.tasks.generate, the in-process pipeline's.
 
 Each step's guidance branches go to `dit_step` as one batch. With CONDITION_CACHE=1 a branch's
 conditions cross into `dit_step` once (acestep_triton.condition_cache): later steps send only
@@ -25,12 +28,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.bls_loop import DitStepError, StepLoop, branch_plan
+from acestep_triton.bls_loop import DitStepError, StepLoop
 from acestep_triton.condition_cache import ConditionSender, new_request_id
-from acestep_triton.contract import BRANCHES, GenerationParams, ParameterError
+from acestep_triton.contract import GenerationParams, ParameterError, condition_branches
+from acestep_triton.geometry import PUBLISHED_GEOMETRY
+from acestep_triton.models.dcae import encoder_audio
 from acestep_triton.sampling.conditions import Conditions
-from acestep_triton.sampling.loop import denoise
-from acestep_triton.sampling.seeds import initial_noise, latent_frames, make_generators
+from acestep_triton.sampling.seeds import make_generators
+from acestep_triton.sampling.tasks import call_plan, check_source, generate
 from acestep_triton.triton_python import (
     PhaseLog,
     error_response,
@@ -38,12 +43,16 @@ from acestep_triton.triton_python import (
     input_tensors,
     model_parameters,
     request_params,
+    request_source,
     response,
 )
 
-# The model each step calls (its registry name) and the output it reads (the dit_step spec's).
+# The model each step calls (its registry name) and the output it reads (the dit_step spec's);
+# the same for the source audio's encoder.
 DIT_MODEL = "dit_step"
 DIT_OUTPUT = "VELOCITY"
+ENCODER_MODEL = "dcae_encoder"
+ENCODER_OUTPUT = "LATENTS"
 
 
 class Cancelled(Exception):
@@ -71,9 +80,8 @@ class TritonPythonModel:
         """The loop's own work once (contract defaults, a stand-in step), so that an instance's first
         request does not pay for what the scheduler and guidance load or build on first use."""
         params = GenerationParams(prompt="", lyrics="", audio_duration=1.0, actual_seeds=(0,))
-        generators = make_generators([0])
-        noise = initial_noise(generators, latent_frames(params.audio_duration), device=self.device)
-        denoise(lambda latents, timestep, branches: torch.zeros_like(latents), params, noise, generators)
+        generate(lambda latents, timestep, branches: torch.zeros_like(latents), params, make_generators([0]),
+                 make_generators([0]), params.audio_duration, device=self.device)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
@@ -106,24 +114,44 @@ class TritonPythonModel:
         if request.is_cancelled():
             raise Cancelled(f"cancelled after step {step + 1} of {total}")
 
+    def _encode(self, source) -> torch.Tensor:
+        """Source audio -> its latents [1, 8, 16, T] on the loop's device, by a BLS call to dcae_encoder."""
+        samples = torch.from_numpy(source.samples)
+        audio = encoder_audio(samples, source.sample_rate, PUBLISHED_GEOMETRY.sample_rate,
+                              PUBLISHED_GEOMETRY.audio_channels).to(self.device)
+        options = {} if self.preferred_memory is None else {"preferred_memory": self.preferred_memory}
+        result = pb_utils.InferenceRequest(
+            model_name=ENCODER_MODEL, requested_output_names=[ENCODER_OUTPUT], inputs=handoff({"AUDIO": audio}),
+            **options,
+        ).exec()
+        if result.has_error():
+            raise DitStepError(ENCODER_MODEL, result.error().message())
+        latents = pb_utils.get_output_tensor_by_name(result, ENCODER_OUTPUT)
+        return torch.from_dlpack(latents.to_dlpack()).to(self.device)
+
     def _one(self, request):
         start = time.perf_counter()
         self.phases.start()
         loop = None
         try:
-            tensors = input_tensors(request, ["ENCODER_STATES", "ENCODER_MASK", "SEEDS", "DURATION"])
+            tensors = input_tensors(request, ["ENCODER_STATES", "ENCODER_MASK", "SEEDS", "RETAKE_SEEDS_USED",
+                                              "DURATION"])
             duration = float(tensors["DURATION"].reshape(-1)[0])
             params = request_params(request)
+            branches = condition_branches(params)
             states = tensors["ENCODER_STATES"].to(self.device)
-            if not 2 <= states.shape[0] <= len(BRANCHES):
-                raise ParameterError("ENCODER_STATES", f"expected 2 or 3 branch rows, got {states.shape[0]}")
-            conditions = Conditions(BRANCHES[: states.shape[0]], states, tensors["ENCODER_MASK"].to(self.device))
-            generators = make_generators(tensors["SEEDS"].cpu().tolist())
-            noise = initial_noise(generators, latent_frames(duration), device=self.device)
+            if states.shape[0] != len(branches):
+                raise ParameterError("ENCODER_STATES", f"expected {len(branches)} condition rows for this request "
+                                                       f"({', '.join(branches)}), got {states.shape[0]}")
+            conditions = Conditions(branches, states, tensors["ENCODER_MASK"].to(self.device))
+            source = request_source(request)
+            frames = check_source(params, source)
+            source_latents = self._encode(source) if source is not None else None
             sender = ConditionSender(new_request_id()) if self.use_cache else None
-            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, branch_plan(params))
-
-            latents = denoise(loop.step, params, noise, generators, lambda i, total: self.after_step(request, i, total))
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, call_plan(params, frames))
+            latents = generate(loop.step, params, make_generators(tensors["SEEDS"].cpu().tolist()),
+                               make_generators(tensors["RETAKE_SEEDS_USED"].cpu().tolist()), duration, source_latents,
+                               lambda i, total: self.after_step(request, i, total), self.device)
         except Exception as exc:
             if loop is not None:
                 loop.release()

@@ -1,8 +1,10 @@
 """Triton python model `preprocess`: validate the request, tokenize, lay out one row per guidance branch.
 
-Inputs: the `acestep` ensemble inputs (acestep_triton.contract.ENSEMBLE_INPUTS).
+Inputs: the `acestep` ensemble inputs (acestep_triton.contract.ENSEMBLE_INPUTS, and the optional
+TASK_INPUTS: the source audio is checked against the task here, before any model runs).
 Outputs: TEXT_IDS/TEXT_MASK [K, Lt], TEXT_Q_SCALE/TEXT_SCALE/LYRIC_Q_SCALE [K, 1],
-LYRIC_IDS/LYRIC_MASK [K, Ll] (K guidance branches), SEEDS [B], DURATION [1], TIME_PREPROCESS [1, 1].
+LYRIC_IDS/LYRIC_MASK [K, Ll] (K condition rows: contract.condition_branches), SEEDS [B],
+RETAKE_SEEDS_USED [B], DURATION [1], TIME_PREPROCESS [1, 1].
 """
 
 import time
@@ -13,7 +15,13 @@ from acestep_triton.checkpoint import deployment_checkpoint, find_lyric_vocab
 from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.preprocess import prepare_request, warm_up
 from acestep_triton.text_tokenizer import TextTokenizer
-from acestep_triton.triton_python import error_response, model_parameters, request_params, response
+from acestep_triton.triton_python import (
+    error_response,
+    model_parameters,
+    request_params,
+    request_source,
+    response,
+)
 
 
 class TritonPythonModel:
@@ -30,9 +38,8 @@ class TritonPythonModel:
     def _one(self, request):
         start = time.perf_counter()
         try:
-            prepared = prepare_request(
-                request_params(request), self.text_tokenizer.tokenize_one, self.lyric_tokenizer.tokenize
-            )
+            prepared = prepare_request(request_params(request), self.text_tokenizer.tokenize_one,
+                                       self.lyric_tokenizer.tokenize, request_source(request))
         except Exception as exc:
             return error_response(exc)
         return response({
