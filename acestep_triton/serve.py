@@ -5,9 +5,12 @@
 
 An empty --checkpoint serves the tiny random checkpoint (built once into the
 cache, ACESTEP_CACHE or ~/.cache/acestep_triton). The model repository for the
-profile is generated into --repository-dir. Triton listens on loopback; the
-gateway (uvicorn, `gateway.app.create_app`) talks gRPC to it. Ctrl-C or SIGTERM
-stops the gateway, then Triton; if Triton dies, the gateway is stopped too.
+profile is generated into --repository-dir. Triton listens on loopback, kept
+serving by acestep_triton.supervisor (restarted when it exits, a model reloaded
+when one of its stubs dies); the gateway (gateway.server.GatewayServer) talks
+gRPC to it and answers 503 while Triton recovers. Ctrl-C or SIGTERM drains the
+gateway (running generations finish, up to ACESTEP_SHUTDOWN_DEADLINE_S), then
+stops Triton; the exit status is then 0.
 """
 
 from __future__ import annotations
@@ -15,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from acestep_triton.supervisor import Supervisor
 from acestep_triton.tritonserver import REPO_ROOT, TritonServer, TritonServerError
 
 
@@ -51,18 +53,6 @@ def gateway_environment(
         ACESTEP_PORT=str(port),
     )
     return env
-
-
-def _stop_gateway_when_triton_exits(triton: TritonServer, gateway, died: threading.Event) -> None:
-    process = triton.process
-    while process is not None and not gateway.should_exit:
-        try:
-            process.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            continue
-        if not gateway.should_exit:
-            died.set()
-            gateway.should_exit = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,11 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     repository = build_repository(args.profile, checkpoint, repository_dir)
     print(f"model repository ({args.profile}): {repository}", flush=True)
 
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.request_ids import configure_logging
+    from gateway.server import GatewayServer
     from gateway.settings import Settings
 
+    configure_logging()
     triton = TritonServer(
         repository,
         http_port=args.triton_http_port,
@@ -110,18 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_verbose=args.triton_log_verbose,
         startup_timeout_s=args.startup_timeout,
     )
-    triton_died = threading.Event()
+    supervisor = Supervisor(triton)
     try:
         print(f"starting tritonserver (log: {triton.log_path}) ...", flush=True)
-        triton.start()
+        supervisor.start()
         print(f"tritonserver ready: http {triton.http_url}, grpc {triton.grpc_url}, metrics {triton.metrics_url}")
         settings = Settings.from_env(
             gateway_environment(checkpoint, triton, args.outputs, args.host, args.port, precision)
         )
-        gateway = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port))
-        threading.Thread(
-            target=_stop_gateway_when_triton_exits, args=(triton, gateway, triton_died), daemon=True
-        ).start()
+        gateway = GatewayServer(create_app(settings), args.host, args.port)
         shown_host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         print(f"ACE-Step API: http://{shown_host}:{args.port} (POST /generate, docs at /docs)", flush=True)
         gateway.run()
@@ -131,10 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        triton.stop()
-    if triton_died.is_set():
-        print(f"tritonserver exited unexpectedly:\n{triton.log_tail()}", file=sys.stderr)
-        return 1
+        supervisor.stop()
     return 0
 
 

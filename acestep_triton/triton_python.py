@@ -87,8 +87,10 @@ def response(outputs: Mapping[str, torch.Tensor | np.ndarray]):
 def error_response(exc: BaseException):
     """The error response for `exc`: the client's fault (ParameterError, naming the field) ->
     INVALID_ARG with its message; a condition cache miss -> NOT_FOUND (the loop re-sends); out of
-    GPU memory -> UNAVAILABLE (a retry may fit); anything else, a ValueError of our own code
-    included, -> INTERNAL without internals (logged with its traceback)."""
+    GPU memory -> UNAVAILABLE (a retry may fit); the loop's dit_step call failing -> INTERNAL with
+    dit_step's own message (Triton's text, e.g. that its stub process died); anything else, a
+    ValueError of our own code included, -> INTERNAL without internals (logged with its traceback)."""
+    from acestep_triton.bls_loop import DitStepError
     from acestep_triton.condition_cache import ConditionMiss
 
     if isinstance(exc, ConditionMiss):
@@ -98,6 +100,8 @@ def error_response(exc: BaseException):
             error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
         )
     log.error("request failed", exc_info=exc)
+    if isinstance(exc, DitStepError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError("out of GPU memory for this batch; retry", pb_utils.TritonError.UNAVAILABLE)

@@ -10,11 +10,21 @@ Cancellation: cancelling a job cancels the asyncio task awaiting the engine; wit
 that cancels the RPC and Triton sees the request cancelled. Files are written only after the
 engine's answer, as one shielded step; a cancel arriving during it removes what was written, so a
 cancelled job never leaves files.
+
+Outages (gateway.health): a job starts only while the engine is ready, so queued jobs wait through
+a Triton restart or a model reload. A generation that fails while the recheck finds the engine not
+ready was cut off by the outage: it goes back to the queue and runs once more after the recovery.
+/generate requests arriving during an outage are refused at once (503, Retry-After); jobs are
+queued.
+
+Shutdown (`drain`): no new work (503), nothing more starts, running generations get up to the
+shutdown deadline to finish and write their files; queued jobs stay queued in the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import math
@@ -32,13 +42,19 @@ from gateway.errors import (
     Busy,
     DeadlineExceeded,
     EngineFailed,
+    EngineUnavailable,
     JobConflict,
     JobNotFound,
+    NotReady,
+    ShuttingDown,
+    StorageFull,
     status_of,
 )
 from gateway.formats import Encoding
+from gateway.health import HealthMonitor
 from gateway.jobstore import Job, JobEvent, JobState, JobStore
 from gateway.outputs import OutputStore
+from gateway.request_ids import current as current_request_id
 from gateway.schema import GenerateRequest
 from gateway.settings import Settings
 
@@ -101,32 +117,41 @@ class _Live:
     """What the manager keeps in memory for a pending job of this process."""
 
     job: Job  # its latest state
+    synchronous: bool = False  # a /generate job: its client waits for the answer
     task: asyncio.Task | None = None
     loop_started: float | None = None  # monotonic time the first diffusion step was seen
-    cancel_reason: str | None = None
+    interrupted_by: tuple[JobState, Exception] | None = None  # the outcome recorded when its task is cancelled
 
 
 class JobManager:
     """Runs jobs for one gateway process (see the module docstring)."""
 
-    def __init__(self, settings: Settings, engine: GenerationEngine, outputs: OutputStore, store: JobStore) -> None:
+    def __init__(self, settings: Settings, engine: GenerationEngine, outputs: OutputStore, store: JobStore,
+                 health: HealthMonitor) -> None:
         self.settings = settings
         self.engine = engine
         self.outputs = outputs
         self.store = store
+        self.health = health
         self.rate = RateMeter()
         self._live: dict[str, _Live] = {}  # pending jobs of this process, in submission order
         self._changed: dict[str, asyncio.Event] = {}
         self._slots: asyncio.Semaphore | None = None
         self._stopping = False
+        self.draining = False  # shutdown began: no new work, nothing more starts
+        self._drained = False  # shutdown's drain is over: event streams end
         self.writing: set[str] = set()  # file names being written now (retention leaves them alone)
 
     # ---- life cycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Take over the store: jobs that were running are failed (their process is gone), queued ones
-        run again in their original order."""
+        run again in their original order; the temporary files of writes the old process did not finish
+        are removed (no final name ever pointed at them)."""
         self._slots = asyncio.Semaphore(self.settings.max_running_jobs)
+        removed = self.outputs.remove_partial_writes()
+        if removed:
+            log.warning("removed %d unfinished writes of an earlier gateway process: %s", len(removed), removed)
         for job in self.store.pending():
             if job.state is JobState.RUNNING:
                 self._save(job.evolve(state=JobState.FAILED, finished_at=time.time(), error=RESTART_REASON,
@@ -142,13 +167,41 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def drain(self, deadline_s: float) -> None:
+        """Shutdown's first step (module docstring): queued /generate jobs fail at once (their clients get
+        503), running generations get `deadline_s` to finish, those still running then fail; queued
+        jobs stay queued. Event streams end afterwards (clients resume them with Last-Event-ID)."""
+        self.draining = True
+        for live in list(self._live.values()):
+            if live.synchronous and live.job.state is JobState.QUEUED:
+                self._interrupt(live, JobState.FAILED, ShuttingDown(
+                    "the gateway is shutting down; this request did not start, retry it", 1))
+        running = [live.task for live in self._live.values() if live.job.state is JobState.RUNNING and live.task]
+        if running:
+            log.warning("shutting down: waiting up to %g s for %d running generations", deadline_s, len(running))
+            await asyncio.wait(running, timeout=deadline_s)
+        late = [live for live in self._live.values() if live.job.state is JobState.RUNNING]
+        for live in late:
+            self._interrupt(live, JobState.FAILED, ShuttingDown(
+                f"the gateway shut down before this generation finished (shutdown deadline {deadline_s:g} s)", 1))
+        await asyncio.gather(*(live.task for live in late if live.task), return_exceptions=True)
+        self._drained = True
+        for job_id in list(self._changed):
+            self._wake(job_id)
+
     # ---- submit, look up, cancel ----------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    def submit(self, request: GenerateRequest, idempotency_key: str | None = None, synchronous: bool = False,
+               request_id: str | None = None) -> tuple[Job, bool]:
         """Validate and queue a request; (job, created). The same idempotency key returns the same job.
+        `synchronous`: a /generate request, whose client waits (refused while the engine is not ready).
 
-        Raises ParameterError (400) for a bad request and Busy (429) past the bound.
+        Raises ParameterError (400) for a bad request, Busy (429) past the bound, NotReady (503) for a
+        synchronous request during an outage and ShuttingDown (503) once shutdown began.
         """
+        if self.draining:
+            raise ShuttingDown("the gateway is shutting down; retry on another instance or after its restart",
+                               max(1, math.ceil(self.settings.shutdown_deadline_s)))
         if idempotency_key is not None:
             existing = self.store.find(idempotency_key)
             if existing is not None:
@@ -162,6 +215,8 @@ class JobManager:
                 f"{self.settings.max_pending_jobs}); retry later",
                 self.retry_after_s(),
             )
+        if synchronous and not self.health.ready:
+            raise NotReady(f"not ready to generate: {self.health.readiness.detail}", self.health.retry_after_s())
         job = Job(
             id=uuid.uuid4().hex,
             state=JobState.QUEUED,
@@ -172,10 +227,11 @@ class JobManager:
             steps=request.infer_step if not request.oss_steps else len(request.oss_steps),
             timings={"check": check_s},
             queue_position=sum(live.job.state is JobState.QUEUED for live in self._live.values()) + 1,
+            request_id=request_id,
         )
         job, created = self.store.create(self.estimated(job))
         if created:
-            self._schedule(job)
+            self._schedule(job, synchronous)
         return job, created
 
     def get(self, job_id: str) -> Job:
@@ -190,9 +246,15 @@ class JobManager:
         live = self._live.get(job_id)
         if job.state.finished or live is None or live.task is None:
             raise JobConflict(f"job {job_id} has already finished: {job.state}")
-        live.cancel_reason = reason
-        live.task.cancel()
+        self._interrupt(live, JobState.CANCELLED, JobConflict(reason))
         return job
+
+    @staticmethod
+    def _interrupt(live: _Live, state: JobState, error: Exception) -> None:
+        """Cancel a job's task; it ends in `state` with `error` (for its /generate answer)."""
+        live.interrupted_by = (state, error)
+        if live.task is not None:
+            live.task.cancel()
 
     async def wait(self, job_id: str) -> Job:
         """The job once it has finished."""
@@ -215,8 +277,8 @@ class JobManager:
                     return
             if events:
                 continue
-            if self.get(job_id).state.finished:
-                return  # the final event was delivered before (Last-Event-ID at or past it)
+            if self.get(job_id).state.finished or self._drained:
+                return  # the final event was delivered before (Last-Event-ID at or past it), or shutting down
             await self._event(job_id).wait()  # no await since the read: no change can slip between
 
     # ---- views ----------------------------------------------------------------------------------------
@@ -287,13 +349,49 @@ class JobManager:
         if changed is not None:
             changed.set()
 
-    def _schedule(self, job: Job) -> None:
-        live = _Live(job)
+    def _schedule(self, job: Job, synchronous: bool = False) -> None:
+        live = _Live(job, synchronous)
         self._live[job.id] = live
         live.task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
 
+    async def _admitted(self) -> None:
+        """Returns when a job may start: the engine ready, shutdown not begun (then never: stop() cancels)."""
+        while self.draining or not self.health.ready:
+            if self.draining:
+                await asyncio.get_running_loop().create_future()
+            await self.health.wait_ready()
+
+    async def _generate(self, live: _Live, params) -> tuple[GenerationResult, float]:
+        """The engine's answer for the job, and the seconds it took. A generation cut off by an outage (it
+        failed and the recheck finds the engine not ready) goes back to the queue and runs once more."""
+        retried = False
+        while True:
+            await self._admitted()
+            job = self._save(live.job.evolve(state=JobState.RUNNING, started_at=live.job.started_at or time.time(),
+                                             stage="generating", step=0, progress=0.0))
+            live.loop_started = None
+            start = time.perf_counter()
+            try:
+                result = await self.engine.generate(params, lambda p: self._progress(live, p), job.request_id or "")
+                return result, time.perf_counter() - start
+            except (EngineFailed, EngineUnavailable) as exc:
+                if retried or (await self.health.recheck()).ready:
+                    raise
+                retried = True
+                log.warning("job %s was cut off by an outage (%r); it waits for the recovery and runs again",
+                            job.id, exc)
+                self._save(live.job.evolve(state=JobState.QUEUED, stage="queued", step=0, progress=0.0))
+
+    def _progress(self, live: _Live, p: Progress) -> None:
+        job = live.job
+        if p.stage == "diffusion" and live.loop_started is None:
+            live.loop_started = time.monotonic()
+        self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
+                              progress=progress_of(p.stage, p.step, p.steps)))
+
     async def _run(self, job: Job) -> None:
         live = self._live[job.id]
+        current_request_id.set(job.request_id or "-")  # this task's log lines carry the job's request id
         request = GenerateRequest.model_validate(job.request)
         params, encoding = request.generation_params(), request.encoding()
         start_wall, start = time.time(), time.perf_counter()
@@ -301,19 +399,8 @@ class JobManager:
         try:
             async with asyncio.timeout(remaining):
                 async with self._slots:
-                    job = self._save(job.evolve(state=JobState.RUNNING, started_at=time.time(), stage="generating"))
-                    run_start = time.perf_counter()
-
-                    def on_progress(p: Progress) -> None:
-                        nonlocal job
-                        if p.stage == "diffusion" and live.loop_started is None:
-                            live.loop_started = time.monotonic()
-                        job = self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
-                                                    progress=progress_of(p.stage, p.step, p.steps)))
-
-                    result = await self.engine.generate(params, on_progress)
-                    triton_s = time.perf_counter() - run_start
-            job = self._save(job.evolve(stage="writing", progress=progress_of("writing")))
+                    result, triton_s = await self._generate(live, params)
+            job = self._save(live.job.evolve(stage="writing", progress=progress_of("writing")))
             names = self.outputs.item_names(job.output_name, len(result.seeds))
             self.writing.update(names)
             write = asyncio.ensure_future(asyncio.to_thread(self._write, job, names, result, encoding,
@@ -324,6 +411,9 @@ class JobManager:
                 await asyncio.wait([write])  # let the write finish, then take it back
                 self._remove(names)
                 raise
+            except Exception:
+                self._remove(names)  # a failed write keeps none of the job's items
+                raise
             finally:
                 self.writing.difference_update(names)
             loop_s = None if live.loop_started is None else result.timings.get("diffusion")
@@ -333,13 +423,17 @@ class JobManager:
         except asyncio.CancelledError:
             if self._stopping:
                 raise
-            self._finish(job, JobState.CANCELLED, JobConflict(live.cancel_reason or CANCEL_REASON))
+            self._finish(live.job, *(live.interrupted_by or (JobState.CANCELLED, JobConflict(CANCEL_REASON))))
         except TimeoutError:
-            self._finish(job, JobState.FAILED, DeadlineExceeded(
+            self._finish(live.job, JobState.FAILED, DeadlineExceeded(
                 f"deadline exceeded: the job did not finish within {self.settings.job_deadline_s:g} s of its submission"
             ))
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self._finish(live.job, JobState.FAILED, StorageFull(
+                "the outputs directory is full (no space left on device); nothing was written") if full else exc)
         except Exception as exc:
-            self._finish(job, JobState.FAILED, exc)
+            self._finish(live.job, JobState.FAILED, exc)
         finally:
             self._live.pop(job.id, None)
 
@@ -365,6 +459,7 @@ class JobManager:
         for index, name in enumerate(names):
             self.outputs.write_json(self.outputs.sidecar_name(name), {
                 "job_id": job.id,
+                "request_id": job.request_id,
                 "request": job.request,
                 "item": index,
                 "seed": result.seeds[index],

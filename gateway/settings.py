@@ -45,6 +45,12 @@ class Settings:
     job_deadline_s: float = 600.0
     retention_s: float = 7 * 24 * 3600.0
     retention_interval_s: float = 600.0
+    shutdown_deadline_s: float = 25.0
+    health_interval_s: float = 1.0
+    probe_timeout_s: float = 10.0
+    recovery_estimate_s: float = 10.0
+    max_body_bytes: int = 1 << 20
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs_dir", Path(self.outputs_dir))
@@ -56,7 +62,9 @@ class Settings:
             raise SettingsError("checkpoint_path (ACESTEP_CHECKPOINT_PATH) is required")
         if self.triton_timeout_s <= 0:
             raise SettingsError("triton_timeout_s must be positive")
-        for name in ("max_pending_jobs", "max_running_jobs", "job_deadline_s", "retention_s", "retention_interval_s"):
+        for name in ("max_pending_jobs", "max_running_jobs", "job_deadline_s", "retention_s", "retention_interval_s",
+                     "shutdown_deadline_s", "health_interval_s", "probe_timeout_s", "recovery_estimate_s",
+                     "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.max_running_jobs > self.max_pending_jobs:
@@ -88,6 +96,12 @@ class Settings:
             job_deadline_s=_number(environ, "ACESTEP_JOB_DEADLINE_S", 600.0, float),
             retention_s=_number(environ, "ACESTEP_RETENTION_S", 7 * 24 * 3600.0, float),
             retention_interval_s=_number(environ, "ACESTEP_RETENTION_INTERVAL_S", 600.0, float),
+            shutdown_deadline_s=_number(environ, "ACESTEP_SHUTDOWN_DEADLINE_S", 25.0, float),
+            health_interval_s=_number(environ, "ACESTEP_HEALTH_INTERVAL_S", 1.0, float),
+            probe_timeout_s=_number(environ, "ACESTEP_PROBE_TIMEOUT_S", 10.0, float),
+            recovery_estimate_s=_number(environ, "ACESTEP_RECOVERY_ESTIMATE_S", 10.0, float),
+            max_body_bytes=_number(environ, "ACESTEP_MAX_BODY_BYTES", 1 << 20, int),
+            cors_origins=tuple(o.strip() for o in environ.get("ACESTEP_CORS_ORIGINS", "").split(",") if o.strip()),
         )
 
 

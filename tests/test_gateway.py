@@ -39,6 +39,7 @@ from acestep_triton.ensemble_client import input_arrays
 from acestep_triton.geometry import PUBLISHED_GEOMETRY
 from acestep_triton.tritonserver import TritonServer
 from gateway import GenerationEngine, OutputStore, Settings, create_app
+from gateway.engine import Readiness
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
 from gateway.settings import SettingsError
@@ -54,15 +55,17 @@ SERVED_CHECKPOINT = "/models/ACE-Step-v1-3.5B"
 class ToneEngine(GenerationEngine):
     """A GenerationEngine without Triton: one sine per seed (frequency from the seed), for HTTP-level tests.
 
-    `failure` makes generate() raise it; `calls` records the parameters received.
+    `failure` makes generate() raise it; `calls` and `request_ids` record what it received.
     """
 
     def __init__(self, failure: Exception | None = None) -> None:
         self.failure = failure
         self.calls: list[GenerationParams] = []
+        self.request_ids: list[str] = []
 
-    async def generate(self, params: GenerationParams, progress=None) -> GenerationResult:
+    async def generate(self, params: GenerationParams, progress=None, request_id: str = "") -> GenerationResult:
         self.calls.append(params)
+        self.request_ids.append(request_id)
         if self.failure is not None:
             raise self.failure
         seeds = params.actual_seeds or (7,)
@@ -72,8 +75,8 @@ class ToneEngine(GenerationEngine):
         waveforms = np.stack([np.stack([tone, -tone]) for tone in tones]).astype(np.float32)
         return GenerationResult(waveforms, tuple(seeds), duration, {s: 0.001 for s in STAGES}, 0.0)
 
-    async def ready(self) -> tuple[bool, str]:
-        return True, ""
+    async def ready(self) -> Readiness:
+        return Readiness(True)
 
 
 def closed_port() -> int:

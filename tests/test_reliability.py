@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import soundfile
 
@@ -106,7 +107,7 @@ def service(tmp_path_factory, golden_ckpt: Path, lyric_vocab: Path):
     port = free_port()
     log = root / "serve.log"
     env = dict(os.environ, ACESTEP_LYRIC_VOCAB=str(lyric_vocab), ACESTEP_MAX_RUNNING_JOBS="2",
-               ACESTEP_MAX_PENDING_JOBS="4", ACESTEP_SHUTDOWN_DEADLINE_S="120")
+               ACESTEP_MAX_PENDING_JOBS="4", ACESTEP_SHUTDOWN_DEADLINE_S="900")
     command = [
         sys.executable, "-m", "acestep_triton.serve", "--profile", "cpu", "--checkpoint", str(golden_ckpt),
         "--host", "127.0.0.1", "--port", str(port), "--outputs", str(root / "outputs"),
@@ -132,14 +133,18 @@ def service(tmp_path_factory, golden_ckpt: Path, lyric_vocab: Path):
             os.kill(pid, signal.SIGKILL)
 
 
-def assert_generates(service: Service, timeout_s: float = RECOVERY_TIMEOUT_S) -> None:
-    """The service answers a generation with audio within `timeout_s` (503s while it recovers)."""
+def assert_generates(service: Service, timeout_s: float = RECOVERY_TIMEOUT_S) -> httpx.Response:
+    """The service's answer with audio to the short request, within `timeout_s` (503s while it recovers)."""
     def answered():
         response = service.generate()
         assert response is None or response.status_code in (200, 503), (response.status_code, response.text)
-        return response is not None and response.status_code == 200
+        return response is not None and response.status_code == 200 and response
 
-    wait_for(answered, timeout_s, every_s=1.0, what="a generation")
+    return wait_for(answered, timeout_s, every_s=1.0, what="a generation")
+
+
+def audio(response: httpx.Response):
+    return soundfile.read(io.BytesIO(response.content), dtype="float32")[0]
 
 
 def assert_retry_later(response: httpx.Response) -> None:
@@ -147,9 +152,8 @@ def assert_retry_later(response: httpx.Response) -> None:
     assert int(response.headers["Retry-After"]) >= 1 and response.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: a killed python-backend stub stays dead and /health says healthy")
 def test_a_killed_dit_step_stub_is_reported_and_recovers(service):
-    assert_generates(service)
+    before = assert_generates(service)
     os.kill(service.stub_pid("dit_step"), signal.SIGKILL)
     # A request sent right after the kill either waits through the recovery or is told to retry later.
     answers: list[httpx.Response | None] = []
@@ -169,10 +173,11 @@ def test_a_killed_dit_step_stub_is_reported_and_recovers(service):
         assert_retry_later(answer)
     response = service.generate()
     assert response is not None and response.status_code == 200, service.log_tail()
+    # dit_step's condition cache died with its stub: nothing stale is used, the same request gives the same audio
+    assert np.array_equal(audio(response), audio(before))
     assert service.process.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: tritonserver exiting takes the whole service down")
 def test_c_tritonserver_killed_is_restarted_while_the_gateway_answers_503(service):
     assert_generates(service)
     old = service.triton_pid()
@@ -188,14 +193,13 @@ def test_c_tritonserver_killed_is_restarted_while_the_gateway_answers_503(servic
     assert service.triton_pid() != old
     response = service.generate()
     assert response is not None and response.status_code == 200, service.log_tail()
-    assert "exited" in service.log_tail(200)
+    assert f"tritonserver exited with code {-signal.SIGKILL}" in service.log.read_text()  # logged with its tail
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: SIGTERM drops the generations in flight")
 def test_b_sigterm_lets_running_generations_finish_then_exits_0(service):
     """A /generate and a job run when SIGTERM comes, a third job waits in the queue."""
     assert_generates(service)
-    steps = 40  # several seconds on the tiny checkpoint
+    steps = 20  # seconds on the tiny checkpoint (minutes on a loaded machine: the deadline is generous)
     answers: list[httpx.Response | None] = []
     waiting = threading.Thread(target=lambda: answers.append(
         service.generate(infer_step=steps, output_path="drained.wav")))
@@ -214,12 +218,11 @@ def test_b_sigterm_lets_running_generations_finish_then_exits_0(service):
     time.sleep(0.5)
     refused = service.generate(timeout=30.0)
     assert refused is None or refused.status_code == 503, refused.text
-    waiting.join(timeout=300)
+    waiting.join(timeout=900)
     (answer,) = answers
     assert answer is not None and answer.status_code == 200, (answer and answer.text, service.log_tail())
-    audio, _ = soundfile.read(io.BytesIO(answer.content), dtype="float32")
-    assert (service.outputs / "drained.wav").read_bytes() == answer.content and audio.shape[1] == 2
-    assert service.process.wait(timeout=300) == 0, service.log_tail()
+    assert (service.outputs / "drained.wav").read_bytes() == answer.content and audio(answer).shape[1] == 2
+    assert service.process.wait(timeout=900) == 0, service.log_tail()
     assert not pids_with("bin/tritonserver", str(service.repository))
     with sqlite3.connect(service.outputs / ".jobs.sqlite3") as db:
         states = dict(db.execute("SELECT id, state FROM jobs WHERE id IN (?, ?)", (job["id"], queued["id"])))

@@ -14,6 +14,7 @@ import pytest
 
 from gateway import OutputStore, Settings
 from gateway.engine import TritonEngine
+from gateway.health import HealthMonitor
 from gateway.jobs import JobManager
 from gateway.jobstore import Job, JobState, SQLiteJobStore
 from gateway.retention import Retention
@@ -43,7 +44,8 @@ def retention(tmp_path):
     settings = Settings(checkpoint_path="/ckpt", outputs_dir=tmp_path, retention_s=DAY)
     outputs = OutputStore(tmp_path)
     store = SQLiteJobStore(tmp_path / ".jobs.sqlite3")
-    manager = JobManager(settings, TritonEngine("127.0.0.1:1"), outputs, store)
+    engine = TritonEngine("127.0.0.1:1")
+    manager = JobManager(settings, engine, outputs, store, HealthMonitor(engine, 1.0, 10.0))
     yield Retention(settings, outputs, manager)
     store.close()
 
