@@ -114,9 +114,11 @@ class Supervisor:
             dead = {model for instance, model in self._instances.items() if instance not in alive}
             for model in sorted(dead):
                 gone = sorted(i for i, m in self._instances.items() if m == model and i not in alive)
-                self._reload(model, f"stub process of {', '.join(gone)} died")
+                if not self._reload(model, f"stub process of {', '.join(gone)} died"):
+                    break  # the server was restarted: every stub is new
 
-    def _reload(self, model: str, reason: str) -> None:
+    def _reload(self, model: str, reason: str) -> bool:
+        """Reload `model`; when that fails, restart the server. Whether the reload succeeded."""
         log.warning("%s: reloading %s", reason, model)
         start = time.monotonic()
         try:
@@ -124,12 +126,13 @@ class Supervisor:
         except (TritonServerError, OSError) as error:
             self._record("reload", model, reason, start, ok=False)
             self._restart(f"reloading {model} failed: {error}")
-            return
+            return False
         alive = self._alive()
         self._instances = {i: m for i, m in self._instances.items() if m != model}
         self._instances.update({i: m for i, m in alive.items() if m == model})
         seconds = self._record("reload", model, reason, start, ok=True)
         log.warning("%s is serving again after %.1f s", model, seconds)
+        return True
 
     def _restart(self, reason: str) -> None:
         """Stop what is left of the server, wait the backoff, start it; on failure the next tick retries."""

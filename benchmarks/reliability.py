@@ -4,11 +4,13 @@
     python -m benchmarks.reliability --quick            # CI's short version (tests/test_reliability_suite.py)
     python -m benchmarks.reliability --only faults:stub:dit_step,security     # rows by id prefix
     python -m benchmarks.reliability --profile gpu --checkpoint DIR --only recovery   # the GPU row
+    python -m benchmarks.reliability --quick --triton HOST:PORT --triton-metrics URL ...  # on a running server
 
 The stack is what `make serve` runs, in pieces: tritonserver under acestep_triton.supervisor in this
 process (so the suite reads each measured recovery) and `python -m gateway` as a subprocess (so it
 can be killed mid-write, restarted, and run in a private mount namespace over a full disk). Every
-row says what it did, what it measured and the command that runs it alone; the suite writes them
+row says what it did, what it measured and the command that runs it alone (--triton: a running
+server instead, whose processes the suite leaves alone: CI passes the test session's); it writes them
 to --out (RELIABILITY.md) with the machine, the date and the commit, and exits 1 when a row failed.
 
 Sections (ids for --only):
@@ -24,8 +26,8 @@ Sections (ids for --only):
   recovery   recovery:dit_step: the dit_step stub killed with nothing in flight; reload (and the gpu
              profile's warm-up) until the first generation answers
 --quick keeps what CI needs in about two minutes on 2 cores: three load levels of 8 requests, the
-dit_step stub, the gateway killed mid-write, the full disk, a client disconnecting, a short slow
-read, fewer fuzz examples (derandomized), and every security row.
+dit_step stub (not with --triton), the gateway killed mid-write, the full disk, a client
+disconnecting, a short slow read, fewer fuzz examples (derandomized), and every security row.
 """
 
 from __future__ import annotations
@@ -73,11 +75,8 @@ class Row:
     what: str
     ok: bool | None  # None: skipped (the figures say why)
     figures: str
+    command: str  # runs this row alone
     seconds: float = 0.0
-
-    @property
-    def command(self) -> str:
-        return f"python -m benchmarks.reliability --only {self.id}"
 
 
 def short_body(checkpoint: Path, **changes) -> dict:
@@ -159,13 +158,21 @@ class Suite:
             from benchmarks.bench_triton import write_checkpoint
 
             write_checkpoint(self.checkpoint, Path(args.lyric_vocab))
-        repository = build_repository(args.profile, self.checkpoint, self.work / "repository", args.lyric_vocab,
-                                      overrides=dict(args.set))
-        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if args.profile == "gpu" else {}
-        self.triton = TritonServer(repository, log_path=self.work / "tritonserver.log",
-                                   startup_timeout_s=RECOVERY_TIMEOUT_S, python=args.server_python, env=env)
-        self.supervisor = Supervisor(self.triton)
+        self.supervisor: Supervisor | None = None  # None: a server of someone else's (--triton)
+        self.grpc_url, self.metrics_url = args.triton, args.triton_metrics
+        if not args.triton:
+            repository = build_repository(args.profile, self.checkpoint, self.work / "repository", args.lyric_vocab,
+                                          overrides=dict(args.set))
+            env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if args.profile == "gpu" else {}
+            self.triton = TritonServer(repository, log_path=self.work / "tritonserver.log",
+                                       startup_timeout_s=RECOVERY_TIMEOUT_S, python=args.server_python, env=env)
+            self.supervisor = Supervisor(self.triton)
+            self.grpc_url, self.metrics_url = self.triton.grpc_url, self.triton.metrics_url
         self.outputs = self.work / "outputs"
+        self.command = " ".join(["python -m benchmarks.reliability", "--checkpoint", str(args.checkpoint),
+                                 *(["--lyric-vocab", str(args.lyric_vocab)] if args.lyric_vocab else []),
+                                 *(["--profile", args.profile] if args.profile != "cpu" else []),
+                                 *(f"--set {k}={v}" for k, v in args.set)])
         self.gateway: GatewayProcess | None = None
         self.rows: list[Row] = []
 
@@ -173,7 +180,8 @@ class Suite:
 
     def __enter__(self) -> Suite:
         start = time.monotonic()
-        self.supervisor.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
         self.gateway = self.new_gateway(self.outputs, "gateway.log").start()
         self.startup_s = time.monotonic() - start
         return self
@@ -181,10 +189,11 @@ class Suite:
     def __exit__(self, *exc) -> None:
         if self.gateway is not None:
             self.gateway.stop()
-        self.supervisor.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
 
     def new_gateway(self, outputs: Path, log: str, wrap: list[str] | None = None, **env: str) -> GatewayProcess:
-        return GatewayProcess(self.checkpoint, self.triton.grpc_url, outputs, self.work / log,
+        return GatewayProcess(self.checkpoint, self.grpc_url, outputs, self.work / log,
                               {"ACESTEP_PRECISION": "bf16" if self.args.profile == "gpu" else "fp32", **env}, wrap)
 
     def body(self, **changes) -> dict:
@@ -202,7 +211,7 @@ class Suite:
 
     def dit_steps(self) -> int:
         """Triton's count of dit_step executions so far (its metrics)."""
-        text = httpx.get(self.triton.metrics_url, timeout=5).text
+        text = httpx.get(self.metrics_url, timeout=5).text
         found = re.search(r'^nv_inference_request_success\{model="dit_step",version="1"\} (\d+)', text, re.M)
         return int(found.group(1)) if found else 0
 
@@ -264,7 +273,7 @@ class Suite:
             ok, figures = check()
         except Exception as error:  # a row that raised failed; the others still run
             ok, figures = False, f"raised {type(error).__name__}: {error}"
-        row = Row(row_id, what, ok, figures, time.monotonic() - start)
+        row = Row(row_id, what, ok, figures, f"{self.command} --only {row_id}", time.monotonic() - start)
         self.rows.append(row)
         print(f"{'PASS' if ok else 'SKIP' if ok is None else 'FAIL'} {row_id} ({row.seconds:.0f} s): {figures}",
               flush=True)
@@ -468,10 +477,16 @@ def rows(suite: Suite) -> Iterator[tuple[str, str, Callable[[], tuple[bool | Non
     for clients in QUICK_LOAD_LEVELS if args.quick else LOAD_LEVELS:
         yield (f"load:c{clients}", f"{clients} concurrent clients, {args.requests} requests",
                lambda c=clients: suite.load(c))
-    models = QUICK_STUBS if args.quick else sorted({s.model for s in stub_processes(suite.triton.process.pid)})
-    for model in models:
-        yield (f"faults:stub:{model}", f"every {model} stub killed mid-request", lambda m=model: suite.stub_fault(m))
-    if not args.quick:
+    if suite.supervisor is None:
+        yield ("faults:stub", "python-backend stubs and tritonserver killed mid-request",
+               lambda: (None, "skipped: --triton names a server this suite does not own (tests/test_reliability.py "
+                              "kills dit_step's stub and tritonserver under `make serve`)"))
+    else:
+        models = QUICK_STUBS if args.quick else sorted({s.model for s in stub_processes(suite.triton.process.pid)})
+        for model in models:
+            yield (f"faults:stub:{model}", f"every {model} stub killed mid-request",
+                   lambda m=model: suite.stub_fault(m))
+    if not args.quick and suite.supervisor is not None:
         yield "faults:tritonserver", "tritonserver killed mid-request", suite.tritonserver_fault
     yield "faults:gateway-mid-write", "the gateway killed while writing a file", suite.gateway_mid_write
     yield "faults:disk-full", "the outputs disk full (ENOSPC)", suite.disk_full
@@ -480,7 +495,7 @@ def rows(suite: Suite) -> Iterator[tuple[str, str, Callable[[], tuple[bool | Non
     examples = 10 if args.quick else 200
     yield from checks.input_rows(suite.checkpoint, args.lyric_vocab, examples, args.quick)
     yield from checks.security_rows(suite)
-    if not args.quick:  # faults:stub:dit_step measures the same reload
+    if not args.quick and suite.supervisor is not None:  # quick: faults:stub:dit_step measures the same reload
         yield "recovery:dit_step", "dit_step's stub killed; time to the first audio again", suite.recovery_row
 
 
@@ -512,7 +527,8 @@ def report(suite: Suite, wall_s: float) -> str:
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- commit: {commit()}",
         f"- profile: {args.profile}; checkpoint: {suite.checkpoint}; python {platform.python_version()}; "
-        f"the stack (tritonserver supervised + `python -m gateway`) was ready in {suite.startup_s:.0f} s",
+        f"the stack ({'tritonserver supervised' if suite.supervisor else 'the given tritonserver'} + "
+        f"`python -m gateway`) was ready in {suite.startup_s:.0f} s",
         f"- result: {passed} passed, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}, "
         f"{sum(r.ok is None for r in suite.rows)} skipped", "",
     ]
@@ -537,6 +553,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", default="cpu", help="export.build_repository profile")
     parser.add_argument("--set", action="append", default=[], type=lambda kv: kv.split("=", 1),
                         metavar="FIELD=VALUE", help="a profile setting (export.build_repository overrides)")
+    parser.add_argument("--triton", default="", metavar="HOST:PORT",
+                        help="a running tritonserver's gRPC address instead of starting one (the rows that kill "
+                        "its processes are skipped); with --triton-metrics")
+    parser.add_argument("--triton-metrics", default="", metavar="URL", help="its metrics URL (with --triton)")
     parser.add_argument("--server-python", type=Path, default=None,
                         help="the interpreter whose packages the python models import (the GPU machine's numpy-1 env)")
     parser.add_argument("--only", default="", help="comma-separated row ids or prefixes (load, faults:stub, ...)")

@@ -10,14 +10,15 @@ gateway has POST /uploads. Every call must answer below 500, within HANG_S.
 Security rows talk to the suite's real gateway over HTTP where that is what an attacker would do
 (body bound, headers, CORS, paths, with raw request lines so that no client normalises `..`), and
 to the app in process where the check needs to look inside (the API key comparison, a 500's text).
-`PATH_ROUTES` lists where a path escape is tried: a route that takes file names from clients joins
-it (POST /uploads' names, once merged, are covered by inputs:uploads).
+Path escapes are tried on every GET and DELETE route that takes a file name in its path, read from the
+OpenAPI schema (`file_routes`: /download here, DELETE /uploads/{name} once uploads are merged).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import socket
 import tempfile
 import time
@@ -42,7 +43,8 @@ HANG_S = 10.0  # a call slower than this counts as a hang
 SECRET = "SECRET-7f3a /internal/path token=abc"
 Check = Callable[[], tuple[bool | None, str]]
 # (method, path template) where client-chosen names become paths; {name} is the attempt.
-PATH_ROUTES = [("GET", "/download/{name}")]
+FILE_PARAMETER = re.compile(r"\{(filename|name)\}")  # a path parameter that names a file
+SECRET_FILE_TEXT = "outside-the-outputs-directory"
 ESCAPES = ["../{secret}", "..%2f{secret}", "%2e%2e%2f{secret}", "%2e%2e/{secret}", "..%5c{secret}",
            "%252e%252e%252f{secret}", "....//{secret}", "link.wav", "%2fetc%2fpasswd", ".jobs.sqlite3",
            "x%00.wav", "%c0%ae%c0%ae%2f{secret}"]
@@ -200,8 +202,7 @@ def fuzz_prompt(checkpoint: Path, examples: int, quick: bool) -> tuple[bool, str
 
 def fuzz_uploads(checkpoint: Path, lyric_vocab: str | None, examples: int, quick: bool) -> tuple[bool | None, str]:
     """POST /uploads with arbitrary bytes, file names and media types in its binary form field (read from
-    the schema): never a 5xx, never a hang. (Names escaping the uploads directory: add the route that
-    reads uploads back to PATH_ROUTES.)"""
+    the schema): never a 5xx, never a hang. (Escapes through upload names: security:paths.)"""
     with in_process_app(checkpoint, PreprocessEngine(checkpoint, lyric_vocab)) as client:
         operation = client.app.openapi()["paths"].get("/uploads", {}).get("post")
         if operation is None:
@@ -316,30 +317,42 @@ def cors(suite) -> tuple[bool, str]:
                          f"or on a GET: {not allowed}")
 
 
+def file_routes(suite) -> list[tuple[str, str]]:
+    """(method, path with `{name}`) of every GET or DELETE operation of the gateway's OpenAPI schema that
+    takes a file name in its path: /download/{filename} here, /uploads/{name} where uploads exist."""
+    paths = suite.get("/openapi.json").json()["paths"]
+    return [(method.upper(), FILE_PARAMETER.sub("{name}", path)) for path, operations in paths.items()
+            if FILE_PARAMETER.search(path) for method in operations if method in ("get", "delete")]
+
+
 def paths(suite) -> tuple[bool, str]:
+    """Escapes through every file route (a symlink placed in the outputs directory pointing outside
+    included), then escaping output_path values; the file outside must be neither read nor removed."""
     secret = suite.work / "outside-secret.txt"
-    secret.write_text("outside-the-outputs-directory")
+    secret.write_text(SECRET_FILE_TEXT)
     link = suite.outputs / "link.wav"
     link.unlink(missing_ok=True)
     link.symlink_to(secret)
     relative = Path("..") / secret.name
+    routes = file_routes(suite)
     leaks, statuses = [], {}
     try:
-        for method, template in PATH_ROUTES:
+        for method, template in routes:
             for attempt in ESCAPES:
                 target = template.format(name=attempt.format(secret=relative))
                 status, _, body = raw_request(suite.gateway.port, method, target)
                 statuses[status] = statuses.get(status, 0) + 1
-                if b"outside-the-outputs" in body or b"root:" in body or b"SQLite" in body:
-                    leaks.append(target)
+                if SECRET_FILE_TEXT.encode() in body or b"root:" in body or b"SQLite" in body:
+                    leaks.append(f"{method} {target}")
         refused = []
         for name in OUTPUT_PATH_ESCAPES:
             response = suite.post("/generate", suite.body(output_path=name))
             refused.append(response.status_code == 400 and response.json()["detail"].startswith("output_path"))
         escaped = [p for p in (suite.work / "escape.wav", Path("/tmp/escape.wav")) if p.exists()]
+        intact = secret.read_text() == SECRET_FILE_TEXT
     finally:
         link.unlink(missing_ok=True)
-    ok = not leaks and all(s in (400, 404) for s in statuses) and all(refused) and not escaped
-    return ok, (f"{sum(statuses.values())} escapes on {', '.join(t for _, t in PATH_ROUTES)}: statuses {statuses}, "
-                f"leaked: {leaks or 'nothing'}; {sum(refused)}/{len(refused)} escaping output_path refused (400 "
-                f"naming it), written outside: {escaped or 'nothing'}")
+    ok = not leaks and all(s in (400, 404) for s in statuses) and all(refused) and not escaped and intact
+    return ok, (f"{sum(statuses.values())} escapes on {', '.join(f'{m} {t}' for m, t in routes)}: statuses "
+                f"{statuses}, leaked: {leaks or 'nothing'}, the file outside intact: {intact}; {sum(refused)}/"
+                f"{len(refused)} escaping output_path refused (400 naming it), written outside: {escaped or 'nothing'}")

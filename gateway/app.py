@@ -304,7 +304,8 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
                            allow_headers=["Content-Type", "Authorization", "X-API-Key", "Idempotency-Key",
                                           "Last-Event-ID", REQUEST_ID_HEADER],
                            expose_headers=[*GENERATE_HEADERS, "X-Job-Id", "Retry-After", REQUEST_ID_HEADER])
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # POST /uploads (branch modes-gateway) streams its body to disk under its own bound, ACESTEP_MAX_UPLOAD_BYTES
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, exempt=("/uploads",))
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
 

@@ -5,7 +5,9 @@ HTTP with tritonclient's asyncio clients, and maps Triton's failures onto the
 gateway's error types. A client is built lazily on the running event loop and
 thrown away whenever Triton could not be reached, so a Triton that was stopped
 and started again is picked up on the next request without restarting the
-gateway.
+gateway. `ready` reads Triton's repository index (each model's state and
+reason); `probe` sends models a request of zeros each, which finds what the
+index cannot: a model instance whose python-backend stub died (gateway.health).
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ _UNAVAILABLE_GRPC = {
     "StatusCode.NOT_FOUND",
     "StatusCode.CANCELLED",
 }
+# Triton's own words (python backend and core, r24.10) when a model instance cannot run a request: its
+# stub died, or the model is not loaded. A probe reads them in the text: a stream's errors carry no
+# code, and a model's own errors may have any code.
+CANNOT_RUN = ("is not healthy", "unknown model", "is not ready", "has no available versions")
 # Triton's HTTP front end answers 404 for NOT_FOUND and 503 for UNAVAILABLE, but folds UNKNOWN and
 # CANCELLED into 400 along with INVALID_ARG; gRPC (the default protocol) keeps them apart.
 _UNAVAILABLE_HTTP = {"404", "503"}
@@ -186,8 +192,9 @@ class TritonEngine(GenerationEngine):
 
     async def probe(self, models: Iterable[str] | None = None) -> dict[str, str]:
         """Probe each model with a request of zeros built from its config (every input at its smallest
-        shape): an instance that executes it answers, or refuses the values (INVALID_ARG) in
-        milliseconds; a dead one answers an error, a hung one nothing."""
+        shape): an instance that runs answers it, with outputs or with its own refusal of the values,
+        in milliseconds; one that cannot run gets Triton's own error (CANNOT_RUN), a hung one nothing.
+        A probe checks that an instance runs, not what it computes."""
         client, _ = self._connected()
         try:
             names = list(models) if models is not None else [m["name"] for m in await asyncio.wait_for(
@@ -211,9 +218,9 @@ class TritonEngine(GenerationEngine):
                 elif self.protocol == "grpc":
                     await self._probe_stream(client, name, inputs)
         except InferenceServerException as exc:
-            if str(exc.status()) in ("StatusCode.INVALID_ARGUMENT", "400"):
-                return ""
-            return f"failed a probe: {exc.message()}"
+            if any(words in (exc.message() or "") for words in CANNOT_RUN):
+                return f"failed a probe: {exc.message()}"
+            return ""  # the model's own code answered (a refusal of the zeros, or an error of its own)
         except TimeoutError:
             return f"did not answer a probe within {self.probe_timeout_s:g} s"
         except (aiohttp.ClientError, OSError, grpc.aio.AioRpcError) as exc:
@@ -222,8 +229,7 @@ class TritonEngine(GenerationEngine):
 
     @staticmethod
     async def _probe_stream(client: grpcclient.InferenceServerClient, name: str, inputs: list) -> None:
-        """A decoupled model is alive when its first response is not an error (acestep_stream answers
-        with a progress response before it looks at its inputs)."""
+        """A decoupled model's probe: its first answer on the stream (an error is raised for _probe_one)."""
 
         async def one_request():
             yield {"model_name": name, "inputs": inputs}

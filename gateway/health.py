@@ -3,8 +3,9 @@ queued jobs through an outage, and the Retry-After of requests refused meanwhile
 
 `HealthMonitor` checks the engine every `interval_s` (Triton: live, every model READY). Triton cannot
 see everything: a python-backend stub that died leaves its model READY while every request to it
-fails. So a generation that fails makes the job manager call `recheck()`, which also probes every
-model (a request of zeros each, gateway.engine.probe_inputs); a model that fails its probe is
+fails. So a generation that fails makes the job manager ask `outage()`, which probes every model
+(a request of zeros each, gateway.engine.probe_inputs) and asks Triton again a moment later; a
+model that fails its probe is
 *suspect* and counts as not ready, probed again at every check, until it passes (the supervisor
 reloaded it, acestep_triton.supervisor) — so a reload too quick for the interval is not missed, and
 without a supervisor /health keeps saying which model is broken.
@@ -24,9 +25,12 @@ from gateway.engine import GenerationEngine, Readiness
 
 log = logging.getLogger("gateway")
 OUTAGES_KEPT = 5  # outages whose mean is the recovery estimate
+SECOND_LOOK_S = 2.0  # acestep_triton.supervisor polls its stubs every 0.5 s
 
 
 class HealthMonitor:
+    """The latest readiness of `engine`, its suspect models, and the outages measured (module docstring)."""
+
     def __init__(self, engine: GenerationEngine, interval_s: float, recovery_estimate_s: float) -> None:
         self.engine = engine
         self.interval_s = interval_s
@@ -46,9 +50,14 @@ class HealthMonitor:
         """Ask the engine now (suspect models probed again) and record the answer."""
         return await self._check(probe_all=False)
 
-    async def recheck(self) -> Readiness:
-        """After a failed generation: ask the engine and probe every model."""
-        return await self._check(probe_all=True)
+    async def outage(self) -> bool:
+        """After a failed generation: whether an outage cut it off. Every model is probed at once, and
+        Triton asked again SECOND_LOOK_S later: a supervisor reacting to a dead stub of a model with
+        several instances (the probe may reach a live one) has unloaded the model by then."""
+        if not (await self._check(probe_all=True)).ready:
+            return True
+        await asyncio.sleep(SECOND_LOOK_S)
+        return not (await self.check()).ready
 
     async def _check(self, probe_all: bool) -> Readiness:
         if self._lock is None:

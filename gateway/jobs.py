@@ -12,8 +12,8 @@ engine's answer, as one shielded step; a cancel arriving during it removes what 
 cancelled job never leaves files.
 
 Outages (gateway.health): a job starts only while the engine is ready, so queued jobs wait through
-a Triton restart or a model reload. A generation that fails while the recheck finds the engine not
-ready was cut off by the outage: it goes back to the queue and runs once more after the recovery.
+a Triton restart or a model reload. A generation that fails while the engine turns out not ready
+(HealthMonitor.outage) was cut off by the outage: it goes back to the queue and runs once more after the recovery.
 /generate requests arriving during an outage are refused at once (503, Retry-After); jobs are
 queued.
 
@@ -363,7 +363,7 @@ class JobManager:
 
     async def _generate(self, live: _Live, params) -> tuple[GenerationResult, float]:
         """The engine's answer for the job, and the seconds it took. A generation cut off by an outage (it
-        failed and the recheck finds the engine not ready) goes back to the queue and runs once more."""
+        failed and HealthMonitor.outage finds one) goes back to the queue and runs once more."""
         retried = False
         while True:
             await self._admitted()
@@ -375,7 +375,7 @@ class JobManager:
                 result = await self.engine.generate(params, lambda p: self._progress(live, p), job.request_id or "")
                 return result, time.perf_counter() - start
             except (EngineFailed, EngineUnavailable) as exc:
-                if retried or (await self.health.recheck()).ready:
+                if retried or not await self.health.outage():
                     raise
                 retried = True
                 log.warning("job %s was cut off by an outage (%r); it waits for the recovery and runs again",

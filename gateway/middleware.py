@@ -80,16 +80,21 @@ class BodyLimitMiddleware(_HttpMiddleware):
     """Refuses request bodies over `limit` bytes with 413, before the app reads them: at once when
     Content-Length says so (the server has validated the header); a chunked body is read and dropped
     once over the limit, up to DRAIN_FACTOR times it, before the answer, so that a client still
-    sending can read it. A body within the limit is handed to the app as it came."""
+    sending can read it. A body within the limit is handed to the app as it came. Paths under `exempt`
+    bound their own bodies (an upload route streaming to disk)."""
 
     DRAIN_FACTOR = 4
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, exempt: tuple[str, ...] = ()) -> None:
         super().__init__(app)
         self.limit = limit
+        self.exempt = exempt
         self.too_large = f"body: larger than this gateway accepts ({limit} bytes)"
 
     async def handle(self, scope, receive, send) -> None:
+        if scope["path"].startswith(self.exempt):
+            await self.app(scope, receive, send)
+            return
         declared = next((int(v) for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None:
             if declared > self.limit:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Generator
 from types import FrameType
 
@@ -27,8 +28,10 @@ CONNECTIONS_GRACE_S = 5.0
 
 
 class GatewayServer(uvicorn.Server):
+    """uvicorn serving `app` (gateway.app.create_app) with the drain above on the first signal."""
+
     def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-        # access lines come from gateway.request_ids, with the request id
+        # access lines come from gateway.middleware.RequestIdMiddleware, with the request id
         super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                         timeout_graceful_shutdown=CONNECTIONS_GRACE_S))
         self.app = app
@@ -43,6 +46,9 @@ class GatewayServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         """uvicorn's, without re-raising the signal afterwards."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
         original = {sig: signal.signal(sig, self.handle_exit) for sig in SHUTDOWN_SIGNALS}
         try:
             yield

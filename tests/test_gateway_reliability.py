@@ -118,7 +118,7 @@ def test_during_an_outage_generate_answers_503_and_jobs_wait_for_the_recovery(cl
 
 
 def test_a_generation_cut_off_by_a_dead_model_runs_again_once_it_is_back(client, engine):
-    """The stub died under the request: the generation fails, the recheck's probe finds dit_step dead,
+    """The stub died under the request: the generation fails, the probes find dit_step dead,
     the job waits in the queue while dit_step is suspect, and runs again once its probe passes."""
     engine.fail_next = EngineFailed("Triton failed: dit_step: Stub process 'dit_step_0_0' is not healthy.")
     engine.probe_failures = {"dit_step": DEAD_STUB}

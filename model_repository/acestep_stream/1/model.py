@@ -83,7 +83,7 @@ class TritonPythonModel(diffusion.TritonPythonModel):
             except StageFailed as exc:
                 sender.send(pb_utils.InferenceResponse(error=exc.error), flags=FINAL)
             except Exception as exc:
-                sender.send(error_response(exc), flags=FINAL)
+                sender.send(error_response(exc, request.request_id()), flags=FINAL)
             else:
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
         return None
@@ -109,7 +109,8 @@ class TritonPythonModel(diffusion.TritonPythonModel):
                 done = steps
             else:
                 answer = pb_utils.InferenceRequest(
-                    model_name=stage["model"], requested_output_names=stage["outputs"], inputs=list(inputs.values())
+                    model_name=stage["model"], requested_output_names=stage["outputs"], inputs=list(inputs.values()),
+                    request_id=request.request_id(),  # the gateway's X-Request-ID, in Triton's logs and traces
                 ).exec()
             if answer.has_error():
                 if answer.error().code() == pb_utils.TritonError.CANCELLED:
