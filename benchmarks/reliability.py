@@ -313,7 +313,7 @@ class Suite:
             os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         thread.join(RECOVERY_TIMEOUT_S)
-        answer = answers[0]
+        answered_s, answer = time.monotonic() - killed, answers[0]
         recovery = wait_until(lambda: next((r for r in self.supervisor.recoveries[recoveries:] if r.target == model),
                                            None), RECOVERY_TIMEOUT_S)
         after = self.first_request_after()
@@ -322,8 +322,7 @@ class Suite:
         problem = self.whole_wav(answer) if status == 200 else ""
         ok = status in (200, 503) and not problem and recovery.ok and after.startswith("200")
         ok = ok and not self.partial_files(self.outputs)
-        return ok, (f"{len(victims)} stub(s) killed; the request in flight: {status}"
-                    f"{' after ' + format(time.monotonic() - killed, '.1f') + ' s' if status == 200 else ''}"
+        return ok, (f"{len(victims)} stub(s) killed; the request in flight: {status} {answered_s:.1f} s later"
                     f"{' (cut off, queued again, run again)' if retried else ''}{' ' + problem if problem else ''}; "
                     f"reload {recovery.seconds:.1f} s; first request after: {after}")
 
@@ -338,7 +337,7 @@ class Suite:
         during = self.post("/generate", self.body(), timeout=60)
         retry_after = during.headers.get("Retry-After")
         thread.join(RECOVERY_TIMEOUT_S)
-        answer = answers[0]
+        answered_s, answer = time.monotonic() - killed, answers[0]
         recovery = wait_until(lambda: next((r for r in self.supervisor.recoveries[recoveries:]
                                             if r.target == "tritonserver"), None), RECOVERY_TIMEOUT_S)
         after = self.first_request_after()
@@ -346,8 +345,8 @@ class Suite:
         ok = health.status_code == 503 and during.status_code == 503 and retry_after is not None
         ok = ok and status in (200, 503) and recovery.ok and after.startswith("200")
         return ok, (f"/health meanwhile {health.status_code}, a new /generate {during.status_code} with "
-                    f"Retry-After {retry_after} s; the request in flight: {status} after "
-                    f"{time.monotonic() - killed:.1f} s; restart {recovery.seconds:.1f} s; first request after: {after}")
+                    f"Retry-After {retry_after} s; the request in flight: {status} {answered_s:.1f} s later; "
+                    f"restart {recovery.seconds:.1f} s; first request after: {after}")
 
     def gateway_mid_write(self) -> tuple[bool, str]:
         """SIGKILL the gateway while a big file's temporary file exists, then restart it."""
