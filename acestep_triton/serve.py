@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from acestep_triton.supervisor import Supervisor
-from acestep_triton.tritonserver import REPO_ROOT, TritonServer, TritonServerError
+from acestep_triton.tritonserver import REPO_ROOT, TritonServer, run_in_foreground
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
@@ -79,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--profile must be one of {sorted(PROFILES)}, got {args.profile!r}")
     precision = "bf16" if PROFILES[args.profile].dtype == "bfloat16" else "fp32"
 
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     checkpoint = resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {checkpoint}", flush=True)
     repository_dir = args.repository_dir or REPO_ROOT / "build" / "model_repository" / args.profile
@@ -102,25 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_timeout_s=args.startup_timeout,
     )
     supervisor = Supervisor(triton)
-    try:
-        print(f"starting tritonserver (log: {triton.log_path}) ...", flush=True)
-        supervisor.start()
-        print(f"tritonserver ready: http {triton.http_url}, grpc {triton.grpc_url}, metrics {triton.metrics_url}")
+
+    def gateway() -> int:
         settings = Settings.from_env(
             gateway_environment(checkpoint, triton, args.outputs, args.host, args.port, precision)
         )
-        gateway = GatewayServer(create_app(settings), args.host, args.port)
         shown_host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         print(f"ACE-Step API: http://{shown_host}:{args.port} (POST /generate, docs at /docs)", flush=True)
-        gateway.run()
-    except TritonServerError as error:
-        print(error, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        GatewayServer(create_app(settings), args.host, args.port).run()  # returns once drained
         return 0
-    finally:
-        supervisor.stop()
-    return 0
+
+    return run_in_foreground(triton, supervisor.start, gateway, supervisor.stop)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from acestep_triton.tritonserver import (
     TritonServer,
     TritonServerError,
     add_server_arguments,
+    run_in_foreground,
     server_from_arguments,
     stub_processes,
 )
@@ -167,20 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = server_from_arguments(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     supervisor = Supervisor(server)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        supervisor.start()
-        print(f"tritonserver ready: http {server.http_url} grpc {server.grpc_url} metrics {server.metrics_url}")
-        print(f"log: {server.log_path}", flush=True)
+
+    def until_a_signal() -> int:
         while True:
-            signal.pause()  # until SIGTERM or Ctrl-C ends it
-    except TritonServerError as error:
-        print(error, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        supervisor.stop()
+            signal.pause()
+
+    return run_in_foreground(server, supervisor.start, until_a_signal, supervisor.stop)
 
 
 if __name__ == "__main__":

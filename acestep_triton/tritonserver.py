@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -509,28 +509,41 @@ def server_from_arguments(args: argparse.Namespace) -> TritonServer:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run tritonserver in the foreground until it exits or Ctrl-C / SIGTERM (unsupervised: see
-    `python -m acestep_triton.supervisor` for the same with restarts and reloads)."""
-    parser = argparse.ArgumentParser(prog="python -m acestep_triton.tritonserver", description=main.__doc__)
-    add_server_arguments(parser)
-    server = server_from_arguments(parser.parse_args(argv))
+def run_in_foreground(server: TritonServer, start: Callable[[], None], wait: Callable[[], int],
+                      stop: Callable[[], None]) -> int:
+    """The body of the command lines that run a server (this module's, acestep_triton.supervisor's and
+    acestep_triton.serve's): `start` it, say where it listens, `wait` (its return is the exit status),
+    and `stop` it whatever happened; SIGTERM and Ctrl-C end the wait with status 0."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        server.start()
-        print(f"tritonserver ready: http {server.http_url} grpc {server.grpc_url} metrics {server.metrics_url}")
-        print(f"log: {server.log_path}", flush=True)
-        assert server.process is not None
-        code = server.process.wait()
-        print(f"tritonserver exited with code {code}\n{server.log_tail()}", file=sys.stderr)
-        return code
+        print(f"starting tritonserver (log: {server.log_path}) ...", flush=True)
+        start()
+        print(f"tritonserver ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}",
+              flush=True)
+        return wait()
     except TritonServerError as error:
         print(error, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        server.stop()
+        stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run tritonserver in the foreground until it exits or Ctrl-C / SIGTERM (unsupervised: see
+    `python -m acestep_triton.supervisor` for the same with restarts and reloads)."""
+    parser = argparse.ArgumentParser(prog="python -m acestep_triton.tritonserver", description=main.__doc__)
+    add_server_arguments(parser)
+    server = server_from_arguments(parser.parse_args(argv))
+
+    def until_it_exits() -> int:
+        assert server.process is not None
+        code = server.process.wait()
+        print(f"tritonserver exited with code {code}\n{server.log_tail()}", file=sys.stderr)
+        return code
+
+    return run_in_foreground(server, server.start, until_it_exits, server.stop)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,7 @@ class Suite:
                                  *(f"--set {k}={v}" for k, v in args.set)])
         self.gateway: GatewayProcess | None = None
         self.rows: list[Row] = []
+        self.commit = commit()  # what runs: taken now, edits made during a run do not count
 
     # ---- the stack -------------------------------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class Suite:
               flush=True)
 
     def load(self, clients: int) -> tuple[bool, str]:
-        """`clients` threads send --requests requests together; each answer checked."""
+        """`clients` threads send --requests requests (at least `clients`) together; each answer checked."""
         def one(i: int) -> tuple[str, float, str]:
             start = time.monotonic()
             response = self.post("/generate", self.body(actual_seeds=[i], output_path=f"load_c{clients}_{i}.wav"))
@@ -293,7 +294,7 @@ class Suite:
 
         start = time.monotonic()
         with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(one, range(self.args.requests)))
+            results = list(pool.map(one, range(max(self.args.requests, clients))))
         wall = time.monotonic() - start
         ok = [s for kind, s, _ in results if kind == "ok"]
         refused = sum(kind == "refused" for kind, _, _ in results)
@@ -474,7 +475,7 @@ def rows(suite: Suite) -> Iterator[tuple[str, str, Callable[[], tuple[bool | Non
 
     args = suite.args
     for clients in QUICK_LOAD_LEVELS if args.quick else LOAD_LEVELS:
-        yield (f"load:c{clients}", f"{clients} concurrent clients, {args.requests} requests",
+        yield (f"load:c{clients}", f"{clients} concurrent clients, {max(args.requests, clients)} requests",
                lambda c=clients: suite.load(c))
     if suite.supervisor is None:
         yield ("faults:stub", "python-backend stubs and tritonserver killed mid-request",
@@ -524,7 +525,7 @@ def report(suite: Suite, wall_s: float) -> str:
         f"({'quick' if args.quick else 'full'} run, {wall_s:.0f} s).", "",
         f"- machine: {machine()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"- commit: {commit()}",
+        f"- commit: {suite.commit}",
         f"- profile: {args.profile}; checkpoint: {suite.checkpoint}; python {platform.python_version()}; "
         f"the stack ({'tritonserver supervised' if suite.supervisor else 'the given tritonserver'} + "
         f"`python -m gateway`) was ready in {suite.startup_s:.0f} s",
@@ -560,7 +561,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the interpreter whose packages the python models import (the GPU machine's numpy-1 env)")
     parser.add_argument("--only", default="", help="comma-separated row ids or prefixes (load, faults:stub, ...)")
     parser.add_argument("--quick", action="store_true", help="CI's short version")
-    parser.add_argument("--requests", type=int, default=None, help="requests per load level (32; quick 8)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per load level, at least its clients (32; quick 8)")
     parser.add_argument("--work", default="/tmp/acestep-reliability", help="repository, outputs and logs go here")
     parser.add_argument("--out", default=str(REPO_ROOT / "RELIABILITY.md"))
     args = parser.parse_args(argv)
