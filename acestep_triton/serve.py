@@ -5,23 +5,24 @@
 
 An empty --checkpoint serves the tiny random checkpoint (built once into the
 cache, ACESTEP_CACHE or ~/.cache/acestep_triton). The model repository for the
-profile is generated into --repository-dir. Triton listens on loopback; the
-gateway (uvicorn, `gateway.app.create_app`) talks gRPC to it. Ctrl-C or SIGTERM
-stops the gateway, then Triton; if Triton dies, the gateway is stopped too.
+profile is generated into --repository-dir. Triton listens on loopback, kept
+serving by acestep_triton.supervisor (restarted when it exits, a model reloaded
+when one of its stubs dies); the gateway (gateway.server.GatewayServer) talks
+gRPC to it and answers 503 while Triton recovers. Ctrl-C or SIGTERM drains the
+gateway (running generations finish, up to ACESTEP_SHUTDOWN_DEADLINE_S), then
+stops Triton; the exit status is then 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from acestep_triton.tritonserver import REPO_ROOT, TritonServer, TritonServerError
+from acestep_triton.supervisor import Supervisor
+from acestep_triton.tritonserver import REPO_ROOT, TritonServer, run_in_foreground
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
@@ -53,18 +54,6 @@ def gateway_environment(
     return env
 
 
-def _stop_gateway_when_triton_exits(triton: TritonServer, gateway, died: threading.Event) -> None:
-    process = triton.process
-    while process is not None and not gateway.should_exit:
-        try:
-            process.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            continue
-        if not gateway.should_exit:
-            died.set()
-            gateway.should_exit = True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve the REST API backed by a real tritonserver until interrupted."""
     parser = argparse.ArgumentParser(prog="python -m acestep_triton.serve", description=main.__doc__)
@@ -89,18 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--profile must be one of {sorted(PROFILES)}, got {args.profile!r}")
     precision = "bf16" if PROFILES[args.profile].dtype == "bfloat16" else "fp32"
 
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     checkpoint = resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {checkpoint}", flush=True)
     repository_dir = args.repository_dir or REPO_ROOT / "build" / "model_repository" / args.profile
     repository = build_repository(args.profile, checkpoint, repository_dir)
     print(f"model repository ({args.profile}): {repository}", flush=True)
 
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.request_ids import configure_logging
+    from gateway.server import GatewayServer
     from gateway.settings import Settings
 
+    configure_logging()
     triton = TritonServer(
         repository,
         http_port=args.triton_http_port,
@@ -110,32 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_verbose=args.triton_log_verbose,
         startup_timeout_s=args.startup_timeout,
     )
-    triton_died = threading.Event()
-    try:
-        print(f"starting tritonserver (log: {triton.log_path}) ...", flush=True)
-        triton.start()
-        print(f"tritonserver ready: http {triton.http_url}, grpc {triton.grpc_url}, metrics {triton.metrics_url}")
+    supervisor = Supervisor(triton)
+
+    def gateway() -> int:
         settings = Settings.from_env(
             gateway_environment(checkpoint, triton, args.outputs, args.host, args.port, precision)
         )
-        gateway = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port))
-        threading.Thread(
-            target=_stop_gateway_when_triton_exits, args=(triton, gateway, triton_died), daemon=True
-        ).start()
         shown_host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         print(f"ACE-Step API: http://{shown_host}:{args.port} (POST /generate, docs at /docs)", flush=True)
-        gateway.run()
-    except TritonServerError as error:
-        print(error, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        GatewayServer(create_app(settings), args.host, args.port).run()  # returns once drained
         return 0
-    finally:
-        triton.stop()
-    if triton_died.is_set():
-        print(f"tritonserver exited unexpectedly:\n{triton.log_tail()}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_in_foreground(triton, supervisor.start, gateway, supervisor.stop)
 
 
 if __name__ == "__main__":

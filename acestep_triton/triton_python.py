@@ -90,11 +90,14 @@ def response(outputs: Mapping[str, torch.Tensor | np.ndarray]):
     return pb_utils.InferenceResponse(output_tensors=handoff(outputs))
 
 
-def error_response(exc: BaseException):
+def error_response(exc: BaseException, request_id: str = ""):
     """The error response for `exc`: the client's fault (ParameterError, naming the field) ->
     INVALID_ARG with its message; a condition cache miss -> NOT_FOUND (the loop re-sends); out of
-    GPU memory -> UNAVAILABLE (a retry may fit); anything else, a ValueError of our own code
-    included, -> INTERNAL without internals (logged with its traceback)."""
+    GPU memory -> UNAVAILABLE (a retry may fit); the loop's dit_step call failing -> INTERNAL with
+    dit_step's own message (Triton's text, e.g. that its stub process died); anything else, a
+    ValueError of our own code included, -> INTERNAL without internals (logged with its traceback and
+    `request_id`, the client's id of the request)."""
+    from acestep_triton.bls_loop import DitStepError
     from acestep_triton.condition_cache import ConditionMiss
 
     if isinstance(exc, ConditionMiss):
@@ -103,7 +106,9 @@ def error_response(exc: BaseException):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
         )
-    log.error("request failed", exc_info=exc)
+    log.error("request %s failed", request_id or "-", exc_info=exc)
+    if isinstance(exc, DitStepError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError("out of GPU memory for this batch; retry", pb_utils.TritonError.UNAVAILABLE)

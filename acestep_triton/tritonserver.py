@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -232,6 +232,30 @@ def process_group_pids(pgid: int) -> list[int]:
     return members
 
 
+@dataclass(frozen=True)
+class Stub:
+    """A python-backend stub process: the model instance it runs (Triton's name, `<model>_<group>_<i>`)."""
+
+    model: str
+    instance: str
+    pid: int
+
+
+def stub_processes(pgid: int) -> list[Stub]:
+    """The python-backend stubs alive in process group `pgid`, read from their command lines:
+    `triton_python_backend_stub <repo>/<model>/<version>/model.py <shm region> <size> <growth>
+    <parent pid> <backend dir> <ipc handle> <instance name> ...` (python backend r24.10)."""
+    stubs = []
+    for pid in process_group_pids(pgid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if len(argv) > 8 and Path(argv[0]).name == "triton_python_backend_stub":
+            stubs.append(Stub(Path(argv[1]).parts[-3], argv[8], pid))
+    return stubs
+
+
 class TritonServer:
     """One `tritonserver` process serving `model_repository`; a context manager.
 
@@ -282,6 +306,7 @@ class TritonServer:
         self.extra_env = dict(env or {})
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     @property
     def http_url(self) -> str:
@@ -313,6 +338,9 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            # every model loaded at start, and reloadable through the model-control API (supervisor.py)
+            "--model-control-mode=explicit",
+            "--load-model=*",
         ]
         return cmd + list(self.extra_args)
 
@@ -339,7 +367,8 @@ class TritonServer:
         backend_dir = prepare_backend_directory(self.backend_dir).resolve()
         env = server_environment(install, stub_environment(self.python))
         env.update(self.extra_env)
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
             self.process = subprocess.Popen(
                 self.command(install, backend_dir),
                 cwd="/",  # nothing may depend on where the server was started
@@ -357,12 +386,27 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         """True when `/v2/health/ready` answers 200."""
-        url = f"http://{self.host}:{self.http_port}/v2/health/ready"
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return self._call("GET", "/v2/health/ready", timeout_s=2.0) == 200
+        except (TritonServerError, urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+
+    def _call(self, method: str, path: str, timeout_s: float) -> int:
+        """The HTTP status of one call to the server's HTTP endpoint (URLError when unreachable)."""
+        request = urllib.request.Request(f"http://{self.host}:{self.http_port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            raise TritonServerError(f"{method} {path}: {error.code} {error.read().decode(errors='replace')}") from None
+
+    def reload_model(self, model: str, timeout_s: float | None = None) -> None:
+        """Unload `model` and load it again (model-control API): new instances, new stubs. A plain load
+        of a loaded model whose files are unchanged does nothing, hence the unload first. Unloading a
+        model an ensemble composes unloads the ensemble, and the load brings it back."""
+        timeout = self.startup_timeout_s if timeout_s is None else timeout_s
+        self._call("POST", f"/v2/repository/models/{model}/unload", timeout_s=30.0)
+        self._call("POST", f"/v2/repository/models/{model}/load", timeout_s=timeout)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll readiness; fail fast if the process exits, with the log tail."""
@@ -378,31 +422,29 @@ class TritonServer:
             time.sleep(0.2)
         raise TritonServerError(self._failure(f"tritonserver not ready after {timeout_s:.0f} s"))
 
-    def log_tail(self, lines: int = 40) -> str:
-        """The last `lines` lines of the server log."""
+    def _log_text(self) -> str:
+        """What the server wrote since its latest start (the log file is appended to across restarts)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines the server wrote since its latest start."""
+        return "\n".join(self._log_text().splitlines()[-lines:])
 
     def failed_models(self) -> list[str]:
         """Names of models the log reports as failed to load, in order of first mention."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return []
+        text = self._log_text()
         names = re.findall(r"failed to load '([^']+)'", text)
         names += re.findall(r"^\|\s*(\S+)\s*\|\s*\S+\s*\|\s*UNAVAILABLE", text, flags=re.MULTILINE)
         return list(dict.fromkeys(names))
 
     def error_lines(self) -> list[str]:
         """The log's error-level lines (Triton prefixes them `E<MMDD>`), escaped newlines expanded."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return []
-        return [line.replace("\\n", "\n") for line in text.splitlines() if re.match(r"E\d{4} ", line)]
+        return [line.replace("\\n", "\n") for line in self._log_text().splitlines() if re.match(r"E\d{4} ", line)]
 
     def _failure(self, headline: str) -> str:
         failed = self.failed_models()
@@ -442,9 +484,8 @@ class TritonServer:
         self.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run tritonserver in the foreground until Ctrl-C / SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m acestep_triton.tritonserver", description=main.__doc__)
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of a TritonServer (this module's and acestep_triton.supervisor's CLI)."""
     parser.add_argument("--model-repository", type=Path, required=True, action="append")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=8010)
@@ -455,8 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--python", type=Path, default=None,
                         help="interpreter whose packages the python models import (default: this one)")
-    args = parser.parse_args(argv)
-    server = TritonServer(
+
+
+def server_from_arguments(args: argparse.Namespace) -> TritonServer:
+    return TritonServer(
         args.model_repository,
         host=args.host,
         http_port=args.http_port,
@@ -467,22 +510,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_timeout_s=args.startup_timeout,
         python=args.python,
     )
+
+
+def run_in_foreground(server: TritonServer, start: Callable[[], None], wait: Callable[[], int],
+                      stop: Callable[[], None]) -> int:
+    """The body of the command lines that run a server (this module's, acestep_triton.supervisor's and
+    acestep_triton.serve's): `start` it, say where it listens, `wait` (its return is the exit status),
+    and `stop` it whatever happened; SIGTERM and Ctrl-C end the wait with status 0."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        server.start()
-        print(f"tritonserver ready: http {server.http_url} grpc {server.grpc_url} metrics {server.metrics_url}")
-        print(f"log: {server.log_path}", flush=True)
-        assert server.process is not None
-        code = server.process.wait()
-        print(f"tritonserver exited with code {code}\n{server.log_tail()}", file=sys.stderr)
-        return code
+        print(f"starting tritonserver (log: {server.log_path}) ...", flush=True)
+        start()
+        print(f"tritonserver ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}",
+              flush=True)
+        return wait()
     except TritonServerError as error:
         print(error, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        server.stop()
+        stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run tritonserver in the foreground until it exits or Ctrl-C / SIGTERM (unsupervised: see
+    `python -m acestep_triton.supervisor` for the same with restarts and reloads)."""
+    parser = argparse.ArgumentParser(prog="python -m acestep_triton.tritonserver", description=main.__doc__)
+    add_server_arguments(parser)
+    server = server_from_arguments(parser.parse_args(argv))
+
+    def until_it_exits() -> int:
+        assert server.process is not None
+        code = server.process.wait()
+        print(f"tritonserver exited with code {code}\n{server.log_tail()}", file=sys.stderr)
+        return code
+
+    return run_in_foreground(server, server.start, until_it_exits, server.stop)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m gateway [--host H] [--port P]`: serve the gateway with uvicorn.
+"""`python -m gateway [--host H] [--port P]`: serve the gateway (gateway.server.GatewayServer).
 
 Every other setting comes from ACESTEP_* environment variables (gateway/settings.py).
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import uvicorn
-
 from gateway.app import create_app
+from gateway.request_ids import configure_logging
+from gateway.server import GatewayServer
 from gateway.settings import Settings
 
 
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     settings = dataclasses.replace(settings, host=args.host or settings.host, port=args.port or settings.port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    configure_logging()
+    GatewayServer(create_app(settings), settings.host, settings.port, args.log_level).run()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The FastAPI application: POST /generate, /jobs, /uploads, GET /download/{filename}, GET /health."""
+"""The FastAPI application: POST /generate, /jobs, /uploads, GET /download/{filename}, GET /health, /health/live."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import time
 from collections.abc import AsyncIterable
@@ -12,6 +13,7 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -23,9 +25,12 @@ from acestep_triton.contract import ParameterError
 from gateway.engine import GenerationEngine, TritonEngine
 from gateway.errors import JobConflict, NotAuthorized, UploadInUse, install_error_handlers
 from gateway.formats import AUDIO_MEDIA_TYPES, MEDIA_TYPES
+from gateway.health import HealthMonitor
 from gateway.jobs import DISCONNECT_REASON, JobManager
 from gateway.jobstore import Job, JobState, SQLiteJobStore
+from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from gateway.outputs import OutputStore
+from gateway.request_ids import HEADER as REQUEST_ID_HEADER
 from gateway.retention import Retention
 from gateway.schema import (
     DOWNLOAD_HEADERS,
@@ -37,6 +42,7 @@ from gateway.schema import (
     HealthBody,
     JobPage,
     JobView,
+    LiveBody,
     UnhealthyBody,
     UploadList,
     UploadView,
@@ -44,6 +50,7 @@ from gateway.schema import (
 from gateway.settings import Settings
 from gateway.uploads import FILE_FIELD, SourceFiles, UploadStore
 
+log = logging.getLogger("gateway")
 API_VERSION = "1.0"
 JOBS_DATABASE = ".jobs.sqlite3"  # hidden: /download never serves it, retention never removes it
 AUDIO_CONTENT = {t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_MEDIA_TYPES}
@@ -56,11 +63,14 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "No such file in the outputs directory, no such job, or no such upload.",
         409: "The job has already finished (the detail gives its state), or /generate's job was cancelled; "
         "or the upload is the source of a queued or running job.",
-        413: "The upload is larger than the deployment allows (ACESTEP_MAX_UPLOAD_BYTES).",
+        413: "The request body or upload is larger than the deployment accepts (ACESTEP_MAX_BODY_BYTES, "
+        "ACESTEP_MAX_UPLOAD_BYTES).",
         429: "Too many generations queued or running; Retry-After gives seconds from the measured rate.",
         500: "Generation failed.",
-        503: "Triton is unreachable or not ready.",
+        503: "Triton is unreachable or a model cannot serve now (Retry-After: the measured recovery time), "
+        "or the gateway is shutting down.",
         504: "The request did not finish within the deployment's deadline (ACESTEP_JOB_DEADLINE_S).",
+        507: "The outputs directory is full; nothing was written.",
     }
     return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
 
@@ -104,19 +114,25 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
     """The gateway for `settings` (default: from the environment) in front of `engine` (default: Triton)."""
     settings = settings or Settings.from_env()
     if engine is None:
-        engine = TritonEngine(settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
+        engine = TritonEngine(settings.triton_url, settings.triton_protocol, settings.triton_timeout_s,
+                              settings.probe_timeout_s)
     store = OutputStore(settings.outputs_dir)
     uploads = UploadStore(settings.uploads_dir, settings.max_upload_bytes, settings.max_upload_s)
     job_store = SQLiteJobStore(store.root / JOBS_DATABASE)
-    jobs = JobManager(settings, engine, store, job_store, SourceFiles(uploads, store))
+    health = HealthMonitor(engine, settings.health_interval_s, settings.recovery_estimate_s)
+    jobs = JobManager(settings, engine, store, job_store, SourceFiles(uploads, store), health)
     retention = Retention(settings, store, jobs, uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await health.check()
         await jobs.start()
-        sweeper = asyncio.get_running_loop().create_task(retention.run_forever(), name="retention")
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(retention.run_forever(), name="retention"),
+                      loop.create_task(health.run_forever(), name="health")]
         yield
-        sweeper.cancel()
+        for task in background:
+            task.cancel()
         await jobs.stop()
         await engine.aclose()
         job_store.close()
@@ -129,8 +145,10 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         lifespan=lifespan,
     )
     app.state.settings, app.state.engine, app.state.store, app.state.jobs = settings, engine, store, jobs
-    app.state.retention, app.state.uploads = retention, uploads
+    app.state.retention, app.state.uploads, app.state.health = retention, uploads, health
+    app.state.drain = lambda: jobs.drain(settings.shutdown_deadline_s)  # gateway.server calls it on SIGTERM
     install_error_handlers(app)
+    _install_middleware(app, settings)
     auth = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
     _add_upload_routes(app, uploads, jobs, auth)
     _add_audio_stream_route(app, jobs, store, retention, auth)
@@ -155,11 +173,11 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
                 "content": AUDIO_CONTENT,
                 "headers": GENERATE_HEADERS,
             },
-            **_errors(400, 401, 409, 429, 500, 503, 504),
+            **_errors(400, 401, 409, 413, 429, 500, 503, 504, 507),
         },
     )
     async def generate(request: GenerateRequest, http: Request) -> Response:
-        job, _ = jobs.submit(request, stream_audio=False)
+        job, _ = jobs.submit(request, synchronous=True, request_id=http.state.request_id)
         finished = asyncio.ensure_future(jobs.wait(job.id))
         gone = asyncio.ensure_future(_disconnected(http))
         await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,15 +202,16 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         responses={
             202: {"description": "Queued (or the job an earlier request with the same Idempotency-Key made).",
                   "headers": JOB_HEADERS},
-            **_errors(400, 401, 429),
+            **_errors(400, 401, 413, 429, 503),
         },
     )
     async def submit_job(
         request: GenerateRequest,
         response: Response,
+        http: Request,
         idempotency_key: Annotated[str | None, Header(max_length=200, description=IDEMPOTENCY_HELP)] = None,
     ) -> JobView:
-        job, created = jobs.submit(request, idempotency_key)
+        job, created = jobs.submit(request, idempotency_key, request_id=http.state.request_id)
         response.headers["Location"] = f"/jobs/{job.id}"
         response.headers["X-Job-Id"] = job.id
         if not created:
@@ -285,25 +304,64 @@ def create_app(settings: Settings | None = None, engine: GenerationEngine | None
         return FileResponse(path, media_type=media_type, headers=headers, filename=path.name,
                             background=BackgroundTask(retention.serving_finished, path.name))
 
+    _health_routes(app, store, health, jobs, job_store)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _install_middleware(app: FastAPI, settings: Settings) -> None:
+    """Outermost first: the request id (on every answer, the refusals below included), security headers,
+    the body bound, then CORS only for the origins the deployment names (none by default: closed)."""
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Content-Type", "Authorization", "X-API-Key", "Idempotency-Key",
+                                          "Last-Event-ID", REQUEST_ID_HEADER],
+                           expose_headers=[*GENERATE_HEADERS, "X-Job-Id", "Retry-After", REQUEST_ID_HEADER])
+    # POST /uploads (branch modes-gateway) streams its body to disk under its own bound, ACESTEP_MAX_UPLOAD_BYTES
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, exempt=("/uploads",))
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+
+
+def _health_routes(app: FastAPI, store: OutputStore, health: HealthMonitor, jobs: JobManager,
+                   job_store: SQLiteJobStore) -> None:
+    """GET /health (readiness, the contract's shape) and GET /health/live (liveness)."""
+
     @app.get(
         "/health",
         response_model=HealthBody,
-        summary="Ready to generate: gateway, Triton and the acestep model",
+        summary="Ready to generate: the gateway, Triton and every model of its repository (readiness probe)",
         responses={
-            200: {"description": "The gateway, Triton and the acestep model are ready."},
-            503: {"model": UnhealthyBody, "description": "Not ready; the detail says why."},
+            200: {"description": "Ready: a generation sent now would run."},
+            503: {"model": UnhealthyBody, "description": "Not ready; the detail says why, `models` names each "
+                  "model that cannot serve and why. Retry-After: the measured recovery time."},
         },
     )
-    async def health():
+    async def ready():
+        if jobs.draining:
+            return JSONResponse({"status": "unhealthy", "detail": "the gateway is shutting down"}, 503)
         if not os.access(store.root, os.W_OK):
             return JSONResponse({"status": "unhealthy", "detail": f"outputs directory {store.root} is not writable"}, 503)
-        ok, reason = await engine.ready()
-        if not ok:
-            return JSONResponse({"status": "unhealthy", "detail": reason}, 503)
+        readiness = await health.check()
+        if not readiness.ready:
+            return JSONResponse({"status": "unhealthy", "detail": readiness.detail, "models": readiness.models}, 503,
+                                headers={"Retry-After": str(health.retry_after_s())})
         return {"status": "healthy"}
 
-    app.openapi = lambda: _openapi(app)
-    return app
+    @app.get(
+        "/health/live",
+        response_model=LiveBody,
+        summary="The gateway process itself works (liveness probe): it answers and its job store reads",
+        responses={503: {"model": UnhealthyBody, "description": "The job store cannot be read."}},
+    )
+    async def live():
+        try:
+            job_store.recent(1)
+        except Exception:
+            log.exception("liveness: the job store cannot be read")
+            return JSONResponse({"status": "unhealthy", "detail": "the job store cannot be read"}, 503)
+        return {"status": "alive"}
 
 
 def _add_audio_stream_route(app: FastAPI, jobs: JobManager, store: OutputStore, retention: Retention,

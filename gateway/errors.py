@@ -40,6 +40,26 @@ class EngineUnavailable(Exception):
     """Triton cannot be reached, is not ready, or did not answer in time."""
 
 
+class _RetryLater(Exception):
+    """An error whose answer carries Retry-After: `retry_after_s` whole seconds."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class NotReady(_RetryLater, EngineUnavailable):
+    """A model cannot serve now (Triton down, a model reloading); Retry-After from the measured recovery."""
+
+
+class ShuttingDown(_RetryLater):
+    """The gateway is draining for shutdown: no new work; or a generation it had to stop at its deadline."""
+
+
+class StorageFull(Exception):
+    """The outputs directory has no space left (ENOSPC/EDQUOT); nothing was kept of the write."""
+
+
 class EngineRejected(Exception):
     """Triton refused the request's inputs (INVALID_ARG); the message says why."""
 
@@ -56,12 +76,8 @@ class JobConflict(Exception):
     """The job's state does not allow the action (cancelling a finished job; /generate's job cancelled)."""
 
 
-class Busy(Exception):
+class Busy(_RetryLater):
     """The bound on queued plus running generations is reached; retry after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class DeadlineExceeded(Exception):
@@ -80,7 +96,9 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     Busy: 429,
     EngineFailed: 500,
     EngineUnavailable: 503,
+    ShuttingDown: 503,
     DeadlineExceeded: 504,
+    StorageFull: 507,
 }
 
 

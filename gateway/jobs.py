@@ -14,11 +14,21 @@ cancelled job never leaves files.
 Source audio (repaint, extend, edit, audio2audio) is checked at submission and stored in the job by
 name; it is decoded when the job starts running, so a queued job holds no samples, and a source
 removed meanwhile fails the job with that reason.
+
+Outages (gateway.health): a job starts only while the engine is ready, so queued jobs wait through
+a Triton restart or a model reload. A generation that fails while the engine turns out not ready
+(HealthMonitor.outage) was cut off by the outage: it goes back to the queue and runs once more after the recovery.
+/generate requests arriving during an outage are refused at once (503, Retry-After); jobs are
+queued.
+
+Shutdown (`drain`): no new work (503), nothing more starts, running generations get up to the
+shutdown deadline to finish and write their files; queued jobs stay queued in the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import math
@@ -47,13 +57,19 @@ from gateway.errors import (
     DeadlineExceeded,
     EngineFailed,
     EngineRejected,
+    EngineUnavailable,
     JobConflict,
     JobNotFound,
+    NotReady,
+    ShuttingDown,
+    StorageFull,
     status_of,
 )
 from gateway.formats import Encoding
+from gateway.health import HealthMonitor
 from gateway.jobstore import Job, JobEvent, JobState, JobStore
 from gateway.outputs import OutputStore
+from gateway.request_ids import current as current_request_id
 from gateway.schema import SOURCE_FIELDS, GenerateRequest
 from gateway.settings import Settings
 from gateway.uploads import SourceFiles
@@ -120,27 +136,31 @@ class _Live:
     """What the manager keeps in memory for a pending job of this process."""
 
     job: Job  # its latest state
+    synchronous: bool = False  # a /generate job: its client waits for the answer
     audio: AudioStream | None = None  # its audio as decoded, when the job streams it
     task: asyncio.Task | None = None
     loop_started: float | None = None  # monotonic time the first diffusion step was seen
-    cancel_reason: str | None = None
+    interrupted_by: tuple[JobState, Exception] | None = None  # the outcome recorded when its task is cancelled
 
 
 class JobManager:
     """Runs jobs for one gateway process (see the module docstring)."""
 
     def __init__(self, settings: Settings, engine: GenerationEngine, outputs: OutputStore, store: JobStore,
-                 sources: SourceFiles) -> None:
+                 sources: SourceFiles, health: HealthMonitor) -> None:
         self.settings = settings
         self.engine = engine
         self.outputs = outputs
         self.store = store
         self.sources = sources
+        self.health = health
         self.rate = RateMeter()
         self._live: dict[str, _Live] = {}  # pending jobs of this process, in submission order
         self._changed: dict[str, asyncio.Event] = {}
         self._slots: asyncio.Semaphore | None = None
         self._stopping = False
+        self.draining = False  # shutdown began: no new work, nothing more starts
+        self._drained = False  # shutdown's drain is over: event streams end
         self.writing: set[str] = set()  # file names being written now (retention leaves them alone)
         self.reading: set[str] = set()  # source audio being decoded now (the same)
 
@@ -148,8 +168,12 @@ class JobManager:
 
     async def start(self) -> None:
         """Take over the store: jobs that were running are failed (their process is gone), queued ones
-        run again in their original order."""
+        run again in their original order; the temporary files of writes the old process did not finish
+        are removed (no final name ever pointed at them)."""
         self._slots = asyncio.Semaphore(self.settings.max_running_jobs)
+        removed = self.outputs.remove_partial_writes()
+        if removed:
+            log.warning("removed %d unfinished writes of an earlier gateway process: %s", len(removed), removed)
         for job in self.store.pending():
             if job.state is JobState.RUNNING:
                 self._save(job.evolve(state=JobState.FAILED, finished_at=time.time(), error=RESTART_REASON,
@@ -165,16 +189,43 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def drain(self, deadline_s: float) -> None:
+        """Shutdown's first step (module docstring): queued /generate jobs fail at once (their clients get
+        503), running generations get `deadline_s` to finish, those still running then fail; queued
+        jobs stay queued. Event streams end afterwards (clients resume them with Last-Event-ID)."""
+        self.draining = True
+        for live in list(self._live.values()):
+            if live.synchronous and live.job.state is JobState.QUEUED:
+                self._interrupt(live, JobState.FAILED, ShuttingDown(
+                    "the gateway is shutting down; this request did not start, retry it", 1))
+        running = [live.task for live in self._live.values() if live.job.state is JobState.RUNNING and live.task]
+        if running:
+            log.warning("shutting down: waiting up to %g s for %d running generations", deadline_s, len(running))
+            await asyncio.wait(running, timeout=deadline_s)
+        late = [live for live in self._live.values() if live.job.state is JobState.RUNNING]
+        for live in late:
+            self._interrupt(live, JobState.FAILED, ShuttingDown(
+                f"the gateway shut down before this generation finished (shutdown deadline {deadline_s:g} s)", 1))
+        await asyncio.gather(*(live.task for live in late if live.task), return_exceptions=True)
+        self._drained = True
+        for job_id in list(self._changed):
+            self._wake(job_id)
+
     # ---- submit, look up, cancel ----------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, idempotency_key: str | None = None,
-               stream_audio: bool = True) -> tuple[Job, bool]:
+    def submit(self, request: GenerateRequest, idempotency_key: str | None = None, synchronous: bool = False,
+               request_id: str | None = None) -> tuple[Job, bool]:
         """Validate and queue a request; (job, created). The same idempotency key returns the same job.
-        `stream_audio`: decode the audio in chunks that GET /jobs/{id}/audio can send as they come
-        (a WAV job, an engine that streams; /generate, which answers with the whole file, passes False).
+        `synchronous`: a /generate request, whose client waits (refused while the engine is not ready).
+        A job that is not synchronous decodes its audio in chunks that GET /jobs/{id}/audio can send as
+        they come (a WAV job, an engine that streams).
 
-        Raises ParameterError (400) for a bad request and Busy (429) past the bound.
+        Raises ParameterError (400) for a bad request, Busy (429) past the bound, NotReady (503) for a
+        synchronous request during an outage and ShuttingDown (503) once shutdown began.
         """
+        if self.draining:
+            raise ShuttingDown("the gateway is shutting down; retry on another instance or after its restart",
+                               max(1, math.ceil(self.settings.shutdown_deadline_s)))
         if idempotency_key is not None:
             existing = self.store.find(idempotency_key)
             if existing is not None:
@@ -188,6 +239,8 @@ class JobManager:
                 f"{self.settings.max_pending_jobs}); retry later",
                 self.retry_after_s(),
             )
+        if synchronous and not self.health.ready:
+            raise NotReady(f"not ready to generate: {self.health.readiness.detail}", self.health.retry_after_s())
         job = Job(
             id=uuid.uuid4().hex,
             state=JobState.QUEUED,
@@ -198,10 +251,11 @@ class JobManager:
             steps=request.infer_step if not request.oss_steps else len(request.oss_steps),
             timings={"check": check_s},
             queue_position=sum(live.job.state is JobState.QUEUED for live in self._live.values()) + 1,
+            request_id=request_id,
         )
         job, created = self.store.create(self.estimated(job))
         if created:
-            self._schedule(job, stream_audio)
+            self._schedule(job, synchronous)
         return job, created
 
     def get(self, job_id: str) -> Job:
@@ -216,9 +270,15 @@ class JobManager:
         live = self._live.get(job_id)
         if job.state.finished or live is None or live.task is None:
             raise JobConflict(f"job {job_id} has already finished: {job.state}")
-        live.cancel_reason = reason
-        live.task.cancel()
+        self._interrupt(live, JobState.CANCELLED, JobConflict(reason))
         return job
+
+    @staticmethod
+    def _interrupt(live: _Live, state: JobState, error: Exception) -> None:
+        """Cancel a job's task; it ends in `state` with `error` (for its /generate answer)."""
+        live.interrupted_by = (state, error)
+        if live.task is not None:
+            live.task.cancel()
 
     async def wait(self, job_id: str) -> Job:
         """The job once it has finished."""
@@ -241,8 +301,8 @@ class JobManager:
                     return
             if events:
                 continue
-            if self.get(job_id).state.finished:
-                return  # the final event was delivered before (Last-Event-ID at or past it)
+            if self.get(job_id).state.finished or self._drained:
+                return  # the final event was delivered before (Last-Event-ID at or past it), or shutting down
             await self._event(job_id).wait()  # no await since the read: no change can slip between
 
     # ---- views ----------------------------------------------------------------------------------------
@@ -318,15 +378,56 @@ class JobManager:
         live = self._live.get(job_id)
         return None if live is None else live.audio
 
-    def _schedule(self, job: Job, stream_audio: bool = True) -> None:
+    def _schedule(self, job: Job, synchronous: bool = False) -> None:
         encoding = GenerateRequest.model_validate(job.request).encoding()
-        streams = stream_audio and self.settings.stream_job_audio and encoding.format.name == "wav"
-        live = _Live(job, AudioStream(encoding, OUTPUT_SAMPLE_RATE) if streams else None)
+        streams = not synchronous and self.settings.stream_job_audio and encoding.format.name == "wav"
+        live = _Live(job, synchronous, AudioStream(encoding, OUTPUT_SAMPLE_RATE) if streams else None)
         self._live[job.id] = live
         live.task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
 
+    async def _admitted(self) -> None:
+        """Returns when a job may start: the engine ready, shutdown not begun (then never: stop() cancels)."""
+        while self.draining or not self.health.ready:
+            if self.draining:
+                await asyncio.get_running_loop().create_future()
+            await self.health.wait_ready()
+
+    async def _generate(self, live: _Live, params, source: SourceAudio | None) -> tuple[GenerationResult, float]:
+        """The engine's answer for the job, and the seconds it took. A generation cut off by an outage (it
+        failed and HealthMonitor.outage finds one) goes back to the queue and runs once more, unless it
+        had streamed audio already (a reader holds those bytes)."""
+        retried = False
+        while True:
+            await self._admitted()
+            job = self._save(live.job.evolve(state=JobState.RUNNING, started_at=live.job.started_at or time.time(),
+                                             stage="generating", step=0, progress=0.0))
+            live.loop_started = None
+            start = time.perf_counter()
+            try:
+                result = await self.engine.generate(params, lambda p: self._progress(live, p), source,
+                                                    stream_audio=live.audio is not None,
+                                                    request_id=job.request_id or "")
+                return result, time.perf_counter() - start
+            except (EngineFailed, EngineUnavailable) as exc:
+                if retried or (live.audio is not None and live.audio.samples_done) or not await self.health.outage():
+                    raise
+                retried = True
+                log.warning("job %s was cut off by an outage (%r); it waits for the recovery and runs again",
+                            job.id, exc)
+                self._save(live.job.evolve(state=JobState.QUEUED, stage="queued", step=0, progress=0.0))
+
+    def _progress(self, live: _Live, p: Progress) -> None:
+        job = live.job
+        if p.stage == "diffusion" and live.loop_started is None:
+            live.loop_started = time.monotonic()
+        if p.audio is not None:
+            live.audio.feed(p.audio, p.audio_offset, p.audio_samples)
+        self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
+                              progress=progress_of(p.stage, p.step, p.steps)))
+
     async def _run(self, job: Job) -> None:
         live = self._live[job.id]
+        current_request_id.set(job.request_id or "-")  # this task's log lines carry the job's request id
         request = GenerateRequest.model_validate(job.request)
         params, encoding = request.generation_params(), request.encoding()
         source_ref = request.source(params.task)
@@ -335,29 +436,15 @@ class JobManager:
         try:
             async with asyncio.timeout(remaining):
                 async with self._slots:
-                    job = self._save(job.evolve(state=JobState.RUNNING, started_at=time.time(), stage="generating"))
                     source_start = time.perf_counter()
                     source = None if source_ref is None else await self._read_source(*source_ref)
-                    job = job.evolve(timings=job.timings | {"source": time.perf_counter() - source_start})
-                    run_start = time.perf_counter()
-
-                    def on_progress(p: Progress) -> None:
-                        nonlocal job
-                        if p.stage == "diffusion" and live.loop_started is None:
-                            live.loop_started = time.monotonic()
-                        if p.audio is not None:
-                            live.audio.feed(p.audio, p.audio_offset, p.audio_samples)
-                        job = self._save(job.evolve(stage=p.stage, step=p.step, steps=p.steps or job.steps,
-                                                    progress=progress_of(p.stage, p.step, p.steps)))
-
+                    live.job = live.job.evolve(timings=live.job.timings | {"source": time.perf_counter() - source_start})
                     try:
-                        result = await self.engine.generate(params, on_progress, source,
-                                                            stream_audio=live.audio is not None)
+                        result, triton_s = await self._generate(live, params, source)
                     except (ParameterError, EngineRejected) as exc:
                         raise in_request_terms(exc, source_ref) from None
-                    triton_s = time.perf_counter() - run_start
-            job = self._save(job.evolve(stage="writing", progress=progress_of("writing"),
-                                        retake_seeds=retake_seeds_of(params.task, result)))
+            job = self._save(live.job.evolve(stage="writing", progress=progress_of("writing"),
+                                             retake_seeds=retake_seeds_of(params.task, result)))
             names = self.outputs.item_names(job.output_name, len(result.seeds))
             self.writing.update(names)
             write = asyncio.ensure_future(asyncio.to_thread(self._write, job, names, result, encoding,
@@ -368,6 +455,9 @@ class JobManager:
                 await asyncio.wait([write])  # let the write finish, then take it back
                 self._remove(names)
                 raise
+            except Exception:
+                self._remove(names)  # a failed write keeps none of the job's items
+                raise
             finally:
                 self.writing.difference_update(names)
             loop_s = None if live.loop_started is None else result.timings.get("diffusion")
@@ -377,13 +467,17 @@ class JobManager:
         except asyncio.CancelledError:
             if self._stopping:
                 raise
-            self._finish(job, JobState.CANCELLED, JobConflict(live.cancel_reason or CANCEL_REASON))
+            self._finish(live.job, *(live.interrupted_by or (JobState.CANCELLED, JobConflict(CANCEL_REASON))))
         except TimeoutError:
-            self._finish(job, JobState.FAILED, DeadlineExceeded(
+            self._finish(live.job, JobState.FAILED, DeadlineExceeded(
                 f"deadline exceeded: the job did not finish within {self.settings.job_deadline_s:g} s of its submission"
             ))
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self._finish(live.job, JobState.FAILED, StorageFull(
+                "the outputs directory is full (no space left on device); nothing was written") if full else exc)
         except Exception as exc:
-            self._finish(job, JobState.FAILED, exc)
+            self._finish(live.job, JobState.FAILED, exc)
         finally:
             self._live.pop(job.id, None)
             if live.audio is not None:
@@ -419,6 +513,7 @@ class JobManager:
         for index, name in enumerate(names):
             self.outputs.write_json(self.outputs.sidecar_name(name), {
                 "job_id": job.id,
+                "request_id": job.request_id,
                 "request": job.request,
                 "item": index,
                 "seed": result.seeds[index],

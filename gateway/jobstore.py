@@ -51,7 +51,8 @@ class Job:
     file name, fixed at submission; files: every file written (audio items and sidecars), set on
     success; timings: the /generate timings (seconds); error / error_status: why it failed and the
     HTTP status /generate answers for it; queue_position and eta_s: as they were when this snapshot
-    was taken (GET /jobs/{id} recomputes them). Times are Unix seconds.
+    was taken (GET /jobs/{id} recomputes them); request_id: the id of the HTTP request that submitted
+    it (gateway.request_ids). Times are Unix seconds.
     """
 
     id: str
@@ -74,6 +75,7 @@ class Job:
     error_status: int | None = None
     queue_position: int = 0
     eta_s: float | None = None
+    request_id: str | None = None
 
     def evolve(self, **changes: Any) -> Job:
         return replace(self, **changes)

@@ -20,6 +20,7 @@ from gateway.formats import choose_encoding
 # no separators, no '..', no temp files (which start with '.').
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 SIDECAR_SUFFIX = "_input_params.json"
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"  # a write in progress, renamed to its final name when complete
 
 
 def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
@@ -69,7 +70,7 @@ class OutputStore:
         if not _SAFE_NAME.fullmatch(name):
             raise ValueError(f"unsafe output name {name!r}")
         target = self.root / name
-        fd, temp_path = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".part")
+        fd, temp_path = tempfile.mkstemp(dir=self.root, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -80,6 +81,13 @@ class OutputStore:
             Path(temp_path).unlink(missing_ok=True)
             raise
         return target
+
+    def remove_partial_writes(self) -> list[str]:
+        """Remove the temporary files of writes a process did not finish (killed mid-write); their names."""
+        partial = sorted(p.name for p in self.root.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}") if p.is_file())
+        for name in partial:
+            (self.root / name).unlink(missing_ok=True)
+        return partial
 
     def write_json(self, name: str, record: dict[str, Any]) -> Path:
         text = json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False)

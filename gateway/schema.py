@@ -299,7 +299,8 @@ class JobView(BaseModel):
     )
     step: int = Field(description="Diffusion steps done (of `steps`).")
     steps: int = Field(description="Diffusion steps the request runs.")
-    progress: float = Field(description="0 to 1, never decreasing.")
+    progress: float = Field(description="0 to 1, never decreasing, except when an outage cut the generation off: "
+                            "the job is queued again and starts over once Triton has recovered.")
     queue_position: int = Field(description="1 for the next job to start; 0 when not queued.")
     eta_s: float | None = Field(description="Seconds until it should finish, from measured rates; null before any.")
     created_at: float = Field(description="Unix time of submission.")
@@ -311,6 +312,7 @@ class JobView(BaseModel):
     retake_seeds: list[int] = Field(description="The retake seed of each item, for the tasks that read them "
                                     "(retake, repaint, extend, edit); empty otherwise.")
     error: str | None = Field(description="Why it failed or was cancelled.")
+    request_id: str | None = Field(description="The X-Request-ID of the request that submitted it.")
     links: JobLinks
 
     @classmethod
@@ -332,6 +334,7 @@ class JobView(BaseModel):
             seeds=list(job.seeds),
             retake_seeds=list(job.retake_seeds),
             error=job.error,
+            request_id=job.request_id,
             links=JobLinks(
                 self=f"/jobs/{job.id}",
                 events=f"/jobs/{job.id}/events",
@@ -374,6 +377,12 @@ class HealthBody(BaseModel):
 
 class UnhealthyBody(ErrorBody):
     status: str = Field(description='"unhealthy"', examples=["unhealthy"])
+    models: dict[str, str] = Field(default_factory=dict, description="Each model that cannot serve, and why "
+                                   "(Triton's state and reason, or the probe it failed).")
+
+
+class LiveBody(BaseModel):
+    status: str = Field(description='"alive"', examples=["alive"])
 
 
 def _header(description: str, kind: str = "number") -> dict[str, Any]:

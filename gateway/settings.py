@@ -56,6 +56,12 @@ class Settings:
     max_upload_s: float = MAX_DURATION_S
     upload_retention_s: float = 24 * 3600.0
     stream_job_audio: bool = True
+    shutdown_deadline_s: float = 25.0
+    health_interval_s: float = 1.0
+    probe_timeout_s: float = 10.0
+    recovery_estimate_s: float = 10.0
+    max_body_bytes: int = 1 << 20
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs_dir", Path(self.outputs_dir))
@@ -70,7 +76,8 @@ class Settings:
         if self.triton_timeout_s <= 0:
             raise SettingsError("triton_timeout_s must be positive")
         for name in ("max_pending_jobs", "max_running_jobs", "job_deadline_s", "retention_s", "retention_interval_s",
-                     "max_upload_bytes", "upload_retention_s"):
+                     "max_upload_bytes", "upload_retention_s", "shutdown_deadline_s", "health_interval_s",
+                     "probe_timeout_s", "recovery_estimate_s", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if not 0 < self.max_upload_s <= MAX_DURATION_S:
@@ -109,6 +116,12 @@ class Settings:
             max_upload_s=_number(environ, "ACESTEP_MAX_UPLOAD_S", MAX_DURATION_S, float),
             upload_retention_s=_number(environ, "ACESTEP_UPLOAD_RETENTION_S", 24 * 3600.0, float),
             stream_job_audio=_flag(environ, "ACESTEP_STREAM_JOB_AUDIO", True),
+            shutdown_deadline_s=_number(environ, "ACESTEP_SHUTDOWN_DEADLINE_S", 25.0, float),
+            health_interval_s=_number(environ, "ACESTEP_HEALTH_INTERVAL_S", 1.0, float),
+            probe_timeout_s=_number(environ, "ACESTEP_PROBE_TIMEOUT_S", 10.0, float),
+            recovery_estimate_s=_number(environ, "ACESTEP_RECOVERY_ESTIMATE_S", 10.0, float),
+            max_body_bytes=_number(environ, "ACESTEP_MAX_BODY_BYTES", 1 << 20, int),
+            cors_origins=tuple(o.strip() for o in environ.get("ACESTEP_CORS_ORIGINS", "").split(",") if o.strip()),
         )
 
 

@@ -41,7 +41,7 @@ from acestep_triton.ensemble_client import input_arrays
 from acestep_triton.geometry import PUBLISHED_GEOMETRY
 from acestep_triton.tritonserver import TritonServer
 from gateway import GenerationEngine, OutputStore, Settings, TritonEngine, create_app
-from gateway.engine import Progress
+from gateway.engine import Progress, Readiness
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
 from gateway.outputs import encode_wav
 from gateway.settings import SettingsError
@@ -57,8 +57,9 @@ SERVED_CHECKPOINT = "/models/ACE-Step-v1-3.5B"
 class ToneEngine(GenerationEngine):
     """A GenerationEngine without Triton: one sine per seed (frequency from the seed), for HTTP-level tests.
 
-    `failure` makes generate() raise it; `calls` and `sources` record the parameters and source audio
-    received. Its retake seeds are RETAKE_OFFSET + seed, so that a test can tell the engine's report.
+    `failure` makes generate() raise it; `calls`, `sources` and `request_ids` record the parameters, source
+    audio and request ids received. Its retake seeds are RETAKE_OFFSET + seed, so that a test can tell the
+    engine's report.
     """
 
     RETAKE_OFFSET = 1000
@@ -67,12 +68,14 @@ class ToneEngine(GenerationEngine):
         self.failure = failure
         self.calls: list[GenerationParams] = []
         self.sources: list[SourceAudio | None] = []
+        self.request_ids: list[str] = []
 
     async def generate(self, params: GenerationParams, progress=None, source: SourceAudio | None = None,
-                       stream_audio: bool = False) -> GenerationResult:
+                       stream_audio: bool = False, request_id: str = "") -> GenerationResult:
         """With `stream_audio` the tones also go to `progress` in three chunks, as a streaming vocoder's."""
         self.calls.append(params)
         self.sources.append(source)
+        self.request_ids.append(request_id)
         if self.failure is not None:
             raise self.failure
         seeds = params.actual_seeds or (7,)
@@ -88,8 +91,8 @@ class ToneEngine(GenerationEngine):
         return GenerationResult(waveforms, tuple(seeds), duration, {s: 0.001 for s in STAGES}, 0.0,
                                 tuple(self.RETAKE_OFFSET + seed for seed in seeds))
 
-    async def ready(self) -> tuple[bool, str]:
-        return True, ""
+    async def ready(self) -> Readiness:
+        return Readiness(True)
 
 
 def closed_port() -> int:
@@ -738,9 +741,9 @@ def test_generate_does_not_ask_the_engine_to_stream(tmp_path):
     asked = []
 
     class Recording(ToneEngine):
-        async def generate(self, params, progress=None, source=None, stream_audio=False):
+        async def generate(self, params, progress=None, source=None, stream_audio=False, request_id=""):
             asked.append(stream_audio)
-            return await super().generate(params, progress, source, stream_audio)
+            return await super().generate(params, progress, source, stream_audio, request_id)
 
     with TestClient(create_app(settings_for(tmp_path), Recording())) as client:
         assert client.post("/generate", json=payload()).status_code == 200

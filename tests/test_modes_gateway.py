@@ -423,10 +423,10 @@ class GatedEngine(ToneEngine):
         super().__init__()
         self.gate = threading.Event()
 
-    async def generate(self, params, progress=None, source=None, stream_audio=False):
+    async def generate(self, params, progress=None, source=None, stream_audio=False, request_id=""):
         if params.task == "text2music":
             await asyncio.to_thread(self.gate.wait, 30)
-        return await super().generate(params, progress, source, stream_audio)
+        return await super().generate(params, progress, source, stream_audio, request_id)
 
 
 def wait_for_state(client: TestClient, job_id: str, states: set[str]) -> dict:

@@ -14,6 +14,7 @@ import pytest
 
 from gateway import OutputStore, Settings
 from gateway.engine import TritonEngine
+from gateway.health import HealthMonitor
 from gateway.jobs import JobManager
 from gateway.jobstore import Job, JobState, SQLiteJobStore
 from gateway.retention import Retention
@@ -45,7 +46,8 @@ def retention(tmp_path):
     outputs = OutputStore(tmp_path)
     uploads = UploadStore(settings.uploads_dir, settings.max_upload_bytes, settings.max_upload_s)
     store = SQLiteJobStore(tmp_path / ".jobs.sqlite3")
-    manager = JobManager(settings, TritonEngine("127.0.0.1:1"), outputs, store, SourceFiles(uploads, outputs))
+    engine = TritonEngine("127.0.0.1:1")
+    manager = JobManager(settings, engine, outputs, store, SourceFiles(uploads, outputs), HealthMonitor(engine, 1.0, 10.0))
     yield Retention(settings, outputs, manager, uploads)
     store.close()
 

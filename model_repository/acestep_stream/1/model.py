@@ -113,7 +113,7 @@ class TritonPythonModel(diffusion.TritonPythonModel):
             except StageFailed as exc:
                 sender.send(final_error(exc.error), flags=FINAL)
             except Exception as exc:
-                sender.send(final_error(error_response(exc).error()), flags=FINAL)
+                sender.send(final_error(error_response(exc, request.request_id()).error()), flags=FINAL)
             else:
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
         return None
@@ -148,7 +148,8 @@ class TritonPythonModel(diffusion.TritonPythonModel):
                 continue
             else:
                 answer = pb_utils.InferenceRequest(
-                    model_name=stage["model"], requested_output_names=stage["outputs"], inputs=list(inputs.values())
+                    model_name=stage["model"], requested_output_names=stage["outputs"], inputs=list(inputs.values()),
+                    request_id=request.request_id(),  # the gateway's X-Request-ID, in Triton's logs and traces
                 ).exec()
             if answer.has_error():
                 if answer.error().code() == pb_utils.TritonError.CANCELLED:
