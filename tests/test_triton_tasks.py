@@ -8,6 +8,7 @@ send, each answered with an error naming the field while the server goes on.
 
 from __future__ import annotations
 
+import io
 import queue
 
 import numpy as np
@@ -17,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from acestep_triton.contract import (
+    AUDIO2AUDIO,
     ENSEMBLE_NAME,
     EXTEND,
     REPAINT,
@@ -125,3 +127,45 @@ def test_input_arrays_send_only_the_task_fields_away_from_their_defaults() -> No
     assert arrays["TASK"].tolist() == [b"repaint"] and arrays["RETAKE_SEEDS"].tolist() == [9, 10]
     assert arrays["REPAINT_END"].dtype == np.float32 and arrays["SRC_SAMPLE_RATE"].tolist() == [44100]
     assert arrays["SRC_AUDIO"].dtype == np.float32 and arrays["SRC_AUDIO"].shape == ONE_SECOND.samples.shape
+
+
+@pytest.fixture(scope="module")
+def rest_gateway(acestep_triton_server, tiny_checkpoint, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from gateway import Settings, create_app
+
+    settings = Settings(checkpoint_path=str(tiny_checkpoint), triton_url=acestep_triton_server.grpc_url,
+                        outputs_dir=tmp_path_factory.mktemp("task-outputs"))
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", EXT_CASES)
+def test_golden_task_through_the_gateway(rest_gateway, golden_dir, tiny_checkpoint, case) -> None:
+    """Each task as a REST client sends it: the source uploaded (POST /uploads), the request by upstream's
+    field names (audio2audio through audio2audio_enable + ref_audio_input), the WAV answered equal to the
+    official run's within the chain tolerance, and the retake seeds reported."""
+    from tests.rest_requests import short_request
+
+    params, source = ext_request(golden_dir, case)
+    body = short_request(tiny_checkpoint) | {k: v for k, v in params.to_dict().items()
+                                             if k not in ("lora_name_or_path", "lora_weight")}
+    if source is not None:
+        audio = golden_dir / "ext" / "src_chords_48k_stereo.wav"
+        with audio.open("rb") as file:
+            uploaded = rest_gateway.post("/uploads", files={"file": (audio.name, file, "audio/wav")})
+        assert uploaded.status_code == 201, uploaded.text
+        if params.task == AUDIO2AUDIO:
+            body |= {"task": TEXT2MUSIC, "audio2audio_enable": True, "ref_audio_input": uploaded.json()["name"]}
+        else:
+            body["src_audio_path"] = uploaded.json()["name"]
+    answer = rest_gateway.post("/generate", json=body)
+    assert answer.status_code == 200, answer.text
+    got, rate = soundfile.read(io.BytesIO(answer.content), dtype="float32", always_2d=True)
+    wav, _ = soundfile.read(golden_dir / "ext" / f"{case}.wav", dtype="float32", always_2d=True)
+    assert rate == 48000 and got.shape == wav.shape
+    err = float(np.abs(got - wav).max())
+    assert err < CHAIN_TOL, f"{case}: waveform max abs error {err:.2e}"
+    if params.retake_seeds and params.task != AUDIO2AUDIO:
+        assert answer.headers["X-Retake-Seeds"] == ",".join(str(s) for s in params.retake_seeds)
