@@ -418,12 +418,13 @@ class GenerationResult:
     waveforms: [items, 2, samples] float32 at OUTPUT_SAMPLE_RATE, one item per seed.
     seeds: the seed each item was drawn with (len == items).
     duration: the target duration in seconds (a requested -1 resolved); the waveform is that
-        rounded down to whole latent frames.
+        rounded down to whole latent frames. For the tasks that start from audio: the length of
+        the source's latents (extend: with the added frames), which the waveform has exactly.
     timings: seconds per stage, keyed by STAGES (a deployment of TensorRT plans leaves out the
         stages that cannot time themselves).
     connect_seconds: seconds spent building a Triton client for this request (0 when reused or
         in process).
-    retake_seeds: the retake seed of each item (drawn where not given, like seeds); empty for a
+    retake_seeds: the retake seed of each item (drawn where not given, like seeds); empty for an
         engine that does not report them.
     """
 

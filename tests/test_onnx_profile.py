@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import soundfile
 
 from export.build_repository import build_repository
 from export.model_config import read_model_config
-from tests.golden_cases import golden_params, golden_tensors
+from tests.golden_cases import ext_request, golden_params, golden_tensors
 from tests.test_triton_repository import infer
 
 
@@ -24,3 +25,12 @@ def test_onnx_profile_ensemble_matches_golden(tmp_path_factory, triton_server_fa
     ref = golden_tensors(golden_dir, case)["final_waveform"].numpy()
     err = np.abs(out.waveforms[0] - ref).max()
     assert err < 1e-4, f"onnx profile: waveform max abs error {err:.2e}"
+
+    # a task that starts from audio: its source through the dcae_encoder graph
+    assert read_model_config(repo / "dcae_encoder" / "config.pbtxt").parameters["ENGINE"].string_value == "onnx"
+    case = "a1_audio2audio_s05"
+    params, source = ext_request(golden_dir, case)
+    out = infer(server, params, source=source)
+    ref, _ = soundfile.read(golden_dir / "ext" / f"{case}.wav", dtype="float32", always_2d=True)
+    err = np.abs(out.waveforms[0] - ref.T).max()
+    assert err < 1e-4, f"onnx profile, {case}: waveform max abs error {err:.2e}"
