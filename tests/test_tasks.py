@@ -342,8 +342,8 @@ def test_each_item_equals_its_solo_run_and_the_plan_is_kept(task: str) -> None:
     params = _params(audio_duration=0.5, **TASK_CASES[task])
     calls, progress = [], []
     both = _run(params, (3, 4), (30, 40), calls, lambda i, total: progress.append((i, total)))
-    frames = 9 if params.task != TEXT2MUSIC and params.task != RETAKE else PUBLISHED_GEOMETRY.frames(0.5)
-    assert [branches for branches, _ in calls] == call_plan(params, frames if params.task in (REPAINT, EXTEND) else None)
+    source_length = 9 if params.task in (REPAINT, EXTEND, EDIT, AUDIO2AUDIO) else None  # _run's source
+    assert [branches for branches, _ in calls] == call_plan(params, source_length)
     assert progress == [(i, loop_steps(params)) for i in range(loop_steps(params))]
     for item, (seed, retake_seed) in enumerate([(3, 30), (4, 40)]):
         solo = _run(params, (seed,), (retake_seed,))
