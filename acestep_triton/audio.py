@@ -18,8 +18,6 @@ import soundfile
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.geometry import resampled_length
-
 LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
 
@@ -45,6 +43,16 @@ def sinc_resample_kernel(orig_sr: int, new_sr: int) -> tuple[torch.Tensor, int]:
     sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
     kernel = sinc * (window * (cutoff / orig_phases))
     return kernel.to(torch.float32), width
+
+
+def resampled_length(length: int, orig_sr: int, new_sr: int) -> int:
+    """Output samples for `length` input samples: ceil(length*new/orig), evaluated in float32 as torchaudio does.
+
+    geometry.resampled_length is the same formula without torch (for the contract's checks); this one
+    stays in torch so that a traced or exported graph keeps the length symbolic (numpy would fix it).
+    """
+    g = math.gcd(orig_sr, new_sr)
+    return int(torch.ceil(torch.tensor(new_sr // g * length / (orig_sr // g), dtype=torch.float32)))
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:

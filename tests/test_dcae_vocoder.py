@@ -252,3 +252,13 @@ def test_write_wav_rejects_unbatched_shape(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="wave"):
         write_wav(tmp_path / "x.wav", torch.zeros(3, 2, 10), OUTPUT_SAMPLE_RATE)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rates", [(48000, 44100), (44100, 48000), (22050, 44100), (8000, 44100)])
+def test_resampled_length_agrees_with_the_torch_free_one(rates: tuple[int, int]) -> None:
+    """audio.resampled_length (torch, symbolic in exported graphs) and geometry.resampled_length
+    (torch-free, for the contract's source checks) are one formula, float32 rounding included."""
+    from acestep_triton import geometry
+
+    lengths = [1, 147, 4095, 288000, 10_000_003, 11_520_000, 11_999_999]
+    assert [resampled_length(n, *rates) for n in lengths] == [geometry.resampled_length(n, *rates) for n in lengths]
