@@ -65,7 +65,8 @@ class PreprocessEngine(GenerationEngine):
         self.lyrics = LyricTokenizer.from_file(find_lyric_vocab(ckpt, lyric_vocab))
         self.failure = failure
 
-    async def generate(self, params: GenerationParams, progress=None, request_id: str = "") -> GenerationResult:
+    async def generate(self, params: GenerationParams, progress=None, source=None, stream_audio: bool = False,
+                       request_id: str = "") -> GenerationResult:
         from acestep_triton.preprocess import prepare_request
 
         if self.failure is not None:
