@@ -4,8 +4,9 @@ On SIGTERM (or Ctrl-C) uvicorn alone would stop accepting connections, wait for 
 cancel every job still running at the lifespan's end. `GatewayServer` first drains the app
 (`app.state.drain`, gateway.jobs.JobManager.drain): new work is answered 503 while running
 generations get up to ACESTEP_SHUTDOWN_DEADLINE_S to finish and write their files, queued jobs stay
-queued; then uvicorn's own shutdown runs. A second signal stops at once. A drained exit is a clean
-one: the process exits 0 (uvicorn would re-raise the signal).
+queued; then uvicorn's own shutdown runs. A second Ctrl-C stops at once (as uvicorn's own), a repeated
+SIGTERM (a process manager and a wrapper both sending one) does not. A drained exit is a clean one:
+the process exits 0 (uvicorn would re-raise the signal).
 """
 
 from __future__ import annotations
@@ -59,12 +60,12 @@ class GatewayServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None:  # not serving yet: nothing to drain
             self.should_exit = True
-        elif self._draining:  # the second signal
-            self.should_exit = self.force_exit = True
-        else:
+        elif not self._draining:
             self._draining = True
             log.warning("%s: draining (new work is refused, running generations may finish)", signal.Signals(sig).name)
             self._loop.call_soon_threadsafe(self._start_drain)  # safe from a signal handler
+        elif sig == signal.SIGINT:  # a second Ctrl-C stops at once; a repeated SIGTERM changes nothing
+            self.should_exit = self.force_exit = True
 
     def _start_drain(self) -> None:
         self._drain = asyncio.ensure_future(self._drained())
