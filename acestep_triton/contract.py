@@ -503,12 +503,12 @@ PROGRESS_OUTPUTS: tuple[TensorSpec, ...] = (
 # audio comes as it is decoded, in a vocoder-stage response that also carries AUDIO [items, 2, n]
 # (48 kHz), AUDIO_OFFSET (its first sample) and AUDIO_SAMPLES (the whole waveform's length). The
 # chunks tile the waveform in order; the final WAVEFORM is their concatenation.
-STREAM_INPUTS: tuple[TensorSpec, ...] = (TensorSpec("STREAM_AUDIO", "TYPE_BOOL", (1,), optional=True),)
-AUDIO_CHUNK_OUTPUTS: tuple[TensorSpec, ...] = (
-    TensorSpec("AUDIO", "TYPE_FP32", (-1, 2, -1)),
-    TensorSpec("AUDIO_OFFSET", "TYPE_INT64", (1,)),
-    TensorSpec("AUDIO_SAMPLES", "TYPE_INT64", (1,)),
-)
+STREAM_AUDIO = TensorSpec("STREAM_AUDIO", "TYPE_BOOL", (1,), optional=True)
+STREAM_INPUTS: tuple[TensorSpec, ...] = (STREAM_AUDIO,)
+AUDIO_CHUNK = TensorSpec("AUDIO", "TYPE_FP32", (-1, 2, -1))
+AUDIO_OFFSET = TensorSpec("AUDIO_OFFSET", "TYPE_INT64", (1,))
+AUDIO_SAMPLES = TensorSpec("AUDIO_SAMPLES", "TYPE_INT64", (1,))
+AUDIO_CHUNK_OUTPUTS: tuple[TensorSpec, ...] = (AUDIO_CHUNK, AUDIO_OFFSET, AUDIO_SAMPLES)
 # Mel frames per streamed chunk, before rounding to whole blocks of frames at which 44.1 kHz and
 # 48 kHz samples line up (147 frames, 1.7 s): 588 frames, 6.8 s of audio.
 STREAM_CHUNK_FRAMES = 588

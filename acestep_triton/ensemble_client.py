@@ -16,6 +16,9 @@ import numpy as np
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from acestep_triton.contract import (
+    AUDIO_CHUNK,
+    AUDIO_OFFSET,
+    AUDIO_SAMPLES,
     ENSEMBLE_INPUTS,
     FIELD_DEFAULTS,
     STAGES,
@@ -60,6 +63,16 @@ def input_arrays(params: GenerationParams, source: SourceAudio | None = None) ->
         arrays["SRC_AUDIO"] = np.ascontiguousarray(source.samples, dtype=np.float32)
         arrays["SRC_SAMPLE_RATE"] = np.array([source.sample_rate], dtype=np.int32)
     return arrays
+
+
+def audio_chunk(result) -> tuple[np.ndarray, int, int] | None:
+    """A streaming `acestep_stream` response's audio (contract.AUDIO_CHUNK_OUTPUTS): (samples
+    [items, 2, n], offset, total samples), or None for a response without audio."""
+    audio = result.as_numpy(AUDIO_CHUNK.name)
+    if audio is None:
+        return None
+    offset, total = (int(result.as_numpy(spec.name).reshape(-1)[0]) for spec in (AUDIO_OFFSET, AUDIO_SAMPLES))
+    return audio, offset, total
 
 
 def infer_inputs(client_module: ModuleType, params: GenerationParams,

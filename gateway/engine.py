@@ -30,13 +30,14 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from acestep_triton.contract import (
     ENSEMBLE_NAME,
+    STREAM_AUDIO,
     STREAM_MODEL_NAME,
     GenerationParams,
     GenerationResult,
     SourceAudio,
     parse_stream_error,
 )
-from acestep_triton.ensemble_client import MalformedAnswer, infer_inputs, read_result
+from acestep_triton.ensemble_client import MalformedAnswer, audio_chunk, infer_inputs, read_result
 from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
 
 log = logging.getLogger("gateway")
@@ -273,13 +274,13 @@ class TritonEngine(GenerationEngine):
         and no audio chunks, and a cancel only closes the connection (Triton's HTTP front end has no
         request cancellation: the generation runs to its end there)."""
         client, connect_seconds = self._connected()
-        inputs = infer_inputs(grpcclient if self.protocol == "grpc" else _http_client_module(), params, source=source)
+        if self.protocol == "grpc":
+            flag = {STREAM_AUDIO.name: np.array([True])} if stream_audio else None
+            inputs = infer_inputs(grpcclient, params, flag, source=source)
+        else:
+            inputs = infer_inputs(_http_client_module(), params, source=source)
         try:
             if self.protocol == "grpc":
-                if stream_audio:
-                    flag = grpcclient.InferInput("STREAM_AUDIO", [1], "BOOL")
-                    flag.set_data_from_numpy(np.array([True]))
-                    inputs.append(flag)
                 result = await asyncio.wait_for(self._stream(client, inputs, progress, request_id), self.timeout_s)
             else:
                 result = await asyncio.wait_for(client.infer(ENSEMBLE_NAME, inputs, request_id=request_id),
@@ -322,12 +323,7 @@ class TritonEngine(GenerationEngine):
                 if progress is not None:
                     stage = result.as_numpy("STAGE").reshape(-1)[0].decode()
                     step, steps = (int(result.as_numpy(n).reshape(-1)[0]) for n in ("STEP", "STEPS"))
-                    audio = result.as_numpy("AUDIO")
-                    if audio is None:
-                        progress(Progress(stage, step, steps))
-                    else:
-                        offset, total = (int(result.as_numpy(n).reshape(-1)[0]) for n in ("AUDIO_OFFSET", "AUDIO_SAMPLES"))
-                        progress(Progress(stage, step, steps, audio, offset, total))
+                    progress(Progress(stage, step, steps, *(audio_chunk(result) or ())))
         finally:
             responses.cancel()  # a no-op once the final response came; cancels Triton's request otherwise
         raise EngineFailed(f"{STREAM_MODEL_NAME} ended its stream without a result")

@@ -254,29 +254,20 @@ def test_a_client_leaving_generate_cancels_its_generation(acestep_triton_server,
 def test_stream_model_reports_every_stage_and_step_and_ends_with_the_ensembles_answer(acestep_triton_server):
     """`acestep_stream` straight over gRPC: progress responses in pipeline order, every step once, and a
     final answer equal to the `acestep` ensemble's for the same request."""
-    import queue
-
     import tritonclient.grpc as grpcclient
 
-    from acestep_triton.contract import ENSEMBLE_NAME, STREAM_MODEL_NAME, GenerationParams
+    from acestep_triton.contract import ENSEMBLE_NAME, GenerationParams
     from acestep_triton.ensemble_client import infer_inputs
+    from tests.stream_client import stream_responses
 
     params = GenerationParams(prompt="pop", lyrics="[verse]\nla la", audio_duration=3.0, infer_step=3,
                               actual_seeds=(7,))
-    answers: queue.Queue = queue.Queue()
+    *reports, result = stream_responses(acestep_triton_server.grpc_url, infer_inputs(grpcclient, params))
+    assert not isinstance(result, Exception), result
+    progress = [(r.as_numpy("STAGE")[0].decode(), int(r.as_numpy("STEP")[0]), int(r.as_numpy("STEPS")[0]))
+                for r in reports]
     client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
     try:
-        client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        client.async_stream_infer(STREAM_MODEL_NAME, infer_inputs(grpcclient, params))
-        progress = []
-        while True:
-            result, error = answers.get(timeout=300)
-            assert error is None, error
-            if result.as_numpy("WAVEFORM") is not None:
-                break
-            progress.append((result.as_numpy("STAGE")[0].decode(), int(result.as_numpy("STEP")[0]),
-                             int(result.as_numpy("STEPS")[0])))
-        client.stop_stream()
         direct = client.infer(ENSEMBLE_NAME, infer_inputs(grpcclient, params), client_timeout=300)
     finally:
         client.close()
@@ -307,31 +298,20 @@ def test_http_mode_runs_jobs_through_the_ensemble_without_step_progress(acestep_
 def test_stream_errors_name_their_code_and_the_gateway_reads_it(acestep_triton_server):
     """A gRPC stream error is text only: `acestep_stream` leads it with its Triton code's name, so an
     invalid input is INVALID_ARG over the stream too and the gateway answers 400 rather than 500."""
-    import queue
-
     import tritonclient.grpc as grpcclient
 
-    from acestep_triton.contract import STREAM_MODEL_NAME, GenerationParams, parse_stream_error
+    from acestep_triton.contract import GenerationParams, parse_stream_error
     from acestep_triton.ensemble_client import infer_inputs
     from gateway.engine import TritonEngine
     from gateway.errors import EngineFailed, EngineRejected, EngineUnavailable
+    from tests.stream_client import stream_responses
 
     inputs = infer_inputs(grpcclient, GenerationParams(prompt="pop", lyrics="", audio_duration=3.0, infer_step=2))
     for tensor in inputs:
         if tensor.name() == "INFER_STEP":
             tensor.set_data_from_numpy(np.array([0], dtype=np.int32))
-    answers: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
-    try:
-        client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        client.async_stream_infer(STREAM_MODEL_NAME, inputs)
-        while True:
-            result, error = answers.get(timeout=120)
-            if error is not None:
-                break
-        client.stop_stream()
-    finally:
-        client.close()
+    error = stream_responses(acestep_triton_server.grpc_url, inputs, timeout_s=120)[-1]
+    assert isinstance(error, Exception), "the stream ended with a result"
     code, message = parse_stream_error(error.message())
     assert code == "INVALID_ARG" and message.startswith("infer_step"), error.message()
 
@@ -344,32 +324,24 @@ def test_stream_errors_name_their_code_and_the_gateway_reads_it(acestep_triton_s
 def test_stream_sends_the_audio_chunk_by_chunk_and_the_chunks_are_the_final_waveform(acestep_triton_server):
     """STREAM_AUDIO: the vocoder's chunks arrive in order as "vocoder" responses, tile the waveform,
     and put together are the final WAVEFORM, which equals the ensemble's one-call decode up to rounding."""
-    import queue
-
     import tritonclient.grpc as grpcclient
 
-    from acestep_triton.contract import ENSEMBLE_NAME, STREAM_MODEL_NAME, GenerationParams
-    from acestep_triton.ensemble_client import infer_inputs
+    from acestep_triton.contract import ENSEMBLE_NAME, STREAM_AUDIO, GenerationParams
+    from acestep_triton.ensemble_client import audio_chunk, infer_inputs
+    from tests.stream_client import stream_responses
 
     params = GenerationParams(prompt="pop", lyrics="", audio_duration=8.0, infer_step=2, actual_seeds=(3, 4))
-    flag = grpcclient.InferInput("STREAM_AUDIO", [1], "BOOL")
-    flag.set_data_from_numpy(np.array([True]))
-    answers: queue.Queue = queue.Queue()
+    flag = {STREAM_AUDIO.name: np.array([True])}
+    *reports, result = stream_responses(acestep_triton_server.grpc_url, infer_inputs(grpcclient, params, flag))
+    assert not isinstance(result, Exception), result
+    chunks = []
+    for report in reports:
+        if (chunk := audio_chunk(report)) is not None:
+            assert report.as_numpy("STAGE")[0].decode() == "vocoder"
+            audio, offset, total = chunk
+            chunks.append((offset, audio, total))
     client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
     try:
-        client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        client.async_stream_infer(STREAM_MODEL_NAME, [*infer_inputs(grpcclient, params), flag])
-        chunks = []
-        while True:
-            result, error = answers.get(timeout=300)
-            assert error is None, error
-            if result.as_numpy("WAVEFORM") is not None:
-                break
-            if result.as_numpy("AUDIO") is not None:
-                assert result.as_numpy("STAGE")[0].decode() == "vocoder"
-                chunks.append((int(result.as_numpy("AUDIO_OFFSET")[0]), result.as_numpy("AUDIO"),
-                               int(result.as_numpy("AUDIO_SAMPLES")[0])))
-        client.stop_stream()
         direct = client.infer(ENSEMBLE_NAME, infer_inputs(grpcclient, params), client_timeout=300)
     finally:
         client.close()

@@ -10,7 +10,6 @@ the server goes on.
 from __future__ import annotations
 
 import io
-import queue
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from acestep_triton.contract import (
     ENSEMBLE_NAME,
     EXTEND,
     REPAINT,
-    STREAM_MODEL_NAME,
     TASK_INPUTS,
     TEXT2MUSIC,
     GenerationParams,
@@ -32,6 +30,7 @@ from acestep_triton.contract import (
 from acestep_triton.ensemble_client import infer_inputs, input_arrays
 from acestep_triton.pipeline import Text2MusicPipeline
 from tests.golden_cases import EXT_CASES, ext_request
+from tests.stream_client import stream_responses
 from tests.test_triton_repository import infer
 
 CHAIN_TOL = 1e-4
@@ -78,22 +77,11 @@ def test_a_request_off_the_golden_paths_equals_the_in_process_pipeline(acestep_t
 def test_the_stream_model_runs_a_task_and_counts_its_own_steps(acestep_triton_server, golden_dir) -> None:
     """Repaint from n_min = 2 of 8: six steps reported, the golden waveform at the end."""
     params, source = ext_request(golden_dir, STREAMED_CASE)
-    answers: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(acestep_triton_server.grpc_url)
-    try:
-        client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        client.async_stream_infer(STREAM_MODEL_NAME, infer_inputs(grpcclient, params, source=source))
-        steps = []
-        while True:
-            result, error = answers.get(timeout=600)
-            assert error is None, error
-            if result.as_numpy("WAVEFORM") is not None:
-                break
-            if result.as_numpy("STAGE")[0] == b"diffusion":
-                steps.append((int(result.as_numpy("STEP")[0]), int(result.as_numpy("STEPS")[0])))
-        client.stop_stream()
-    finally:
-        client.close()
+    *reports, result = stream_responses(acestep_triton_server.grpc_url,
+                                        infer_inputs(grpcclient, params, source=source), timeout_s=600)
+    assert not isinstance(result, Exception), result
+    steps = [(int(r.as_numpy("STEP")[0]), int(r.as_numpy("STEPS")[0])) for r in reports
+             if r.as_numpy("STAGE")[0] == b"diffusion"]
     assert steps == [(i, 6) for i in range(7)]
     wav, _ = soundfile.read(golden_dir / "ext" / f"{STREAMED_CASE}.wav", dtype="float32", always_2d=True)
     assert float(np.abs(result.as_numpy("WAVEFORM")[0] - wav.T).max()) < CHAIN_TOL

@@ -33,7 +33,11 @@ import triton_python_backend_utils as pb_utils
 from acestep_triton.audio_stream import vocode_in_chunks
 from acestep_triton.checkpoint import VOCODER_DIR, deployment_checkpoint
 from acestep_triton.contract import (
+    AUDIO_CHUNK,
+    AUDIO_OFFSET,
+    AUDIO_SAMPLES,
     ENSEMBLE_OUTPUTS,
+    STREAM_AUDIO,
     STREAM_CHUNK_FRAMES,
     STREAM_ERROR_CODES,
     stage_time_name,
@@ -85,11 +89,13 @@ class _LoopRequest:
         return self.sender.is_cancelled()
 
 
-def progress_response(stage: str, step: int, steps: int):
+def progress_response(stage: str, step: int, steps: int, extra: dict | None = None):
+    """A progress response (PROGRESS_OUTPUTS), with `extra` arrays by name (a streamed audio chunk)."""
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("STAGE", np.array([stage.encode()], dtype=np.object_)),
         pb_utils.Tensor("STEP", np.array([step], dtype=np.int32)),
         pb_utils.Tensor("STEPS", np.array([steps], dtype=np.int32)),
+        *(pb_utils.Tensor(name, array) for name, array in (extra or {}).items()),
     ])
 
 
@@ -130,7 +136,8 @@ class TritonPythonModel(diffusion.TritonPythonModel):
         model as INTERNAL whatever its code was, and a bad input must stay INVALID_ARG."""
         params = request_params(request)
         tensors = {t.name(): t for t in request.inputs()}
-        stream_audio = "STREAM_AUDIO" in tensors and bool(tensors.pop("STREAM_AUDIO").as_numpy().reshape(-1)[0])
+        flag = tensors.pop(STREAM_AUDIO.name, None)
+        stream_audio = flag is not None and bool(flag.as_numpy().reshape(-1)[0])
         # the task's step count (a repaint of the whole source runs as a retake: the loop corrects it)
         steps = loop_steps(params)
         done = 0  # steps done: 0 before the loop, all of them after it
@@ -180,13 +187,11 @@ class TritonPythonModel(diffusion.TritonPythonModel):
         pieces = []
         for offset, piece, total in vocode_in_chunks(mel, vocode, self.vocoder_context, STREAM_CHUNK_FRAMES):
             pieces.append(piece)
-            chunk = progress_response(stage["model"], steps, steps)
-            sender.send(pb_utils.InferenceResponse(output_tensors=[
-                *chunk.output_tensors(),
-                pb_utils.Tensor("AUDIO", piece.numpy()),
-                pb_utils.Tensor("AUDIO_OFFSET", np.array([offset], dtype=np.int64)),
-                pb_utils.Tensor("AUDIO_SAMPLES", np.array([total], dtype=np.int64)),
-            ]))
+            sender.send(progress_response(stage["model"], steps, steps, {
+                AUDIO_CHUNK.name: piece.numpy(),
+                AUDIO_OFFSET.name: np.array([offset], dtype=np.int64),
+                AUDIO_SAMPLES.name: np.array([total], dtype=np.int64),
+            }))
         seconds = np.full((mel.shape[0], 1), time.perf_counter() - start, dtype=np.float32)
         return {
             "WAVEFORM": pb_utils.Tensor("WAVEFORM", torch.cat(pieces, dim=-1).numpy()),
