@@ -30,4 +30,4 @@ serve: install
 		--triton-metrics-port $(TRITON_METRICS_PORT)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests

@@ -313,13 +313,14 @@ def ensemble_model(models: dict[str, ModelSpec]) -> ModelSpec:
     )
 
 
-def stream_model(models: dict[str, ModelSpec]) -> ModelSpec:
+def stream_model(models: dict[str, ModelSpec], checkpoint: str) -> ModelSpec:
     """`acestep_stream`: the ensemble's stages in one decoupled python model that reports progress.
 
     It calls preprocess, text_encoder, condition_encoder, dcae_decoder and vocoder by BLS (their
     tensor names, read from their specs, go in the STAGES parameter) and runs the sampling loop
     itself with the `diffusion` model's code, so it takes the diffusion model's parameters and
-    instance group (one stream runs one loop at a time, on the loop's device).
+    instance group (one stream runs one loop at a time, on the loop's device). It reads the
+    vocoder's receptive field from `checkpoint`, whatever engine serves the vocoder.
     """
     ensemble = models[ENSEMBLE_NAME]
     stages = [
@@ -334,7 +335,7 @@ def stream_model(models: dict[str, ModelSpec]) -> ModelSpec:
         outputs=(*ensemble.outputs, *PROGRESS_OUTPUTS, *AUDIO_CHUNK_OUTPUTS),
         instance_group=loop.instance_group,
         parameters={**loop.parameters, "STAGES": json.dumps(stages), "LOOP_STAGE": "diffusion",
-                    "VOCODER_STAGE": "vocoder", "CHECKPOINT": models["vocoder"].parameters["CHECKPOINT"]},
+                    "VOCODER_STAGE": "vocoder", "CHECKPOINT": checkpoint},
         decoupled=True,
     )
 
@@ -386,7 +387,7 @@ def build_repository(
         else:  # TensorRT cannot build it (registry `plan`): PyTorch on the profile's device and dtype
             models[name] = component_model(spec, checkpoint_param, replace(chosen, engine="pytorch"), None)
     models[ENSEMBLE_NAME] = ensemble_model(models)
-    models[STREAM_MODEL_NAME] = stream_model(models)
+    models[STREAM_MODEL_NAME] = stream_model(models, checkpoint_param)
     for name, spec in models.items():
         source = MODEL_SOURCES / name / "1" / "model.py"
         model_dir = write_model(spec, out, source if spec.backend == "python" else None)
