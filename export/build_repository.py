@@ -13,6 +13,9 @@ Profiles (where each component runs; the ensemble wiring is the same for all):
   cpu   python backend, PyTorch float32 on the CPU (the embedded default and CI)
   gpu   python backend, PyTorch bfloat16 on CUDA, with acestep_triton.acceleration's speed-ups
         (compiled blocks, CUDA-graph decode and vocoder windows, warmed up at load)
+  lowvram  the gpu profile's placement squeezed under 8 GiB of GPU memory (acestep_triton.low_vram):
+        encoders on the CPU, dit_step resident in bfloat16, the decoders' weights in host memory
+        between executions; server options from `server_arguments`
   onnx  python backend running the exported ONNX graphs with ONNX Runtime
   tensorrt  the five neural components as `tensorrt_plan` models (engines from export.tensorrt_build,
         --engine-dir; their I/O read from the ONNX graphs they were built from); preprocess and the
@@ -101,6 +104,40 @@ class Profile:
     dit_max_row_frames: int = 64 * PUBLISHED_GEOMETRY.frames(MAX_DURATION_S)
     condition_cache_mib: int = 1024  # per dit_step instance; LRU beyond it
     condition_cache_ttl_s: float = 300.0  # an entry unused this long is dropped
+    # The lowvram profile's memory settings (acestep_triton.low_vram; every one off elsewhere).
+    # the components' low_vram hooks: compiled dit_step blocks without CUDA graphs, the decoders
+    # chunked and windowed one window at a time
+    low_vram: bool = False
+    # neural components that run on the CPU in float32 whatever `device` says (their processes then
+    # hold no CUDA context)
+    cpu_components: tuple[str, ...] = ()
+    # None: every GPU component keeps its weights on the GPU; otherwise only these do, and the others'
+    # weights wait in pinned host memory between executions
+    resident_weights: tuple[str, ...] | None = None
+    # GPU components hand their allocator's cached memory back to the driver after every execution
+    release_cache: bool = False
+    # GPU components return host tensors: no GPU memory crosses a process boundary, so the server
+    # process itself needs none (with the pools below at 0)
+    host_outputs: bool = False
+    # one execution at a time over all GPU components (a file lock), so the working memory of two
+    # stages (a decode of one request, the steps of another) is never on the GPU together
+    gpu_lock: bool = False
+    # the most items one dcae_decoder or vocoder forward decodes (None: the whole batch)
+    decoder_max_rows: int | None = None
+    # tritonserver's CUDA memory pool per GPU and pinned host pool (None: Triton's defaults, 64 and
+    # 256 MiB); each pool makes the server process create a CUDA context
+    cuda_memory_pool_mib: int | None = None
+    pinned_memory_pool_mib: int | None = None
+
+    def placement(self, name: str) -> tuple[str, str]:
+        """(device, dtype) neural component `name` runs with."""
+        return ("cpu", "float32") if name in self.cpu_components else (self.device, self.dtype)
+
+    def offloads(self, name: str) -> bool:
+        """Whether component `name` keeps its weights in host memory between executions: one on the
+        profile's device that `resident_weights` leaves out."""
+        resident = self.resident_weights
+        return name not in self.cpu_components and resident is not None and name not in resident
 
 
 # The gpu profile runs the sampling loop on the CPU (loop_device="cpu"). With the condition cache a
@@ -114,6 +151,22 @@ class Profile:
 # from waiting for the previous one's decode. Starting values, to be set by measurement.
 GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocoder_instances": 2}
 
+# The lowvram profile (the spec's "CPU offload"): under 8 GiB of GPU memory summed over every server
+# process for a 240 s request (budget per process in benchmarks/NOTES.md, "Low VRAM"). Only dit_step
+# (bf16, weights resident: 4.6 GiB) and the decoders (bf16, weights in host memory between
+# executions) use the GPU; the encoders run on the CPU in float32 (text ~0.1 s, lyrics ~0.3 s at
+# most), sparing two CUDA contexts (~0.5 GiB each). All instances are KIND_CPU and return host
+# tensors, and the server's pools are off, so the server process needs no CUDA context either;
+# GPU components take turns (gpu_lock) and return their cached memory after each execution.
+# dit_step's forwards are bounded to two 240 s rows; the decoders decode one item at a time.
+LOWVRAM = Profile(
+    "lowvram", "pytorch", "cuda", "bfloat16", "KIND_CPU", 0, queue_delay_us=0, diffusion_instances=2,
+    dit_max_row_frames=2 * PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=64,
+    low_vram=True, cpu_components=("text_encoder", "condition_encoder"), resident_weights=("dit_step",),
+    release_cache=True, host_outputs=True, gpu_lock=True, decoder_max_rows=1, cuda_memory_pool_mib=0,
+    pinned_memory_pool_mib=0,
+)
+
 PROFILES = {
     "cpu": Profile("cpu", "pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "gpu": Profile("gpu", "pytorch", "cuda", "bfloat16", "KIND_GPU", 0, accelerate=True, queue_delay_us=0,
@@ -122,6 +175,7 @@ PROFILES = {
     "onnx": Profile("onnx", "onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "tensorrt": Profile("tensorrt", "tensorrt", "cuda", "bfloat16", "KIND_GPU", 0, queue_delay_us=0,
                         diffusion_instances=16, loop_threads=1, **GPU_INSTANCES),
+    "lowvram": LOWVRAM,
 }
 # The loop's own allocator when it runs on CUDA: its tensors are sent through BLS with CUDA IPC,
 # which cannot export memory from PyTorch's expandable segments.
@@ -135,15 +189,43 @@ def resolve_profile(name: str, overrides: Mapping[str, object] | None = None) ->
     profile = replace(PROFILES[name], **dict(overrides or {}))
     if profile.loop_device not in ("cpu", "cuda"):
         raise ValueError(f"loop_device must be 'cpu' or 'cuda', got {profile.loop_device!r}")
+    named = (*profile.cpu_components, *(profile.resident_weights or ()))
+    unknown = sorted(set(named) - set(NEURAL_COMPONENTS))
+    if unknown:
+        raise ValueError(f"cpu_components / resident_weights: unknown components {unknown}; known: {list(NEURAL_COMPONENTS)}")
+    if profile.low_vram and (profile.accelerate or profile.engine != "pytorch"):
+        raise ValueError("low_vram applies to the pytorch engine without the gpu profile's speed-ups (accelerate)")
     return profile
+
+
+def profile_environment(profile: Profile) -> dict[str, str]:
+    """Variables a CUDA profile's server runs with, unless already set: PyTorch's expandable segments
+    (acestep_triton.acceleration: without them fragmentation reserves ~40 % more at 240 s; an emptied
+    cache goes back to the driver) and lazy loading of CUDA modules (a process's CUDA context then
+    holds only the kernels it runs)."""
+    if profile.device != "cuda":
+        return {}
+    wanted = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_MODULE_LOADING": "LAZY"}
+    return {key: os.environ.get(key, value) for key, value in wanted.items()}
+
+
+def server_arguments(profile: Profile, gpus: int) -> list[str]:
+    """tritonserver options the profile sets (its memory pools) on a machine with `gpus` GPUs."""
+    arguments = []
+    if profile.cuda_memory_pool_mib is not None:
+        size = profile.cuda_memory_pool_mib * 2**20
+        arguments += [f"--cuda-memory-pool-byte-size={gpu}:{size}" for gpu in range(gpus)]
+    if profile.pinned_memory_pool_mib is not None:
+        arguments.append(f"--pinned-memory-pool-byte-size={profile.pinned_memory_pool_mib * 2**20}")
+    return arguments
 
 
 def instance_group(profile: Profile, name: str) -> InstanceGroup:
     """`<name>_instances` instances of the profile's kind (on each of `gpus` for KIND_GPU)."""
     count = getattr(profile, f"{name}_instances")
-    if profile.instance_kind == "KIND_GPU":
+    if profile.instance_kind == "KIND_GPU" and name not in profile.cpu_components:
         return InstanceGroup("KIND_GPU", count, gpus=profile.gpus)
-    return InstanceGroup(profile.instance_kind, count)
+    return InstanceGroup("KIND_CPU", count)
 
 
 def _time(stage: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
@@ -174,6 +256,10 @@ def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None
     )
 
 
+# The components `decoder_max_rows` bounds.
+DECODERS = ("dcae_decoder", "vocoder")
+
+
 def queue_delay_us(profile: Profile, name: str) -> int:
     """How long model `name` waits for requests of other loops before it runs."""
     return profile.dit_queue_delay_us if name == "dit_step" else profile.queue_delay_us
@@ -184,16 +270,24 @@ def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx
 
     On CUDA it takes its inputs where they are (FORCE_CPU_ONLY_INPUT_TENSORS=no), so tensors made
     on the GPU by the previous model stay there. dit_step also takes the condition cache's inputs
-    (acestep_triton.condition_cache), which make its conditions optional.
+    (acestep_triton.condition_cache), which make its conditions optional. The lowvram profile's
+    settings become the parameters acestep_triton.triton_python.ComponentModel reads.
     """
-    parameters = {"CHECKPOINT": checkpoint, "DEVICE": profile.device, "DTYPE": profile.dtype,
-                  "ENGINE": profile.engine}
+    device, dtype = profile.placement(spec.name)
+    parameters = {"CHECKPOINT": checkpoint, "DEVICE": device, "DTYPE": dtype, "ENGINE": profile.engine}
     if onnx_dir is not None:
         parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
     if profile.accelerate:
         parameters["ACCELERATE"] = "1"
-    if profile.device == "cuda":
+    if device == "cuda":
         parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    if spec.name not in profile.cpu_components:  # on the profile's device (the CPU too, as the tests run it)
+        flags = {"LOW_VRAM": profile.low_vram, "OFFLOAD_WEIGHTS": profile.offloads(spec.name),
+                 "RELEASE_CACHE": profile.release_cache, "HOST_OUTPUTS": profile.host_outputs,
+                 "GPU_LOCK": profile.gpu_lock}
+        parameters.update({key: "1" for key, on in flags.items() if on})
+    if spec.name in DECODERS and profile.decoder_max_rows is not None:
+        parameters["MAX_ROW_FRAMES"] = str(profile.decoder_max_rows)  # no ragged axis: the bound counts rows
     inputs, optional = spec.inputs, frozenset()
     if spec.name == "dit_step":
         inputs, optional = (*spec.inputs, *CONDITION_INPUTS), frozenset(KEYED_INPUTS) | {t.name for t in CONDITION_INPUTS}

@@ -13,6 +13,7 @@ blocks `ERG_DIFFUSION_BLOCKS` in `decode`, selected per batch item.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -399,3 +400,12 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
             )
         velocity = self.final_layer(hidden_states, embedded_timestep)
         return velocity * frame_mask[:, None, None, :]
+
+
+def load_transformer(folder: str | Path) -> ACEStepTransformer:
+    """The published `ace_step_transformer/` folder, loaded unchanged, then without the projections
+    no forward applies (`CrossAttention.drop_unapplied`): what every component process keeps."""
+    model = ACEStepTransformer.from_pretrained(folder).eval()
+    for block in model.transformer_blocks:
+        block.cross_attn.drop_unapplied()
+    return model
