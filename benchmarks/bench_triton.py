@@ -162,15 +162,32 @@ class ServerMemory:
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
 
     def sample(self) -> dict:
+        """MiB summed over the server's processes, their count, and MiB per process (`process_label`)."""
         from acestep_triton.tritonserver import process_group_pids
 
         group = set(process_group_pids(self.pgid))
-        procs = [p for h in self.handles for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)]
-        used = {p.pid: (p.usedGpuMemory or 0) for p in procs}
+        used: dict[int, int] = {}
+        for handle in self.handles:
+            for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                used[proc.pid] = used.get(proc.pid, 0) + (proc.usedGpuMemory or 0)
         mine = {pid: b for pid, b in used.items() if pid in group}
         pid_match = bool(mine)
         counted = mine if pid_match else {pid: b for pid, b in used.items() if pid != os.getpid()}
-        return {"mib": sum(counted.values()) / 2**20, "processes": len(counted), "pid_match": pid_match}
+        return {"mib": sum(counted.values()) / 2**20, "processes": len(counted), "pid_match": pid_match,
+                "per_process": {process_label(pid): b / 2**20 for pid, b in counted.items()}}
+
+
+def process_label(pid: int) -> str:
+    """`tritonserver`, a python-backend stub's model instance name (`dit_step_0_0`: the stub is started
+    as `triton_python_backend_stub MODEL_PATH ... INSTANCE_NAME RUNTIME_DIR`), or the pid."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return str(pid)
+    program = Path(argv[0]).name
+    if program == "triton_python_backend_stub" and len(argv) > 8:
+        return argv[8]
+    return f"{program} ({pid})" if program != "tritonserver" else program
 
 
 class MemoryPeak:
@@ -420,8 +437,9 @@ def parse_settings(pairs: list[str], profile: str) -> dict[str, object]:
         current = getattr(base, name)
         if isinstance(current, bool):
             value: object = text.lower() in ("1", "true", "yes")
-        elif isinstance(current, tuple):
-            value = tuple(int(v) for v in text.split(",") if v)
+        elif isinstance(current, tuple) or (current is None and not text.isdigit()):
+            # GPU indices, or component names (lowvram's cpu_components, resident_weights)
+            value = tuple(int(v) if v.isdigit() else v for v in text.split(",") if v)
         elif current is None or isinstance(current, int):
             value = int(text)
         else:
