@@ -237,9 +237,10 @@ class TritonServer:
 
     Ports left at 0 are picked free on `host`. Server stdout+stderr go to
     `log_path` (a temporary file unless given). The python models run in `stub_environment(python)`
-    (`python`: the interpreter whose packages they import, default this one). `start()` returns once
-    `/v2/health/ready` answers 200, or raises TritonServerError with the log tail
-    and the names of models that failed to load.
+    (`python`: the interpreter whose packages they import, default this one). `extra_args` go to
+    the command line after ours (benchmarks/bench_triton.py sizes the CUDA memory pool with them).
+    `start()` returns once `/v2/health/ready` answers 200, or raises TritonServerError with the log
+    tail and the names of models that failed to load.
     """
 
     def __init__(
@@ -257,6 +258,7 @@ class TritonServer:
         backend_dir: Path | None = None,
         python: Path | None = None,
         env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         repos = [model_repository] if isinstance(model_repository, (str, Path)) else list(model_repository)
         self.model_repositories = [Path(r).resolve() for r in repos]
@@ -278,6 +280,7 @@ class TritonServer:
         self.backend_dir = backend_dir
         self.python = Path(python) if python is not None else Path(sys.executable)
         self.extra_env = dict(env or {})
+        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -311,7 +314,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
         ]
-        return cmd
+        return cmd + list(self.extra_args)
 
     def start(self) -> None:
         """Launch the server and block until it is ready (or raise with the log tail).

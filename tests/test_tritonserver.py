@@ -125,6 +125,13 @@ def test_backend_directory_holds_stub_for_this_python(tmp_path: Path) -> None:
     assert prepare_backend_directory(tmp_path / "backends") == backend_dir
 
 
+def test_extra_arguments_follow_ours_on_the_command_line(tmp_path: Path) -> None:
+    pool = "--cuda-memory-pool-byte-size=0:268435456"
+    server = TritonServer(tmp_path, extra_args=[pool])
+    command = server.command(locate_server(), tmp_path / "backends")
+    assert command[-1] == pool and "--strict-readiness=true" in command[:-1]
+
+
 def test_free_port_is_bindable() -> None:
     import socket
 
