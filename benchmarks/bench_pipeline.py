@@ -54,7 +54,7 @@ import torch
 
 from acestep_triton.acceleration import Acceleration, CudaGraphs, accelerate_engine
 from acestep_triton.checkpoint import DCAE_DIR, TEXT_ENCODER_DIR, TRANSFORMER_DIR, VOCODER_DIR, Checkpoint
-from acestep_triton.components import component_module, keep_transformer_parts
+from acestep_triton.components import keep_parts
 from acestep_triton.contract import GenerationParams
 from acestep_triton.engines import TorchEngine
 from acestep_triton.lyrics import LyricTokenizer
@@ -65,7 +65,7 @@ from acestep_triton.pipeline import Text2MusicPipeline
 from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import latent_frames
-from acestep_triton.registry import NEURAL_COMPONENTS, component_spec
+from acestep_triton.registry import NEURAL_COMPONENTS, component, component_spec, resolve
 
 HERE = Path(__file__).resolve().parent
 FULL_SIZE_CONFIGS = HERE / "full_size_configs"
@@ -152,7 +152,7 @@ def build_models(config_dir: Path, device: torch.device, seed: int = WEIGHT_SEED
         dcae = AutoencoderDC.from_config(AutoencoderDC.load_config(config_dir / DCAE_DIR))
         vocoder = ADaMoSHiFiGAN.from_config(ADaMoSHiFiGAN.load_config(config_dir / VOCODER_DIR))
     if prune:
-        keep_transformer_parts(transformer, ("condition_encoder", "dit_step"))
+        keep_parts(transformer, ("condition_encoder", "dit_step"))
     return {"transformer": transformer, "umt5": umt5.eval(), "dcae": dcae.eval(), "vocoder": vocoder.eval()}
 
 
@@ -169,7 +169,7 @@ def make_engines(models: dict[str, torch.nn.Module], config_dir: Path, device: t
     ckpt = Checkpoint(config_dir)
     engines = {}
     for name in NEURAL_COMPONENTS:
-        module = component_module(name, per_component[name]).to(device=device, dtype=dtype).eval()
+        module = resolve(component(name).module)(per_component[name]).to(device=device, dtype=dtype).eval()
         engines[name] = TorchEngine(component_spec(name, ckpt), module.requires_grad_(False), device, dtype)
     return engines
 
