@@ -25,9 +25,10 @@ import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -135,6 +136,33 @@ class HostWeights:
         for tensor, host in zip(self.tensors, self.host):
             tensor.data = host
         release_cache(self.device)
+
+
+class ExecutionMemory:
+    """What a GPU component of the lowvram profile does around each execution (`with memory.turn():`):
+    take the repository's GPU lock, copy its weights in (`HostWeights`), run, drop them and hand the
+    allocator's cache back; each part only when its config parameter asks for it."""
+
+    def __init__(self, weights: HostWeights | None, release: torch.device | None, lock: str | None) -> None:
+        self.weights, self.release, self.lock = weights, release, lock
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], engine: TorchEngine, repository: Path) -> ExecutionMemory:
+        """From a model's config parameters (OFFLOAD_WEIGHTS, RELEASE_CACHE, GPU_LOCK set to "1" by
+        export.build_repository for the lowvram profile's pytorch engines) and its model repository
+        (naming the lock)."""
+        weights = HostWeights(engine.module, engine.device) if params.get("OFFLOAD_WEIGHTS") == "1" else None
+        release = engine.device if params.get("RELEASE_CACHE") == "1" else None
+        lock = gpu_lock_path(repository) if params.get("GPU_LOCK") == "1" else None
+        return cls(weights, release, lock)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with exclusive(self.lock) if self.lock else nullcontext():
+            with self.weights if self.weights is not None else nullcontext():
+                yield
+            if self.release is not None:
+                release_cache(self.release)
 
 
 def release_cache(device: torch.device) -> None:

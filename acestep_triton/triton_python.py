@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -168,16 +167,16 @@ class ComponentModel:
 
     Subclasses name the component and may override `request_inputs`; everything else comes from the
     config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES, and
-    the lowvram profile's: LOW_VRAM, OFFLOAD_WEIGHTS, RELEASE_CACHE, HOST_OUTPUTS, GPU_LOCK; see
-    acestep_triton.low_vram). A request that fails (bad input, out of memory in its sub-batch) gets
-    its own error response.
+    the lowvram profile's LOW_VRAM, OFFLOAD_WEIGHTS, RELEASE_CACHE, GPU_LOCK: acestep_triton.low_vram;
+    with GPU_LOCK a stage's time includes its wait for the GPU). A request that fails (bad input, out
+    of memory in its sub-batch) gets its own error response.
     """
 
     component = ""
 
     def initialize(self, args: Mapping[str, str]) -> None:
         from acestep_triton.contract import stage_time_name
-        from acestep_triton.low_vram import HostWeights, gpu_lock_path
+        from acestep_triton.low_vram import ExecutionMemory
 
         params = model_parameters(args)
         if params.get("DEVICE") == "cuda":  # the GPU Triton placed it on (instance_group gpus; 0 for KIND_CPU)
@@ -189,20 +188,9 @@ class ComponentModel:
         self.dtype = getattr(torch, params.get("DTYPE", "float32"))
         self.max_row_frames = int(params["MAX_ROW_FRAMES"]) if "MAX_ROW_FRAMES" in params else None
         self.time_name = stage_time_name(self.component)
-        # the lowvram profile's memory settings (all off unless its config sets them)
-        offload = params.get("OFFLOAD_WEIGHTS") == "1"
-        self.weights = HostWeights(self.engine.module, self.device) if offload else nullcontext()
-        self.release_cache = params.get("RELEASE_CACHE") == "1"
-        self.host_outputs = params.get("HOST_OUTPUTS") == "1"
-        # the model's folder is args["model_repository"]; its parent, the repository, names the lock
-        lock = params.get("GPU_LOCK") == "1"
-        self.gpu_lock = gpu_lock_path(Path(args["model_repository"]).parent) if lock else None
-
-    def _gpu_turn(self):
-        """The repository's GPU lock when GPU_LOCK is set (low_vram.exclusive), else nothing."""
-        from acestep_triton.low_vram import exclusive
-
-        return exclusive(self.gpu_lock) if self.gpu_lock else nullcontext()
+        # the lowvram profile's settings around each execution (none unless its config sets them);
+        # the model's folder is args["model_repository"], its parent the repository
+        self.memory = ExecutionMemory.from_parameters(params, self.engine, Path(args["model_repository"]).parent)
 
     def request_inputs(self, request) -> dict[str, torch.Tensor]:
         """The spec's inputs of one request, on the engine's device."""
@@ -215,7 +203,6 @@ class ComponentModel:
     def execute(self, requests):
         import time
 
-        from acestep_triton.low_vram import release_cache
         from acestep_triton.sub_batches import run_bounded
 
         responses: list = [None] * len(requests)
@@ -225,16 +212,11 @@ class ComponentModel:
                 inputs[i] = self.request_inputs(request)
             except Exception as exc:  # this request fails, the others run
                 responses[i] = error_response(exc)
+        start = time.perf_counter()
         indices = list(inputs)
-        with self._gpu_turn():
-            start = time.perf_counter()
-            with self.weights:
-                results = run_bounded(self.engine.run, self.spec, [inputs[i] for i in indices], self.max_row_frames)
-                if self.host_outputs:
-                    results = [r if isinstance(r, Exception) else {k: v.cpu() for k, v in r.items()} for r in results]
-            if self.release_cache:
-                release_cache(self.device)
-            elapsed = np.float32(time.perf_counter() - start)
+        with self.memory.turn():
+            results = run_bounded(self.engine.run, self.spec, [inputs[i] for i in indices], self.max_row_frames)
+        elapsed = np.float32(time.perf_counter() - start)
         for i, result in zip(indices, results):
             if isinstance(result, Exception):
                 self.request_failed(requests[i], result)

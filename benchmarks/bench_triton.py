@@ -151,7 +151,8 @@ class ServerMemory:
     """GPU memory of the server's processes (its process group) per NVML, summed over devices.
 
     When NVML reports none of the group's pids (a PID namespace in a container hides them), every
-    process but this one is counted instead, and `pid_match` says so.
+    process but this one is counted instead, and `pid_match` says so. The group is scanned again
+    only when NVML reports a pid it has not seen, so sampling every few ms stays cheap.
     """
 
     def __init__(self, pgid: int) -> None:
@@ -160,21 +161,27 @@ class ServerMemory:
         self.nvml, self.pgid = pynvml, pgid
         pynvml.nvmlInit()
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self.seen: set[int] = set()
+        self.group: set[int] = set()
+        self.labels: dict[int, str] = {}
 
     def sample(self) -> dict:
         """MiB summed over the server's processes, their count, and MiB per process (`process_label`)."""
         from acestep_triton.tritonserver import process_group_pids
 
-        group = set(process_group_pids(self.pgid))
         used: dict[int, int] = {}
         for handle in self.handles:
             for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 used[proc.pid] = used.get(proc.pid, 0) + (proc.usedGpuMemory or 0)
-        mine = {pid: b for pid, b in used.items() if pid in group}
+        if not self.seen.issuperset(used):
+            self.group = set(process_group_pids(self.pgid))
+            self.seen |= set(used)
+        mine = {pid: b for pid, b in used.items() if pid in self.group}
         pid_match = bool(mine)
         counted = mine if pid_match else {pid: b for pid, b in used.items() if pid != os.getpid()}
+        labels = {pid: self.labels.setdefault(pid, process_label(pid)) for pid in counted}
         return {"mib": sum(counted.values()) / 2**20, "processes": len(counted), "pid_match": pid_match,
-                "per_process": {process_label(pid): b / 2**20 for pid, b in counted.items()}}
+                "per_process": {labels[pid]: b / 2**20 for pid, b in counted.items()}}
 
 
 def process_label(pid: int) -> str:

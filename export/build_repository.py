@@ -116,9 +116,6 @@ class Profile:
     resident_weights: tuple[str, ...] | None = None
     # GPU components hand their allocator's cached memory back to the driver after every execution
     release_cache: bool = False
-    # GPU components return host tensors: no GPU memory crosses a process boundary, so the server
-    # process itself needs none (with the pools below at 0)
-    host_outputs: bool = False
     # one execution at a time over all GPU components (a file lock), so the working memory of two
     # stages (a decode of one request, the steps of another) is never on the GPU together
     gpu_lock: bool = False
@@ -155,15 +152,19 @@ GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocode
 # process for a 240 s request (budget per process in benchmarks/NOTES.md, "Low VRAM"). Only dit_step
 # (bf16, weights resident: 4.6 GiB) and the decoders (bf16, weights in host memory between
 # executions) use the GPU; the encoders run on the CPU in float32 (text ~0.1 s, lyrics ~0.3 s at
-# most), sparing two CUDA contexts (~0.5 GiB each). All instances are KIND_CPU and return host
-# tensors, and the server's pools are off, so the server process needs no CUDA context either;
+# most), sparing two CUDA contexts (~0.5 GiB each). All instances are KIND_CPU, so every request
+# reaches a component in host memory and gets host outputs back (ComponentModel): no GPU tensor
+# crosses a process, and with the server's pools off the server process needs no CUDA context.
 # GPU components take turns (gpu_lock) and return their cached memory after each execution.
-# dit_step's forwards are bounded to two 240 s rows; the decoders decode one item at a time.
+# A dit_step forward holds at most one 240 s row's frames (rows x frames): a 240 s request's guided
+# steps run their two rows as two forwards, half the working memory (~0.4 GiB) and no slower there
+# (one 240 s row already fills the GPU: 28 ms for one row, 62 ms for two, H100), while shorter
+# requests still run their rows together. The decoders decode one item at a time.
 LOWVRAM = Profile(
     "lowvram", "pytorch", "cuda", "bfloat16", "KIND_CPU", 0, queue_delay_us=0, diffusion_instances=2,
-    dit_max_row_frames=2 * PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=64,
+    dit_max_row_frames=PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=64,
     low_vram=True, cpu_components=("text_encoder", "condition_encoder"), resident_weights=("dit_step",),
-    release_cache=True, host_outputs=True, gpu_lock=True, decoder_max_rows=1, cuda_memory_pool_mib=0,
+    release_cache=True, gpu_lock=True, decoder_max_rows=1, cuda_memory_pool_mib=0,
     pinned_memory_pool_mib=0,
 )
 
@@ -283,8 +284,7 @@ def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx
         parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     if spec.name not in profile.cpu_components:  # on the profile's device (the CPU too, as the tests run it)
         flags = {"LOW_VRAM": profile.low_vram, "OFFLOAD_WEIGHTS": profile.offloads(spec.name),
-                 "RELEASE_CACHE": profile.release_cache, "HOST_OUTPUTS": profile.host_outputs,
-                 "GPU_LOCK": profile.gpu_lock}
+                 "RELEASE_CACHE": profile.release_cache, "GPU_LOCK": profile.gpu_lock}
         parameters.update({key: "1" for key, on in flags.items() if on})
     if spec.name in DECODERS and profile.decoder_max_rows is not None:
         parameters["MAX_ROW_FRAMES"] = str(profile.decoder_max_rows)  # no ragged axis: the bound counts rows
