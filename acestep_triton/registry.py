@@ -124,6 +124,7 @@ COMPONENTS: dict[str, Component] = {
             io=dcae_decoder_io,
             folder=DCAE_DIR,
             loader="acestep_triton.models.dcae:load_dcae",
+            parts=("decoder",),  # the encoder's 78 M parameters stay out of this process
             module="acestep_triton.components:DcaeDecoderComponent",
             samples="export.samples:dcae_decoder_samples",
             acceleration="acestep_triton.acceleration:accelerate_dcae_decoder",

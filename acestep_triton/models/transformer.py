@@ -402,10 +402,15 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
         return velocity * frame_mask[:, None, None, :]
 
 
-def load_transformer(folder: str | Path) -> ACEStepTransformer:
-    """The published `ace_step_transformer/` folder, loaded unchanged, then without the projections
-    no forward applies (`CrossAttention.drop_unapplied`): what every component process keeps."""
-    model = ACEStepTransformer.from_pretrained(folder).eval()
+def drop_unapplied_projections(model: ACEStepTransformer) -> ACEStepTransformer:
+    """`model` (in place) without the cross-attention projections no forward applies
+    (`CrossAttention.drop_unapplied`)."""
     for block in model.transformer_blocks:
         block.cross_attn.drop_unapplied()
     return model
+
+
+def load_transformer(folder: str | Path) -> ACEStepTransformer:
+    """The published `ace_step_transformer/` folder, loaded unchanged, then without the projections
+    no forward applies: what every component process keeps."""
+    return drop_unapplied_projections(ACEStepTransformer.from_pretrained(folder).eval())
