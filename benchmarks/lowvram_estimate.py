@@ -1,6 +1,6 @@
 """The lowvram profile's GPU memory per server process, estimated on the CPU (no GPU, no weights).
 
-    python -m benchmarks.lowvram_estimate [--context-mib 600] [--server-mib 0]
+    python -m benchmarks.lowvram_estimate [--context-mib 600] [--server-mib 400]
 
 Weights: each GPU component's parameters and buffers as its process keeps them (the registry's
 parts, the projections no forward applies dropped), built at full size on the `meta` device, in
@@ -102,7 +102,8 @@ def estimate(name: str, settings: LowVram) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context-mib", type=float, default=600.0, help="CUDA context + library handles per process")
-    parser.add_argument("--server-mib", type=float, default=0.0, help="tritonserver's own GPU memory")
+    parser.add_argument("--server-mib", type=float, default=400.0,
+                        help="tritonserver's own GPU memory: its CUDA context (Triton creates one at start)")
     args = parser.parse_args(argv)
     profile = PROFILES["lowvram"]
     gpu = [n for n in ("dit_step", "dcae_decoder", "vocoder") if n not in profile.cpu_components]

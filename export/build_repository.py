@@ -121,8 +121,8 @@ class Profile:
     gpu_lock: bool = False
     # the most items one dcae_decoder or vocoder forward decodes (None: the whole batch)
     decoder_max_rows: int | None = None
-    # tritonserver's CUDA memory pool per GPU and pinned host pool (None: Triton's defaults, 64 and
-    # 256 MiB); each pool makes the server process create a CUDA context
+    # tritonserver's CUDA memory pool per GPU (GPU memory its process holds, for GPU tensors between
+    # models) and pinned host pool (None: Triton's defaults, 64 and 256 MiB)
     cuda_memory_pool_mib: int | None = None
     pinned_memory_pool_mib: int | None = None
 
@@ -154,7 +154,7 @@ GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocode
 # executions) use the GPU; the encoders run on the CPU in float32 (text ~0.1 s, lyrics ~0.3 s at
 # most), sparing two CUDA contexts (~0.5 GiB each). All instances are KIND_CPU, so every request
 # reaches a component in host memory and gets host outputs back (ComponentModel): no GPU tensor
-# crosses a process, and with the server's pools off the server process needs no CUDA context.
+# crosses a process, and with the server's pools off the server process holds its CUDA context alone.
 # GPU components take turns (gpu_lock) and return their cached memory after each execution.
 # A dit_step forward holds at most one 240 s row's frames (rows x frames): a 240 s request's guided
 # steps run their two rows as two forwards, half the working memory (~0.4 GiB) and no slower there
