@@ -159,10 +159,12 @@ GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 2, "vocode
 # A dit_step forward holds at most one 240 s row's frames (rows x frames): a 240 s request's guided
 # steps run their two rows as two forwards, half the working memory (~0.4 GiB) and no slower there
 # (one 240 s row already fills the GPU: 28 ms for one row, 62 ms for two, H100), while shorter
-# requests still run their rows together. The decoders decode one item at a time.
+# requests still run their rows together. The decoders decode one item at a time. The condition
+# cache holds one request's branches (where it keeps their cross-attention keys and values: ~0.13 GiB
+# per branch at ~580 condition tokens); more requests in flight evict each other and resend.
 LOWVRAM = Profile(
     "lowvram", "pytorch", "cuda", "bfloat16", "KIND_CPU", 0, queue_delay_us=0, diffusion_instances=2,
-    dit_max_row_frames=PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=64,
+    dit_max_row_frames=PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=512,
     low_vram=True, cpu_components=("text_encoder", "condition_encoder"), resident_weights=("dit_step",),
     release_cache=True, gpu_lock=True, decoder_max_rows=1, cuda_memory_pool_mib=0,
     pinned_memory_pool_mib=0,
