@@ -13,7 +13,8 @@ What each component's registry hook (`low_vram`) does to its engine here:
   conditions they hold would stay allocated between requests.
 - dcae_decoder: the global part chunk by chunk and the local part in windows, one at a time
   (dcae.latents_to_mel_windowed), eager: its weights move between executions, which a CUDA graph,
-  replaying fixed addresses, cannot follow. ~0.4 GiB of working memory at 240 s instead of ~3.6 GiB.
+  replaying fixed addresses, cannot follow. ~0.4 GiB of working memory at 240 s instead of 4.2 GiB
+  whole (3.3 GiB with only the local part windowed).
 - vocoder: windows one at a time with the channels-last head and cuDNN benchmark mode (one window
   shape, searched once here at load), eager for the same reason.
 Each hook ends with a warm-up run, so a first request does not pay for compilation or search.

@@ -30,12 +30,9 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +41,7 @@ import torch
 from acestep_triton.checkpoint import validate_checkpoint
 from acestep_triton.contract import STAGES, GenerationParams
 from benchmarks.bench_pipeline import DEFAULT_LYRIC_VOCAB, LYRICS, PROMPT, REQUEST_SEED, environment
-from benchmarks.bench_triton import (
-    MAX_REL_L2,
-    ServerMemory,
-    correctness,
-    grpc_client,
-    one_request,
-    parse_settings,
-    write_checkpoint,
-)
+from benchmarks.bench_triton import MAX_REL_L2, Run, ServerMemory, correctness, parse_settings, single, write_checkpoint
 
 PROFILE = "lowvram"
 
@@ -97,7 +86,8 @@ def params_for(duration: float, steps: int) -> GenerationParams:
                             actual_seeds=(REQUEST_SEED,))
 
 
-def references(checkpoint: Path, lyric_vocab: Path, profile, durations: list[float], steps: int) -> dict[float, np.ndarray]:
+def references(checkpoint: Path, lyric_vocab: Path, profile, durations: list[float],
+               steps: int) -> dict[float, np.ndarray]:
     """The in-process pipeline's waveform per duration, on the profile's device and dtype without
     speed-ups (eager), loaded once and freed before the server starts."""
     from acestep_triton.pipeline import Text2MusicPipeline
@@ -111,46 +101,6 @@ def references(checkpoint: Path, lyric_vocab: Path, profile, durations: list[flo
     return waves
 
 
-async def timed_requests(url: str, params: GenerationParams, runs: int) -> tuple[dict, np.ndarray]:
-    """One untimed request, then `runs` timed ones, one at a time: latencies, stage medians, last waveform."""
-    client = grpc_client(url)
-    try:
-        await one_request(client, params)
-        done = [await one_request(client, params, keep_wave=True) for _ in range(runs)]
-    finally:
-        await client.close()
-    latencies = [r["latency_s"] for r in done]
-    median = statistics.median(latencies)
-    return ({"median_s": median, "runs_s": latencies, "rtf": params.audio_duration / median,
-             "stages_median_s": {s: statistics.median(r["stages"][s] for r in done) for s in STAGES}},
-            done[-1]["wave"])
-
-
-class Sections:
-    """The results dict, saved after every section; a failing section is logged and recorded."""
-
-    def __init__(self, out: Path, results: dict) -> None:
-        self.out, self.results, self.errors = out, results, []
-
-    def save(self) -> None:
-        (self.out / "lowvram_results.json").write_text(json.dumps(self.results, indent=1, default=str))
-
-    def run(self, name: str, fn: Callable[[], object], into: dict) -> object:
-        print(f"== {name}", flush=True)
-        try:
-            value = fn()
-        except Exception as exc:
-            traceback.print_exc()
-            into[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            self.errors.append(name)
-            value = None
-        else:
-            if isinstance(value, dict):
-                into[name] = value
-        self.save()
-        return value
-
-
 def nvml(pid: int) -> ServerMemory | None:
     """NVML over the server's process group, or None where there is no NVML (the CPU smoke run)."""
     try:
@@ -160,17 +110,19 @@ def nvml(pid: int) -> ServerMemory | None:
         return None
 
 
-def measure_duration(url: str, memory: ServerMemory | None, duration: float, args, reference: np.ndarray | None) -> dict:
+def measure_duration(url: str, memory: ServerMemory | None, duration: float, args,
+                     reference: np.ndarray | None) -> dict:
+    """One duration's section: timed requests with NVML traced over them, checked against `reference`."""
     params = params_for(duration, args.steps)
     trace = MemoryTrace(memory, args.sample_ms / 1000) if memory is not None else None
     if trace is not None:
         trace.__enter__()
     try:
-        timing, wave = asyncio.run(timed_requests(url, params, args.runs))
+        timing, wave = asyncio.run(single(url, params, args.runs))
     finally:
         if trace is not None:
             trace.__exit__()
-    out = {"duration_s": duration, "steps": args.steps, **timing}
+    out = {"duration_s": duration, "steps": args.steps, "rtf": duration / timing["median_s"], **timing}
     if trace is not None:
         out["gpu_memory"] = trace.summary()
         out["gpu_memory"]["within_budget"] = trace.peak["mib"] < args.budget_gib * 1024
@@ -178,7 +130,7 @@ def measure_duration(url: str, memory: ServerMemory | None, duration: float, arg
         out["correctness"] = correctness(wave, reference, args.max_rel_l2)
     memory_text = (f"peak {out['gpu_memory']['peak_sum_mib'] / 1024:.2f} GiB over all processes"
                    if trace is not None else "no NVML")
-    print(f"{duration:.0f} s: {timing['median_s']:.3f} s ({timing['rtf']:.1f}x), {memory_text}", flush=True)
+    print(f"{duration:.0f} s: {timing['median_s']:.3f} s ({out['rtf']:.1f}x), {memory_text}", flush=True)
     return out
 
 
@@ -203,7 +155,8 @@ def markdown(results: dict) -> str:
             within = ("yes" if memory.get("within_budget") else "**no**") if memory else "n/a"
             check = d.get("correctness", {})
             error = f"{check['rel_l2']:.2e}" if "rel_l2" in check else "n/a"
-            lines.append(f"| {d['duration_s']:.0f} | {d['median_s']:.3f} | {d['rtf']:.1f}x | {peak} | {within} | {error} |")
+            lines.append(f"| {d['duration_s']:.0f} | {d['median_s']:.3f} | {d['rtf']:.1f}x | {peak} | {within} "
+                         f"| {error} |")
         lines += ["", "| audio s | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
         for d in rows:
             lines.append(f"| {d['duration_s']:.0f} | "
@@ -260,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     durations = [float(d) for d in args.durations.split(",") if d]
     results: dict = {"env": environment(args), "settings": overrides, "steps": args.steps, "runs": args.runs,
                      "budget_gib": args.budget_gib, "sample_ms": args.sample_ms, "durations": []}
-    sections = Sections(out, results)
+    sections = Run(out, results, budget_s=float("inf"), file_name="lowvram_results.json")
     lyric_vocab = Path(args.lyric_vocab)
 
     start = time.perf_counter()
@@ -275,13 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         return {"durations": sorted(waves)}
 
     if not args.no_reference:
-        sections.run("reference", reference_section, results)
+        sections.section("reference", reference_section, required=True)
 
     repository = build_repository(PROFILE, checkpoint, work / "repository-lowvram", lyric_vocab, overrides=overrides)
     gpus = torch.cuda.device_count() if profile.device == "cuda" else 0
     python = args.server_python or Path(os.environ.get("ACESTEP_SERVER_PYTHON", sys.executable))
-    server = TritonServer(repository, log_path=out / "tritonserver-lowvram.log", startup_timeout_s=args.startup_timeout_s,
-                          env=profile_environment(profile), python=python, extra_args=server_arguments(profile, gpus))
+    server = TritonServer(repository, log_path=out / "tritonserver-lowvram.log",
+                          startup_timeout_s=args.startup_timeout_s, env=profile_environment(profile), python=python,
+                          extra_args=server_arguments(profile, gpus))
     results["server"] = {"arguments": server.extra_args, "environment": profile_environment(profile)}
     start = time.perf_counter()
     with server:
@@ -291,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if memory is not None:
             results["server"]["idle_memory"] = memory.sample()
         for duration in durations:
-            row = sections.run(f"duration_{duration:g}", lambda d=duration: measure_duration(
-                server.grpc_url, memory, d, args, waves.get(d)), {})
+            row = sections.section(f"duration_{duration:g}", lambda d=duration: measure_duration(
+                server.grpc_url, memory, d, args, waves.get(d)), {}, required=True)
             if row is not None:
                 results["durations"].append(row)
     sections.save()

@@ -458,15 +458,15 @@ def parse_settings(pairs: list[str], profile: str) -> dict[str, object]:
 class Run:
     """The results dict, saved after every section; a failing section is logged and recorded."""
 
-    def __init__(self, out: Path, results: dict, budget_s: float) -> None:
-        self.out, self.results, self.errors = out, results, []
+    def __init__(self, out: Path, results: dict, budget_s: float, file_name: str = "triton_results.json") -> None:
+        self.out, self.results, self.errors, self.file_name = out, results, [], file_name
         self.start, self.budget_s = time.perf_counter(), budget_s
 
     def save(self) -> None:
         def plain(value):
             return value.tolist() if isinstance(value, np.ndarray) else str(value)
 
-        (self.out / "triton_results.json").write_text(json.dumps(self.results, indent=1, default=plain))
+        (self.out / self.file_name).write_text(json.dumps(self.results, indent=1, default=plain))
 
     def section(self, name: str, fn: Callable[[], object], into: dict | None = None, required: bool = False):
         """Run one section; one that is not `required` is skipped once the time budget is spent."""

@@ -195,7 +195,8 @@ def resolve_profile(name: str, overrides: Mapping[str, object] | None = None) ->
     named = (*profile.cpu_components, *(profile.resident_weights or ()))
     unknown = sorted(set(named) - set(NEURAL_COMPONENTS))
     if unknown:
-        raise ValueError(f"cpu_components / resident_weights: unknown components {unknown}; known: {list(NEURAL_COMPONENTS)}")
+        raise ValueError(f"cpu_components / resident_weights: unknown components {unknown}; "
+                         f"known: {list(NEURAL_COMPONENTS)}")
     if profile.low_vram and (profile.accelerate or profile.engine != "pytorch"):
         raise ValueError("low_vram applies to the pytorch engine without the gpu profile's speed-ups (accelerate)")
     return profile

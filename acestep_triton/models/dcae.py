@@ -109,7 +109,8 @@ def _attention_heads(attn, x: torch.Tensor, start: int, stop: int) -> tuple[torc
     qkv = torch.cat([attn.to_q(rows), attn.to_k(rows), attn.to_v(rows)], dim=-1).movedim(-1, 1)
     scales = torch.cat([qkv, *(scale(qkv) for scale in attn.to_qkv_multiscale)], dim=1)
     scales = scales[..., start - first : stop - first].float()
-    query, key, value = scales.reshape(x.shape[0], -1, 3 * attn.attention_head_dim, x.shape[2] * (stop - start)).chunk(3, dim=2)
+    heads = scales.reshape(x.shape[0], -1, 3 * attn.attention_head_dim, x.shape[2] * (stop - start))
+    query, key, value = heads.chunk(3, dim=2)
     return attn.nonlinearity(query), attn.nonlinearity(key), value
 
 
@@ -129,8 +130,8 @@ def efficientvit_chunked(block, x: torch.Tensor, chunk_frames: int) -> torch.Ten
     if attn.residual_connection is not True or not feed_forward.residual_connection:
         raise ValueError("efficientvit_chunked: expected residual attention and feed-forward (the DCAE's blocks)")
     frames, height = x.shape[-1], x.shape[2]
-    if height * chunk_frames <= attn.attention_head_dim:  # the processor switches to quadratic attention there
-        raise ValueError(f"chunk_frames: {chunk_frames} too small for linear attention")
+    if height * frames <= attn.attention_head_dim:  # the processor attends quadratically there: run it whole
+        raise ValueError(f"{frames} frames: the block attends quadratically at this size, run it whole")
     reach = feed_forward.conv_depth.kernel_size[-1] // 2
     chunks = [(start, min(frames, start + chunk_frames)) for start in range(0, frames, chunk_frames)]
     key_values = None
