@@ -103,6 +103,7 @@ def test_offloaded_components_hold_no_tensor_outside_parameters_and_buffers(gold
     assert stray == []
 
 
+@pytest.mark.slow  # whole decodes of three components, twice
 @torch.no_grad()
 def test_low_vram_hooks_equal_plain_engines(golden_ckpt: Path) -> None:
     """dit_step, dcae_decoder and vocoder prepared by their lowvram hooks (with windows and chunks
@@ -111,14 +112,15 @@ def test_low_vram_hooks_equal_plain_engines(golden_ckpt: Path) -> None:
     ckpt = Checkpoint(golden_ckpt)
     names = ["dit_step", "dcae_decoder", "vocoder"]
     plain, low = load_engines(names, ckpt), load_engines(names, ckpt)
-    settings = LowVram(dcae_window_frames=24, dcae_chunk_frames=9, vocoder_window_frames=200, warm_seconds=2.0)
+    settings = LowVram(dcae_window_frames=40, dcae_chunk_frames=9, vocoder_window_frames=200, warm_seconds=2.0)
     for name in names:
         prepare_engine(name, low[name], settings)
     assert low["dcae_decoder"].module.global_chunk_frames == 9 and low["vocoder"].module.window_batch == 1
-    frames = {"dit_step": 40, "dcae_decoder": 50, "vocoder": 60}
+    # (batch, latent frames): 2-3 DCAE windows and 6 chunks, two vocoder windows (240 mel frames)
+    sizes = {"dit_step": (2, 40), "dcae_decoder": (2, 50), "vocoder": (1, 30)}
     for name in names:
-        sizes = Sizes(batch=2, text_tokens=5, lyric_tokens=9, latent_frames=frames[name])
-        inputs = sample_inputs(name, ckpt, sizes, seed=7)
+        batch, frames = sizes[name]
+        inputs = sample_inputs(name, ckpt, Sizes(batch, text_tokens=5, lyric_tokens=9, latent_frames=frames), seed=7)
         expected = plain[name].run(inputs)
         with HostWeights(low[name].module, "cpu") if name != "dit_step" else nullcontext():
             actual = low[name].run(inputs)
