@@ -281,13 +281,12 @@ def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx
     parameters = {"CHECKPOINT": checkpoint, "DEVICE": device, "DTYPE": dtype, "ENGINE": profile.engine}
     if onnx_dir is not None:
         parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
-    if profile.accelerate:
-        parameters["ACCELERATE"] = "1"
     if device == "cuda":
         parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     if spec.name not in profile.cpu_components:  # on the profile's device (the CPU too, as the tests run it)
-        flags = {"LOW_VRAM": profile.low_vram, "OFFLOAD_WEIGHTS": profile.offloads(spec.name),
-                 "RELEASE_CACHE": profile.release_cache, "GPU_LOCK": profile.gpu_lock}
+        flags = {"ACCELERATE": profile.accelerate, "LOW_VRAM": profile.low_vram,
+                 "OFFLOAD_WEIGHTS": profile.offloads(spec.name), "RELEASE_CACHE": profile.release_cache,
+                 "GPU_LOCK": profile.gpu_lock}
         parameters.update({key: "1" for key, on in flags.items() if on})
     if spec.name in DECODERS and profile.decoder_max_rows is not None:
         parameters["MAX_ROW_FRAMES"] = str(profile.decoder_max_rows)  # no ragged axis: the bound counts rows
