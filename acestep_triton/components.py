@@ -105,21 +105,24 @@ class DcaeDecoderComponent(nn.Module):
     With `window_frames` set, the decoder's local part runs over overlapping windows of that many
     latent frames (dcae.latents_to_mel_windowed: same result up to rounding, bounded memory, one
     window shape), the windows of all items `window_batch` at a time through `decode_window`,
-    which the gpu profile replaces by a CUDA-graph replay.
+    which the gpu profile replaces by a CUDA-graph replay; `global_chunk_frames` (the lowvram
+    profile) runs the global part chunk by chunk too.
     """
 
-    def __init__(self, dcae, window_frames: int | None = None, window_batch: int | None = None) -> None:
+    def __init__(self, dcae, window_frames: int | None = None, window_batch: int | None = None,
+                 global_chunk_frames: int | None = None) -> None:
         super().__init__()
         self.dcae = dcae
         self.window_frames = window_frames
         self.window_batch = window_batch
+        self.global_chunk_frames = global_chunk_frames
         self.decode_window = partial(decode_local_part, dcae)
 
     def forward(self, latents: torch.Tensor):
         if self.window_frames is None:
             return (latents_to_mel(self.dcae, latents),)
         return (latents_to_mel_windowed(self.dcae, latents, self.window_frames, self.decode_window,
-                                        self.window_batch),)
+                                        self.window_batch, self.global_chunk_frames),)
 
 
 class VocoderComponent(nn.Module):

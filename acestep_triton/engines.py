@@ -24,8 +24,8 @@ class TorchEngine:
 
     @classmethod
     def load(cls, name: str, ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             accelerate: bool = False) -> TorchEngine:
-        return load_engines([name], ckpt, device, dtype, accelerate)[name]
+             accelerate: bool = False, low_vram: bool = False) -> TorchEngine:
+        return load_engines([name], ckpt, device, dtype, accelerate, low_vram)[name]
 
     @torch.inference_mode()
     def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -38,12 +38,15 @@ class TorchEngine:
 
 
 def load_engines(names: Sequence[str], ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 accelerate: bool = False) -> dict[str, TorchEngine]:
+                 accelerate: bool = False, low_vram: bool = False) -> dict[str, TorchEngine]:
     """Engines for `names`, loaded together (the transformer components share one transformer).
 
-    `accelerate` applies the gpu profile's speed-ups (acestep_triton.acceleration) and warms them
-    up, so the first request does not pay for compilation.
+    `accelerate` applies the gpu profile's speed-ups (acestep_triton.acceleration), `low_vram` the
+    lowvram profile's memory settings (acestep_triton.low_vram); both warm up what they set, so
+    the first request does not pay for compilation.
     """
+    if accelerate and low_vram:
+        raise ValueError("accelerate and low_vram are two profiles' settings: choose one")
     modules = load_components(names, ckpt, device, dtype)
     engines = {name: TorchEngine(component_spec(name, ckpt), module, torch.device(device), dtype)
                for name, module in modules.items()}
@@ -52,4 +55,9 @@ def load_engines(names: Sequence[str], ckpt: Checkpoint, device: str = "cpu", dt
 
         for name, engine in engines.items():
             accelerate_engine(name, engine)
+    if low_vram:
+        from acestep_triton.low_vram import prepare_engine
+
+        for name, engine in engines.items():
+            prepare_engine(name, engine)
     return engines

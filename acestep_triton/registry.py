@@ -3,10 +3,10 @@
 A `Component` holds every fact about one component that used to be spread over the tree: its
 tensors (a builder in acestep_triton.specs), the checkpoint folder and loader of its weights,
 the submodules of a shared model it runs, its module (acestep_triton.components), its sample
-inputs (export.samples), its speed-up hook for the gpu profile (acestep_triton.acceleration)
-and its Triton batching. The in-process engines, the ONNX export, the TensorRT build and the
-model repository generator all read `COMPONENTS`; adding a component is one entry here plus
-its module (docs/architecture.md).
+inputs (export.samples), its speed-up hook for the gpu profile (acestep_triton.acceleration), its
+memory hook for the lowvram profile (acestep_triton.low_vram) and its Triton batching. The
+in-process engines, the ONNX export, the TensorRT build and the model repository generator all read
+`COMPONENTS`; adding a component is one entry here plus its module (docs/architecture.md).
 
 Torch-free at import, so the gateway and the config generator can read it: code that needs
 torch is named as "module:attribute" and imported only when `resolve` is called.
@@ -55,6 +55,8 @@ class Component:
     acceleration: callable(engine, settings) applying the gpu profile's speed-ups, or "" for none.
     plan: whether TensorRT can build it; False keeps it on the python backend's pytorch engine in the
         tensorrt profile.
+    low_vram: callable(engine, settings) applying the lowvram profile's memory settings
+        (acestep_triton.low_vram), or "" for none.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Component:
     parts: tuple[str, ...] = ()
     acceleration: str = ""
     plan: bool = True
+    low_vram: str = ""
 
 
 def resolve(reference: str) -> Any:
@@ -79,8 +82,9 @@ def resolve(reference: str) -> Any:
 
 
 # condition_encoder and dit_step share it; `projectors`, its training-only SSL heads, are in neither's
-# parts, so no process keeps them.
-_TRANSFORMER = "acestep_triton.models.transformer:ACEStepTransformer.from_pretrained"
+# parts, and the cross-attention projections no forward applies are dropped at load, so no process
+# keeps them.
+_TRANSFORMER = "acestep_triton.models.transformer:load_transformer"
 
 # In pipeline order (contract.STAGES; a test holds them to it). dcae_encoder is no ensemble stage: the
 # `diffusion` loop calls it (BLS) for the tasks that start from audio (contract.AUDIO_INPUT_TASKS).
@@ -129,6 +133,7 @@ COMPONENTS: dict[str, Component] = {
             module="acestep_triton.components:DiTStepComponent",
             samples="export.samples:dit_step_samples",
             acceleration="acestep_triton.acceleration:accelerate_dit_step",
+            low_vram="acestep_triton.low_vram:prepare_dit_step",
             batching=Batching(max_batch_size=64),
         ),
         Component(
@@ -136,9 +141,11 @@ COMPONENTS: dict[str, Component] = {
             io=dcae_decoder_io,
             folder=DCAE_DIR,
             loader="acestep_triton.models.dcae:load_dcae",
+            parts=("decoder",),  # the encoder's 78 M parameters stay out of this process
             module="acestep_triton.components:DcaeDecoderComponent",
             samples="export.samples:dcae_decoder_samples",
             acceleration="acestep_triton.acceleration:accelerate_dcae_decoder",
+            low_vram="acestep_triton.low_vram:prepare_dcae_decoder",
             batching=Batching(max_batch_size=8),
         ),
         Component(
@@ -149,6 +156,7 @@ COMPONENTS: dict[str, Component] = {
             module="acestep_triton.components:VocoderComponent",
             samples="export.samples:vocoder_samples",
             acceleration="acestep_triton.acceleration:accelerate_vocoder",
+            low_vram="acestep_triton.low_vram:prepare_vocoder",
             batching=Batching(max_batch_size=8),
         ),
     )

@@ -57,7 +57,7 @@ def gateway_environment(
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve the REST API backed by a real tritonserver until interrupted."""
     parser = argparse.ArgumentParser(prog="python -m acestep_triton.serve", description=main.__doc__)
-    parser.add_argument("--profile", default="cpu", help="export.build_repository profile: cpu, gpu, onnx")
+    parser.add_argument("--profile", default="cpu", help="export.build_repository profile: cpu, gpu, onnx, lowvram")
     parser.add_argument("--checkpoint", default="", help="checkpoint directory; empty: the tiny random checkpoint")
     parser.add_argument("--host", default="0.0.0.0", help="gateway bind address")
     parser.add_argument("--port", type=int, default=8000, help="gateway port")
@@ -72,11 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for Triton to load all models")
     args = parser.parse_args(argv)
 
-    from export.build_repository import PROFILES, build_repository
+    import torch
+
+    from export.build_repository import PROFILES, build_repository, profile_environment, server_arguments
 
     if args.profile not in PROFILES:
         parser.error(f"--profile must be one of {sorted(PROFILES)}, got {args.profile!r}")
-    precision = "bf16" if PROFILES[args.profile].dtype == "bfloat16" else "fp32"
+    profile = PROFILES[args.profile]
+    precision = "bf16" if profile.dtype == "bfloat16" else "fp32"
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {checkpoint}", flush=True)
@@ -98,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_path=args.triton_log,
         log_verbose=args.triton_log_verbose,
         startup_timeout_s=args.startup_timeout,
+        env=profile_environment(profile),
+        extra_args=server_arguments(profile, torch.cuda.device_count() if profile.device == "cuda" else 0),
     )
     supervisor = Supervisor(triton)
 

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -190,7 +191,8 @@ def _engine(name: str, params: Mapping[str, str]):
 
     dtype = getattr(torch, params.get("DTYPE", "float32"))
     accelerate = params.get("ACCELERATE", "0") == "1"
-    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype, accelerate)
+    low_vram = params.get("LOW_VRAM", "0") == "1"
+    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype, accelerate, low_vram)
 
 
 class ComponentModel:
@@ -199,23 +201,28 @@ class ComponentModel:
     (acestep_triton.sub_batches).
 
     Subclasses name the component and may override `request_inputs` and `run`; everything else comes
-    from the config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES).
-    A request that fails (bad input, out of memory in its sub-batch) gets its own error response.
+    from the config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES,
+    and the lowvram profile's LOW_VRAM, OFFLOAD_WEIGHTS, RELEASE_CACHE, GPU_LOCK: acestep_triton.low_vram;
+    with GPU_LOCK a stage's time includes its wait for the GPU). A request that fails (bad input, out of
+    memory in its sub-batch) gets its own error response.
 
     Outputs go back where the request's tensors came from: a request whose tensors all arrived in
     host memory (a loop on the CPU, a client, a stage fed by the CPU) gets host tensors, so that its
     sender never holds a CUDA tensor. A CPU process handed one creates a CUDA context for it (~0.5 GiB
     of GPU memory per process, and ~0.3 s at its first use: the gpu profile's 16 CPU loops held
-    8 GiB that way on the H200). Requests from the GPU get their outputs on the GPU.
+    8 GiB that way on the H200). Requests from the GPU get their outputs on the GPU. Host outputs are
+    copied out inside the execution's memory turn, so that the lowvram profile's released cache
+    keeps none of them on the GPU.
     """
 
     component = ""
 
     def initialize(self, args: Mapping[str, str]) -> None:
         from acestep_triton.contract import stage_time_name
+        from acestep_triton.low_vram import ExecutionMemory
 
         params = model_parameters(args)
-        if params.get("DEVICE") == "cuda":  # a KIND_GPU instance: the GPU Triton placed it on (instance_group gpus)
+        if params.get("DEVICE") == "cuda":  # the GPU Triton placed it on (instance_group gpus; 0 for KIND_CPU)
             params["DEVICE"] = f"cuda:{args['model_instance_device_id']}"
             torch.cuda.set_device(params["DEVICE"])
         self.engine = _engine(self.component, params)
@@ -225,6 +232,9 @@ class ComponentModel:
         self.max_row_frames = int(params["MAX_ROW_FRAMES"]) if "MAX_ROW_FRAMES" in params else None
         self.time_name = stage_time_name(self.component)
         self.phases = PhaseLog(self.component)
+        # the lowvram profile's settings around each execution (none unless its config sets them);
+        # the model's folder is args["model_repository"], its parent the repository
+        self.memory = ExecutionMemory.from_parameters(params, self.engine, Path(args["model_repository"]).parent)
 
     def request_inputs(self, request) -> dict[str, torch.Tensor]:
         """The spec's inputs of one request, where they arrived."""
@@ -255,17 +265,19 @@ class ComponentModel:
         self.phases.mark("inputs")
         start = time.perf_counter()
         indices = list(inputs)
-        results = self.run([inputs[i] for i in indices])
-        self.phases.mark("run")
-        synchronize(v for result in results if not isinstance(result, Exception) for v in result.values())
+        with self.memory.turn():
+            results = self.run([inputs[i] for i in indices])
+            self.phases.mark("run")
+            synchronize(v for result in results if not isinstance(result, Exception) for v in result.values())
+            self.phases.mark("gpu")
+            results = [result if isinstance(result, Exception) or not from_host[i]
+                       else {name: value.cpu() for name, value in result.items()}
+                       for i, result in zip(indices, results)]
         elapsed = np.float32(time.perf_counter() - start)
-        self.phases.mark("gpu")
         for i, result in zip(indices, results):
             if isinstance(result, Exception):
                 responses[i] = error_response(result)
                 continue
-            if from_host[i]:
-                result = {name: value.cpu() for name, value in result.items()}
             rows = next(iter(result.values())).shape[0]
             result[self.time_name] = np.full((rows, 1), elapsed, dtype=np.float32)
             responses[i] = response(result)

@@ -156,7 +156,8 @@ class ServerMemory:
     """GPU memory of the server's processes (its process group) per NVML, summed over devices.
 
     When NVML reports none of the group's pids (a PID namespace in a container hides them), every
-    process but this one is counted instead, and `pid_match` says so.
+    process but this one is counted instead, and `pid_match` says so. The group is scanned again
+    only when NVML reports a pid it has not seen, so sampling every few ms stays cheap.
     """
 
     def __init__(self, pgid: int) -> None:
@@ -165,32 +166,48 @@ class ServerMemory:
         self.nvml, self.pgid = pynvml, pgid
         pynvml.nvmlInit()
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self.seen: set[int] = set()
+        self.group: set[int] = set()
+        self.labels: dict[int, tuple[str, str]] = {}
 
     def sample(self) -> dict:
+        """MiB summed over the server's processes, their count, and MiB per model and per process
+        (`process_label`)."""
         from acestep_triton.tritonserver import process_group_pids
 
-        group = set(process_group_pids(self.pgid))
-        procs = [p for h in self.handles for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)]
-        used = {p.pid: (p.usedGpuMemory or 0) for p in procs}
-        mine = {pid: b for pid, b in used.items() if pid in group}
+        used: dict[int, int] = {}
+        for handle in self.handles:
+            for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                used[proc.pid] = used.get(proc.pid, 0) + (proc.usedGpuMemory or 0)
+        if not self.seen.issuperset(used):
+            self.group = set(process_group_pids(self.pgid))
+            self.seen |= set(used)
+        mine = {pid: b for pid, b in used.items() if pid in self.group}
         pid_match = bool(mine)
         counted = mine if pid_match else {pid: b for pid, b in used.items() if pid != os.getpid()}
-        per_process: dict[str, float] = {}
+        labels = {pid: self.labels.setdefault(pid, process_label(pid)) for pid in counted}
+        per_model: dict[str, float] = {}
         for pid, used_bytes in counted.items():
-            name = process_name(pid)
-            per_process[name] = per_process.get(name, 0.0) + used_bytes / 2**20
+            model = labels[pid][0]
+            per_model[model] = per_model.get(model, 0.0) + used_bytes / 2**20
         return {"mib": sum(counted.values()) / 2**20, "processes": len(counted), "pid_match": pid_match,
-                "mib_per_model": per_process}
+                "mib_per_model": per_model,
+                "per_process": {labels[pid][1]: b / 2**20 for pid, b in counted.items()}}
 
 
-def process_name(pid: int) -> str:
-    """The Triton model a python-backend stub serves (its model.py's folder), else the program's name."""
+def process_label(pid: int) -> tuple[str, str]:
+    """(model, process) for a server process: a python-backend stub's model (its model.py's folder) and
+    model instance (`dit_step_0_0`: the stub is started as `triton_python_backend_stub MODEL_PATH ...
+    INSTANCE_NAME RUNTIME_DIR`); for another program its name, and in the process label its pid too
+    (tritonserver's excepted)."""
     try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
-        return f"pid {pid}"
-    model = next((a for a in args if a.endswith("/model.py")), None)
-    return Path(model).parents[1].name if model else Path(args[0]).name
+        return f"pid {pid}", f"pid {pid}"
+    program = Path(argv[0]).name
+    if program == "triton_python_backend_stub" and len(argv) > 8:
+        return Path(argv[1]).parents[1].name, argv[8]
+    return program, f"{program} ({pid})" if program != "tritonserver" else program
 
 
 class MemoryPeak:
@@ -468,8 +485,9 @@ def parse_settings(pairs: list[str], profile: str) -> dict[str, object]:
         current = getattr(base, name)
         if isinstance(current, bool):
             value: object = text.lower() in ("1", "true", "yes")
-        elif isinstance(current, tuple):
-            value = tuple(int(v) for v in text.split(",") if v)
+        elif isinstance(current, tuple) or (current is None and not text.isdigit()):
+            # GPU indices, or component names (lowvram's cpu_components, resident_weights)
+            value = tuple(int(v) if v.isdigit() else v for v in text.split(",") if v)
         elif current is None or isinstance(current, int):
             value = int(text)
         else:
@@ -481,15 +499,15 @@ def parse_settings(pairs: list[str], profile: str) -> dict[str, object]:
 class Run:
     """The results dict, saved after every section; a failing section is logged and recorded."""
 
-    def __init__(self, out: Path, results: dict, budget_s: float) -> None:
-        self.out, self.results, self.errors = out, results, []
+    def __init__(self, out: Path, results: dict, budget_s: float, file_name: str = "triton_results.json") -> None:
+        self.out, self.results, self.errors, self.file_name = out, results, [], file_name
         self.start, self.budget_s = time.perf_counter(), budget_s
 
     def save(self) -> None:
         def plain(value):
             return value.tolist() if isinstance(value, np.ndarray) else str(value)
 
-        (self.out / "triton_results.json").write_text(json.dumps(self.results, indent=1, default=plain))
+        (self.out / self.file_name).write_text(json.dumps(self.results, indent=1, default=plain))
 
     def section(self, name: str, fn: Callable[[], object], into: dict | None = None, required: bool = False):
         """Run one section; one that is not `required` is skipped once the time budget is spent."""

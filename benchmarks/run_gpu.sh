@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/run_gpu.sh served OUT_DIR   # official 60 s / 27, then benchmarks.bench_triton
 #   bash benchmarks/run_gpu.sh engine OUT_DIR   # official at four lengths, then benchmarks.bench_pipeline
+#   bash benchmarks/run_gpu.sh lowvram OUT_DIR  # benchmarks.bench_lowvram: the lowvram profile at 60 s and
+#                                               # 240 s, GPU memory per server process (~6 minutes)
 #
 # The official pipeline runs first, in the same call on the same GPU, when its code is present
 # (refs/ace/acestep, git-ignored, with ../shared/bench/official_pipeline_bench.py copied to refs/ and
@@ -20,7 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 case "$part" in
   served) official_configs="60:27:3,240:27:2" ;;
   engine) official_configs="60:27:3,60:60:3,240:27:3,240:60:2" ;;
-  *) echo "usage: run_gpu.sh served|engine OUT_DIR [benchmark arguments]" >&2; exit 2 ;;
+  lowvram) exec "$ACESTEP_PY" -m benchmarks.bench_lowvram --out "$out" --commit "$commit" "$@" ;;
+  *) echo "usage: run_gpu.sh served|engine|lowvram OUT_DIR [benchmark arguments]" >&2; exit 2 ;;
 esac
 
 if [ -f refs/ace/acestep/pipeline_ace_step.py ] && [ -f refs/official_pipeline_bench.py ]; then

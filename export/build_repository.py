@@ -13,6 +13,9 @@ Profiles (where each component runs; the ensemble wiring is the same for all):
   cpu   python backend, PyTorch float32 on the CPU (the embedded default and CI)
   gpu   python backend, PyTorch bfloat16 on CUDA, with acestep_triton.acceleration's speed-ups
         (compiled blocks, CUDA-graph decode and vocoder windows, warmed up at load)
+  lowvram  the gpu profile's placement squeezed under 8 GiB of GPU memory (acestep_triton.low_vram):
+        encoders on the CPU, dit_step resident in bfloat16, the decoders' weights in host memory
+        between executions; server options from `server_arguments`
   onnx  python backend running the exported ONNX graphs with ONNX Runtime
   tensorrt  the neural components as `tensorrt_plan` models (engines from export.tensorrt_build,
         --engine-dir; their I/O read from the ONNX graphs they were built from); preprocess, the
@@ -109,6 +112,37 @@ class Profile:
     # values (full size, bf16: ~126 MiB per 512 condition tokens), so 8 GiB holds ~32 requests' branches
     condition_cache_mib: int = 8192
     condition_cache_ttl_s: float = 300.0  # an entry unused this long is dropped
+    # The lowvram profile's memory settings (acestep_triton.low_vram; every one off elsewhere).
+    # the components' low_vram hooks: compiled dit_step blocks without CUDA graphs, the decoders
+    # chunked and windowed one window at a time
+    low_vram: bool = False
+    # neural components that run on the CPU in float32 whatever `device` says (their processes then
+    # hold no CUDA context)
+    cpu_components: tuple[str, ...] = ()
+    # None: every GPU component keeps its weights on the GPU; otherwise only these do, and the others'
+    # weights wait in pinned host memory between executions
+    resident_weights: tuple[str, ...] | None = None
+    # GPU components hand their allocator's cached memory back to the driver after every execution
+    release_cache: bool = False
+    # one execution at a time over all GPU components (a file lock), so the working memory of two
+    # stages (a decode of one request, the steps of another) is never on the GPU together
+    gpu_lock: bool = False
+    # the most items one dcae_decoder or vocoder forward decodes (None: the whole batch)
+    decoder_max_rows: int | None = None
+    # tritonserver's CUDA memory pool per GPU (GPU memory its process holds, for GPU tensors between
+    # models) and pinned host pool (None: Triton's defaults, 64 and 256 MiB)
+    cuda_memory_pool_mib: int | None = None
+    pinned_memory_pool_mib: int | None = None
+
+    def placement(self, name: str) -> tuple[str, str]:
+        """(device, dtype) neural component `name` runs with."""
+        return ("cpu", "float32") if name in self.cpu_components else (self.device, self.dtype)
+
+    def offloads(self, name: str) -> bool:
+        """Whether component `name` keeps its weights in host memory between executions: one on the
+        profile's device that `resident_weights` leaves out."""
+        resident = self.resident_weights
+        return name not in self.cpu_components and resident is not None and name not in resident
 
 
 # The gpu profile runs the sampling loop on the CPU (loop_device="cpu"). With the condition cache a
@@ -123,6 +157,31 @@ class Profile:
 # graphs and cuDNN workspaces (the 2026-11-30 H200 run: 52 GiB at 8 concurrent with two each).
 GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 1, "vocoder_instances": 1}
 
+# The lowvram profile (the spec's "CPU offload"): under 8 GiB of GPU memory summed over every server
+# process for a 240 s request (budget per process in benchmarks/NOTES.md, "Low VRAM"). Only dit_step
+# (bf16, weights resident: 4.6 GiB) and the decoders (bf16, weights in host memory between
+# executions) use the GPU; the encoders run on the CPU in float32 (text ~0.1 s, lyrics ~0.3 s at
+# most), sparing their CUDA contexts (~0.5 GiB each). dcae_encoder too: it runs once per request of
+# the tasks that start from audio, and a fourth GPU process's context alone would take the sum over
+# 8 GiB (benchmarks/NOTES.md, "Low VRAM"). All instances are KIND_CPU, so every request
+# reaches a component in host memory and gets host outputs back (ComponentModel): no GPU tensor
+# crosses a process, and with the server's pools off the server process holds its CUDA context alone.
+# GPU components take turns (gpu_lock) and return their cached memory after each execution.
+# A dit_step forward holds at most one 240 s row's frames (rows x frames): a 240 s request's guided
+# steps run their two rows as two forwards, half the working memory (~0.4 GiB) and no slower there
+# (one 240 s row already fills the GPU: 28 ms for one row, 62 ms for two, H100), while shorter
+# requests still run their rows together. The decoders decode one item at a time. The condition
+# cache holds one request's prepared cross-attention keys and values (~0.13 GiB per branch at ~580
+# condition tokens: two branches at contract defaults); more requests in flight evict each other and
+# resend.
+LOWVRAM = Profile(
+    "lowvram", "pytorch", "cuda", "bfloat16", "KIND_CPU", 0, queue_delay_us=0, diffusion_instances=2,
+    dit_max_row_frames=PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=512,
+    low_vram=True, cpu_components=("text_encoder", "condition_encoder", "dcae_encoder"),
+    resident_weights=("dit_step",), release_cache=True, gpu_lock=True, decoder_max_rows=1,
+    cuda_memory_pool_mib=0, pinned_memory_pool_mib=0,
+)
+
 PROFILES = {
     "cpu": Profile("cpu", "pytorch", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "gpu": Profile("gpu", "pytorch", "cuda", "bfloat16", "KIND_GPU", 0, accelerate=True, queue_delay_us=0,
@@ -131,6 +190,7 @@ PROFILES = {
     "onnx": Profile("onnx", "onnx", "cpu", "float32", "KIND_CPU", 2000, diffusion_instances=4),
     "tensorrt": Profile("tensorrt", "tensorrt", "cuda", "bfloat16", "KIND_GPU", 0, queue_delay_us=0,
                         diffusion_instances=16, loop_threads=1, **GPU_INSTANCES),
+    "lowvram": LOWVRAM,
 }
 # The loop's own allocator when it runs on CUDA: its tensors are sent through BLS with CUDA IPC,
 # which cannot export memory from PyTorch's expandable segments.
@@ -144,15 +204,44 @@ def resolve_profile(name: str, overrides: Mapping[str, object] | None = None) ->
     profile = replace(PROFILES[name], **dict(overrides or {}))
     if profile.loop_device not in ("cpu", "cuda"):
         raise ValueError(f"loop_device must be 'cpu' or 'cuda', got {profile.loop_device!r}")
+    named = (*profile.cpu_components, *(profile.resident_weights or ()))
+    unknown = sorted(set(named) - set(NEURAL_COMPONENTS))
+    if unknown:
+        raise ValueError(f"cpu_components / resident_weights: unknown components {unknown}; "
+                         f"known: {list(NEURAL_COMPONENTS)}")
+    if profile.low_vram and (profile.accelerate or profile.engine != "pytorch"):
+        raise ValueError("low_vram applies to the pytorch engine without the gpu profile's speed-ups (accelerate)")
     return profile
+
+
+def profile_environment(profile: Profile) -> dict[str, str]:
+    """Variables a CUDA profile's server runs with, unless already set: PyTorch's expandable segments
+    (acestep_triton.acceleration: without them fragmentation reserves ~40 % more at 240 s; an emptied
+    cache goes back to the driver) and lazy loading of CUDA modules (a process's CUDA context then
+    holds only the kernels it runs)."""
+    if profile.device != "cuda":
+        return {}
+    wanted = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_MODULE_LOADING": "LAZY"}
+    return {key: os.environ.get(key, value) for key, value in wanted.items()}
+
+
+def server_arguments(profile: Profile, gpus: int) -> list[str]:
+    """tritonserver options the profile sets (its memory pools) on a machine with `gpus` GPUs."""
+    arguments = []
+    if profile.cuda_memory_pool_mib is not None:
+        size = profile.cuda_memory_pool_mib * 2**20
+        arguments += [f"--cuda-memory-pool-byte-size={gpu}:{size}" for gpu in range(gpus)]
+    if profile.pinned_memory_pool_mib is not None:
+        arguments.append(f"--pinned-memory-pool-byte-size={profile.pinned_memory_pool_mib * 2**20}")
+    return arguments
 
 
 def instance_group(profile: Profile, name: str) -> InstanceGroup:
     """`<name>_instances` instances of the profile's kind (on each of `gpus` for KIND_GPU)."""
     count = getattr(profile, f"{name}_instances")
-    if profile.instance_kind == "KIND_GPU":
+    if profile.instance_kind == "KIND_GPU" and name not in profile.cpu_components:
         return InstanceGroup("KIND_GPU", count, gpus=profile.gpus)
-    return InstanceGroup(profile.instance_kind, count)
+    return InstanceGroup("KIND_CPU", count)
 
 
 def _time(stage: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
@@ -189,6 +278,10 @@ def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None
     )
 
 
+# The components `decoder_max_rows` bounds.
+DECODERS = ("dcae_decoder", "vocoder")
+
+
 def queue_delay_us(profile: Profile, name: str) -> int:
     """How long model `name` waits for requests of other loops before it runs."""
     return profile.dit_queue_delay_us if name == "dit_step" else profile.queue_delay_us
@@ -199,16 +292,22 @@ def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx
 
     On CUDA it takes its inputs where they are (FORCE_CPU_ONLY_INPUT_TENSORS=no), so tensors made
     on the GPU by the previous model stay there. dit_step also takes the condition cache's inputs
-    (acestep_triton.condition_cache), which make its conditions optional.
+    (acestep_triton.condition_cache), which make its conditions optional. The lowvram profile's
+    settings become the parameters acestep_triton.triton_python.ComponentModel reads.
     """
-    parameters = {"CHECKPOINT": checkpoint, "DEVICE": profile.device, "DTYPE": profile.dtype,
-                  "ENGINE": profile.engine}
+    device, dtype = profile.placement(spec.name)
+    parameters = {"CHECKPOINT": checkpoint, "DEVICE": device, "DTYPE": dtype, "ENGINE": profile.engine}
     if onnx_dir is not None:
         parameters["ONNX_PATH"] = str(onnx_dir / f"{spec.name}.onnx")
-    if profile.accelerate:
-        parameters["ACCELERATE"] = "1"
-    if profile.device == "cuda":
+    if device == "cuda":
         parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    if spec.name not in profile.cpu_components:  # on the profile's device (the CPU too, as the tests run it)
+        flags = {"ACCELERATE": profile.accelerate, "LOW_VRAM": profile.low_vram,
+                 "OFFLOAD_WEIGHTS": profile.offloads(spec.name), "RELEASE_CACHE": profile.release_cache,
+                 "GPU_LOCK": profile.gpu_lock}
+        parameters.update({key: "1" for key, on in flags.items() if on})
+    if spec.name in DECODERS and profile.decoder_max_rows is not None:
+        parameters["MAX_ROW_FRAMES"] = str(profile.decoder_max_rows)  # no ragged axis: the bound counts rows
     inputs, optional = spec.inputs, frozenset()
     if spec.name == "dit_step":
         inputs, optional = (*spec.inputs, *CONDITION_INPUTS), frozenset(KEYED_INPUTS) | {t.name for t in CONDITION_INPUTS}

@@ -39,7 +39,7 @@ def test_components_follow_the_stage_order() -> None:
 def test_every_reference_resolves(name: str) -> None:
     """A typo in a "module:attribute" string fails here, not in a code path only a GPU runs."""
     entry = component(name)
-    for reference in (entry.loader, entry.module, entry.samples, entry.acceleration):
+    for reference in (entry.loader, entry.module, entry.samples, entry.acceleration, entry.low_vram):
         if reference:
             assert callable(resolve(reference)), reference
 

@@ -121,13 +121,80 @@ def decoder_context_frames(dcae: AutoencoderDC) -> int:
     return math.ceil(reach) + 1
 
 
-def decode_global_part(dcae: AutoencoderDC, latents: torch.Tensor) -> torch.Tensor:
+def decode_global_part(dcae: AutoencoderDC, latents: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
     """Latents [B, C_lat, H, T] -> the deepest stage's output [B, C_deep, H, T]: conv_in and the
-    globally attending EfficientViT blocks, which must see the whole signal."""
+    globally attending EfficientViT blocks, which must see the whole signal.
+
+    With `chunk_frames` the blocks run chunk by chunk along T (`efficientvit_chunked`): the same
+    result up to float32 summation order, with the blocks' working memory bounded by the chunk
+    instead of growing with T (~3.3 GiB whole at 240 s in bf16, most of the DCAE's peak)."""
     decoder = dcae.decoder
     hidden = latents / LATENT_SCALE + LATENT_SHIFT
     shortcut = hidden.repeat_interleave(decoder.in_shortcut_repeats, dim=1) if decoder.in_shortcut else 0
-    return decoder.up_blocks[-1](decoder.conv_in(hidden) + shortcut)
+    hidden = decoder.conv_in(hidden) + shortcut
+    if chunk_frames is None or hidden.shape[-1] <= chunk_frames:
+        return decoder.up_blocks[-1](hidden)
+    for block in decoder.up_blocks[-1]:
+        hidden = efficientvit_chunked(block, hidden, chunk_frames)
+    return hidden
+
+
+def _attention_heads(attn, x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value of `SanaMultiscaleLinearAttention` at frames [start, stop) of x [B, C, H, T],
+    as its processor lays them out: [B, heads, head_dim, H * (stop - start)] float32, ReLU applied
+    to query and key. The multi-scale depthwise convolutions reach `reach` frames to each side, so
+    the projections are computed over that much more of x (zero padding only at x's own ends)."""
+    reach = max((scale.proj_in.kernel_size[-1] // 2 for scale in attn.to_qkv_multiscale), default=0)
+    frames = x.shape[-1]
+    first, last = max(0, start - reach), min(frames, stop + reach)
+    rows = x[..., first:last].movedim(1, -1)
+    qkv = torch.cat([attn.to_q(rows), attn.to_k(rows), attn.to_v(rows)], dim=-1).movedim(-1, 1)
+    scales = torch.cat([qkv, *(scale(qkv) for scale in attn.to_qkv_multiscale)], dim=1)
+    scales = scales[..., start - first : stop - first].float()
+    heads = scales.reshape(x.shape[0], -1, 3 * attn.attention_head_dim, x.shape[2] * (stop - start))
+    query, key, value = heads.chunk(3, dim=2)
+    return attn.nonlinearity(query), attn.nonlinearity(key), value
+
+
+def efficientvit_chunked(block, x: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """One diffusers `EfficientViTBlock` (ReLU linear attention, then a GLUMBConv) on x [B, C, H, T],
+    `chunk_frames` frames at a time; equal to `block(x)` up to float32 summation order.
+
+    The attention is global only through its key-value sums: out_n = (V' K^T) q_n, with V' the
+    values with a row of ones appended (its last row is the normaliser). Pass 1 adds V' K^T up
+    chunk by chunk (float32, as the processor computes it); pass 2 applies it to each chunk's
+    queries, then the output projection, norm and residual, and the GLUMBConv, whose 3x3 depthwise
+    convolution needs `reach` frames of attention output beyond the chunk on each side. Every
+    other operation is per position, or a convolution reaching a few frames (the multi-scale
+    projections, see `_attention_heads`).
+    """
+    attn, feed_forward = block.attn, block.conv_out
+    if attn.residual_connection is not True or not feed_forward.residual_connection:
+        raise ValueError("efficientvit_chunked: expected residual attention and feed-forward (the DCAE's blocks)")
+    frames, height = x.shape[-1], x.shape[2]
+    if height * frames <= attn.attention_head_dim:  # the processor attends quadratically there: run it whole
+        raise ValueError(f"{frames} frames: the block attends quadratically at this size, run it whole")
+    reach = feed_forward.conv_depth.kernel_size[-1] // 2
+    chunks = [(start, min(frames, start + chunk_frames)) for start in range(0, frames, chunk_frames)]
+    key_values = None
+    for start, stop in chunks:
+        _, key, value = _attention_heads(attn, x, start, stop)
+        part = torch.nn.functional.pad(value, (0, 0, 0, 1), value=1.0) @ key.transpose(-1, -2)
+        key_values = part if key_values is None else key_values + part
+    out = torch.empty_like(x)
+    for start, stop in chunks:
+        first, last = max(0, start - reach), min(frames, stop + reach)
+        query, _, _ = _attention_heads(attn, x, first, last)
+        hidden = key_values @ query
+        hidden = (hidden[:, :, :-1] / (hidden[:, :, -1:] + attn.eps)).to(x.dtype)
+        hidden = attn.to_out(hidden.reshape(x.shape[0], -1, height, last - first).movedim(1, -1)).movedim(-1, 1)
+        if attn.norm_type == "rms_norm":
+            hidden = attn.norm_out(hidden.movedim(1, -1)).movedim(-1, 1)
+        else:
+            hidden = attn.norm_out(hidden)
+        hidden = feed_forward(hidden + x[..., first:last])
+        out[..., start:stop] = hidden[..., start - first : stop - first]
+    return out
 
 
 def decode_local_part(dcae: AutoencoderDC, hidden: torch.Tensor) -> torch.Tensor:
@@ -148,6 +215,7 @@ def latents_to_mel_windowed(
     window_frames: int,
     decode_local: Callable[[torch.Tensor], torch.Tensor] | None = None,
     window_batch: int | None = None,
+    global_chunk_frames: int | None = None,
 ) -> torch.Tensor:
     """`latents_to_mel` with the decoder's memory-heavy local part run over windows of `window_frames`
     latent frames: equal to the whole decode up to rounding, memory bounded by the window, one
@@ -157,10 +225,11 @@ def latents_to_mel_windowed(
     its output is cut into windows overlapping by `decoder_context_frames` on each side, the
     windows of all items are stacked and run `window_batch` at a time through `decode_local`
     (default: `decode_local_part`; the gpu profile passes a CUDA-graph replay of it), and their
-    centres are joined. Latents [B, C_lat, H, T] -> log-mel [B, in_channels, H*r, T*r].
+    centres are joined. `global_chunk_frames` bounds the global part's memory too
+    (`decode_global_part`). Latents [B, C_lat, H, T] -> log-mel [B, in_channels, H*r, T*r].
     """
     run = decode_local if decode_local is not None else partial(decode_local_part, dcae)
-    hidden = decode_global_part(dcae, latents)
+    hidden = decode_global_part(dcae, latents, global_chunk_frames)
     total = hidden.shape[-1]
     if total <= window_frames:
         return decode_local_part(dcae, hidden)

@@ -13,6 +13,7 @@ blocks `ERG_DIFFUSION_BLOCKS` in `decode`, selected per batch item.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -399,3 +400,17 @@ class ACEStepTransformer(ModelMixin, ConfigMixin):
             )
         velocity = self.final_layer(hidden_states, embedded_timestep)
         return velocity * frame_mask[:, None, None, :]
+
+
+def drop_unapplied_projections(model: ACEStepTransformer) -> ACEStepTransformer:
+    """`model` (in place) without the cross-attention projections no forward applies
+    (`CrossAttention.drop_unapplied`)."""
+    for block in model.transformer_blocks:
+        block.cross_attn.drop_unapplied()
+    return model
+
+
+def load_transformer(folder: str | Path) -> ACEStepTransformer:
+    """The published `ace_step_transformer/` folder, loaded unchanged, then without the projections
+    no forward applies: what every component process keeps."""
+    return drop_unapplied_projections(ACEStepTransformer.from_pretrained(folder).eval())
