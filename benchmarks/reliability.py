@@ -148,9 +148,10 @@ class Suite:
     """The stack and the rows run against it."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from export.build_repository import build_repository
+        from export.build_repository import build_repository, profile_environment, resolve_profile, server_arguments
 
         self.args = args
+        self.profile = resolve_profile(args.profile, dict(args.set))
         self.work = Path(args.work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.checkpoint = Path(args.checkpoint).resolve()
@@ -163,9 +164,13 @@ class Suite:
         if not args.triton:
             repository = build_repository(args.profile, self.checkpoint, self.work / "repository", args.lyric_vocab,
                                           overrides=dict(args.set))
-            env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if args.profile == "gpu" else {}
+            import torch
+
+            gpus = torch.cuda.device_count() if self.profile.device == "cuda" else 0
             self.triton = TritonServer(repository, log_path=self.work / "tritonserver.log",
-                                       startup_timeout_s=RECOVERY_TIMEOUT_S, python=args.server_python, env=env)
+                                       startup_timeout_s=RECOVERY_TIMEOUT_S, python=args.server_python,
+                                       env=profile_environment(self.profile),
+                                       extra_args=server_arguments(self.profile, gpus))
             self.supervisor = Supervisor(self.triton)
             self.grpc_url, self.metrics_url = self.triton.grpc_url, self.triton.metrics_url
         self.outputs = self.work / "outputs"
@@ -195,7 +200,8 @@ class Suite:
 
     def new_gateway(self, outputs: Path, log: str, wrap: list[str] | None = None, **env: str) -> GatewayProcess:
         return GatewayProcess(self.checkpoint, self.grpc_url, outputs, self.work / log,
-                              {"ACESTEP_PRECISION": "bf16" if self.args.profile == "gpu" else "fp32", **env}, wrap)
+                              {"ACESTEP_PRECISION": "bf16" if self.profile.dtype == "bfloat16" else "fp32", **env},
+                              wrap)
 
     def body(self, **changes) -> dict:
         return short_body(self.checkpoint, **changes)
@@ -462,8 +468,9 @@ class Suite:
                                             if r.target == "dit_step"), None), RECOVERY_TIMEOUT_S)
         after = self.first_request_after()
         total = time.monotonic() - killed
+        warm_up = ", warm-up" if self.profile.accelerate or self.profile.low_vram else ""
         return recovery.ok and after.startswith("200"), (
-            f"reload (unload + load{', warm-up' if self.args.profile == 'gpu' else ''}) {recovery.seconds:.1f} s; "
+            f"reload (unload + load{warm_up}) {recovery.seconds:.1f} s; "
             f"first generation after: {after}; kill to first audio {total:.1f} s")
 
 
