@@ -134,7 +134,14 @@ def condition_rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[ConditionRo
 
 def stack_rows(rows: Sequence[ConditionRow], mask_fill: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows stacked into [B, ..., S, C] and [B, S], padded to the longest S: tokens with zeros, the mask
-    with `mask_fill` (what the decode reads as an absent token: 0 for a 0/1 mask, -inf for an additive one)."""
+    with `mask_fill` (what the decode reads as an absent token: 0 for a 0/1 mask, -inf for an additive one).
+
+    One row comes back as views of it, not copied: the lowvram profile decodes a 240 s request's rows
+    one per forward, where a copy of the row's prepared keys/values (135 MiB at 577 tokens) would add
+    that much to every step's peak (benchmarks/NOTES.md, "Low VRAM"). Callers only read them.
+    """
+    if len(rows) == 1:
+        return rows[0].tokens[None], rows[0].mask[None]
     longest = max(row.length for row in rows)
     tokens = torch.stack([F.pad(row.tokens, (0, 0, 0, longest - row.length)) for row in rows])
     mask = torch.stack([F.pad(row.mask, (0, longest - row.length), value=mask_fill) for row in rows])

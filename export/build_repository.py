@@ -162,18 +162,18 @@ GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 1, "vocode
 # (bf16, weights resident: 4.6 GiB) and the decoders (bf16, weights in host memory between
 # executions) use the GPU; the encoders run on the CPU in float32 (text ~0.1 s, lyrics ~0.3 s at
 # most), sparing their CUDA contexts (~0.5 GiB each). dcae_encoder too: it runs once per request of
-# the tasks that start from audio, and a fourth GPU process's context alone would take the sum over
-# 8 GiB (benchmarks/NOTES.md, "Low VRAM"). All instances are KIND_CPU, so every request
-# reaches a component in host memory and gets host outputs back (ComponentModel): no GPU tensor
-# crosses a process, and with the server's pools off the server process holds its CUDA context alone.
-# GPU components take turns (gpu_lock) and return their cached memory after each execution.
-# A dit_step forward holds at most one 240 s row's frames (rows x frames): a 240 s request's guided
-# steps run their two rows as two forwards, half the working memory (~0.4 GiB) and no slower there
-# (one 240 s row already fills the GPU: 28 ms for one row, 62 ms for two, H100), while shorter
-# requests still run their rows together. The decoders decode one item at a time. The condition
-# cache holds one request's prepared cross-attention keys and values (~0.13 GiB per branch at ~580
-# condition tokens: two branches at contract defaults); more requests in flight evict each other and
-# resend.
+# the tasks that start from audio, and as a fourth GPU process its context alone would leave the
+# budget no margin, its 240 s encode ~3.2 GiB more (benchmarks/NOTES.md, "Low VRAM"). All instances
+# are KIND_CPU, so every request reaches a component in host memory and gets host outputs back
+# (ComponentModel): no GPU tensor crosses a process, and with the server's pools off the server
+# process holds its CUDA context alone. GPU components take turns (gpu_lock) and return their cached
+# memory after each execution. A dit_step forward holds at most one 240 s row's frames (rows x
+# frames): a 240 s request's guided steps run their two rows as two forwards, half the working
+# memory (~0.4 GiB) and no slower there (one 240 s row already fills the GPU: 28 ms for one row, 62
+# ms for two, H100), while shorter requests still run their rows together. The decoders decode one
+# item at a time. The condition cache holds one request's prepared cross-attention keys and values
+# (~0.13 GiB per branch at ~580 condition tokens: two branches at contract defaults); more requests
+# in flight evict each other and resend.
 LOWVRAM = Profile(
     "lowvram", "pytorch", "cuda", "bfloat16", "KIND_CPU", 0, queue_delay_us=0, diffusion_instances=2,
     dit_max_row_frames=PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=512,

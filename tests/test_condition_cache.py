@@ -73,6 +73,13 @@ def test_stack_rows_pads_tokens_with_zeros_and_the_mask_with_its_fill() -> None:
     assert tokens[0, 3:].abs().sum() == 0 and mask[0].tolist() == [1, 1, 1, float("-inf"), float("-inf")]
 
 
+def test_one_row_is_stacked_without_a_copy() -> None:
+    only = row(0, tokens=3)
+    tokens, mask = stack_rows([only], float("-inf"))
+    assert tokens.shape == (1, 3, 4) and mask.shape == (1, 3)
+    assert tokens.data_ptr() == only.tokens.data_ptr() and mask.data_ptr() == only.mask.data_ptr()
+
+
 def test_miss_names_every_missing_key_and_is_recognisable() -> None:
     cache = ConditionCache(max_bytes=2**20, ttl_s=60)
     cache.put("a", row(0))
