@@ -148,6 +148,8 @@ class ExecutionMemory:
 
     def __init__(self, weights: HostWeights | None, release: torch.device | None, lock: str | None) -> None:
         self.weights, self.release, self.lock = weights, release, lock
+        if release is not None:  # what the load and the hook's warm-up left cached, before any request
+            release_cache(release)
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], engine: TorchEngine, repository: Path) -> ExecutionMemory:

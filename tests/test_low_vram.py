@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
+import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2
 
 from acestep_triton.checkpoint import Checkpoint
 from acestep_triton.components import load_component, load_components
 from acestep_triton.engines import load_engines
+from acestep_triton.ensemble_client import infer_inputs
 from acestep_triton.low_vram import HostWeights, LowVram, exclusive, gpu_lock_path, prepare_engine
 from acestep_triton.models import dcae as dcae_module
 from acestep_triton.models.attention import UNAPPLIED_PROJECTIONS
@@ -28,7 +31,8 @@ from acestep_triton.models.transformer import ACEStepTransformer
 from export.build_repository import PROFILES, build_repository, profile_environment, resolve_profile, server_arguments
 from export.model_config import read_model_config
 from export.samples import Sizes, sample_inputs
-from tests.golden_cases import golden_params, golden_tensors
+from tests.golden_cases import ext_request, golden_params, golden_tensors
+from tests.stream_client import stream_responses
 from tests.test_triton_repository import infer
 
 KIND_CPU = model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
@@ -208,17 +212,36 @@ def test_lowvram_settings_are_checked() -> None:
     assert not resolve_profile("lowvram", {"resident_weights": None}).offloads("dcae_decoder")
 
 
-def test_lowvram_profile_served_on_the_cpu_matches_golden(tmp_path_factory, triton_server_factory, golden_ckpt,
-                                                          lyric_vocab, golden_dir) -> None:
-    """The whole lowvram path through a real tritonserver, with the CPU as its device (hooks, weights
-    moved per execution, host outputs, the lock, one item per decoder forward): a golden case's
-    waveform."""
+@pytest.fixture(scope="module")
+def lowvram_server(tmp_path_factory, triton_server_factory, golden_ckpt, lyric_vocab):
+    """The lowvram profile through a real tritonserver, with the CPU as its device (hooks, weights moved
+    per execution, host outputs, the lock, one item per decoder forward)."""
     repo = build_repository("lowvram", golden_ckpt, tmp_path_factory.mktemp("lowvram_repo"), lyric_vocab,
                             overrides={"device": "cpu", "dtype": "float32", "diffusion_instances": 1})
-    server = triton_server_factory(repo)
+    return triton_server_factory(repo)
+
+
+def test_lowvram_profile_served_on_the_cpu_matches_golden(lowvram_server, golden_dir) -> None:
     case = "a_euler_apg_erg"
     params = golden_params(golden_dir, case)
-    out = infer(server, params)
+    out = infer(lowvram_server, params)
     reference = golden_tensors(golden_dir, case)["final_waveform"].numpy()
     err = np.abs(out.waveforms[0] - reference).max()
     assert err < 1e-4, f"lowvram profile: waveform max abs error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", ["ed1_edit_navg1", "p1_repaint"])
+def test_lowvram_profile_serves_the_tasks_that_start_from_audio(lowvram_server, golden_dir, case) -> None:
+    """The loop's call to dcae_encoder (on the CPU in this profile), an edit's four branches of prepared
+    keys/values in dit_step's condition cache, and (repaint) the stream model: the official waveforms."""
+    params, source = ext_request(golden_dir, case)
+    if case == "p1_repaint":
+        *_, result = stream_responses(lowvram_server.grpc_url, infer_inputs(grpcclient, params, source=source),
+                                      timeout_s=600)
+        assert not isinstance(result, Exception), result
+        waveform = result.as_numpy("WAVEFORM")[0]
+    else:
+        waveform = infer(lowvram_server, params, source=source).waveforms[0]
+    wav, _ = soundfile.read(golden_dir / "ext" / f"{case}.wav", dtype="float32", always_2d=True)
+    err = float(np.abs(waveform - wav.T).max())
+    assert err < 1e-4, f"lowvram profile, {case}: waveform max abs error {err:.2e}"
