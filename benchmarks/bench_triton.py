@@ -15,7 +15,7 @@ Sections, in order; each one's numbers land in triton_results.json as it finishe
   checkpoint   a full-size random checkpoint in the published layout (bf16 safetensors, seeded init from
                benchmarks/full_size_configs/, a small trained prompt tokenizer, the lyric vocabulary from
                --lyric-vocab), written once into --work
-  in_process   Text2MusicPipeline (gpu profile speed-ups) on that checkpoint, one request repeated: median
+  in_process   (unless --no-in-process) Text2MusicPipeline (gpu profile speed-ups) on that checkpoint, one request repeated: median
                wall time up to the waveform in host memory, after a warm-up; its waveform is the reference
   triton       the gpu-profile repository (export.build_repository, --set overrides its settings) served
                by tritonserver; one request over gRPC (tritonclient.grpc.aio, as the gateway): median of
@@ -738,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=27)
     parser.add_argument("--runs", type=int, default=5, help="single-request runs, in-process and Triton (median)")
     parser.add_argument("--gateway-runs", type=int, default=3)
+    parser.add_argument("--no-in-process", dest="in_process", action="store_false",
+                        help="skip the in-process reference (and so the correctness check): a short device call")
     parser.add_argument("--tasks-runs", type=int, default=0,
                         help="timed requests of each task other than text2music (0: the section is skipped)")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
@@ -788,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process: {numbers['median_s']:.3f} s (load {numbers['load_s']:.0f} s)", flush=True)
         return numbers
 
-    run.section("in_process", in_process_section, required=True)
+    if args.in_process:
+        run.section("in_process", in_process_section, required=True)
     levels = [int(c) for c in args.concurrency.split(",") if c]
     serve_and_measure(run, args, checkpoint, params, reference, overrides, "main", levels, full=True)
     for i, variant in enumerate(variants):
@@ -803,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     failed = [name for name, part in results.items()
               if isinstance(part, dict) and part.get("correctness", {}).get("passed") is False]
-    if failed or reference is None:
+    if failed or (args.in_process and reference is None):
         print("\n" + "!" * 78 + f"\nFAIL: Triton's waveform differs from in-process beyond {args.max_rel_l2:g} "
               f"(relative L2) in {failed or 'the in-process reference (missing)'}: a fast but wrong path.\n"
               + "!" * 78, flush=True)
