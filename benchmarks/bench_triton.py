@@ -1,7 +1,7 @@
 """Serving speed through Triton (gpu profile) on a full-size random checkpoint, against in-process: one command.
 
     python3 -m benchmarks.bench_triton --out DIR --server-python /tmp/stubenv/bin/python3 \
-        [--work DIR] [--duration 60] [--steps 27] [--runs 5] [--gateway-runs 3] \
+        [--work DIR] [--duration 60] [--steps 27] [--runs 5] [--gateway-runs 3] [--tasks-runs 0] \
         [--concurrency 1,2,4,8,16] [--requests-per-worker 2] [--set FIELD=VALUE ...] \
         [--variant FIELD=VALUE[,FIELD=VALUE] ...] [--perf-analyzer-concurrency 4] [--budget-s 420]
 
@@ -15,13 +15,16 @@ Sections, in order; each one's numbers land in triton_results.json as it finishe
   checkpoint   a full-size random checkpoint in the published layout (bf16 safetensors, seeded init from
                benchmarks/full_size_configs/, a small trained prompt tokenizer, the lyric vocabulary from
                --lyric-vocab), written once into --work
-  in_process   Text2MusicPipeline (gpu profile speed-ups) on that checkpoint, one request repeated: median
+  in_process   (unless --no-in-process) Text2MusicPipeline (gpu profile speed-ups) on that checkpoint, one request repeated: median
                wall time up to the waveform in host memory, after a warm-up; its waveform is the reference
   triton       the gpu-profile repository (export.build_repository, --set overrides its settings) served
                by tritonserver; one request over gRPC (tritonclient.grpc.aio, as the gateway): median of
                --runs, overhead over in-process, per-stage TIME outputs
   correctness  the same seed through Triton and in-process: relative L2 of the waveform; over
                --max-rel-l2 (1e-2, the bf16 bound) the benchmark FAILS (exit status 1)
+  tasks        with --tasks-runs N: retake, repaint, extend, edit and audio2audio (bench_triton.task_requests),
+               each giving a result as long as --duration, the audio-input ones starting from the single
+               request's waveform; median of N after a warm-up
   gateway      `python -m gateway` in front of that server: POST /generate (REST, WAV bytes back, file
                written by the gateway), median of --gateway-runs, overhead over Triton
   concurrency  for each level c, c workers send --requests-per-worker requests back to back (after one
@@ -61,6 +64,7 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from email.message import Message
 from pathlib import Path
 
@@ -75,7 +79,19 @@ from acestep_triton.checkpoint import (
     VOCODER_DIR,
     validate_checkpoint,
 )
-from acestep_triton.contract import ENSEMBLE_NAME, STAGES, GenerationParams
+from acestep_triton.contract import (
+    AUDIO2AUDIO,
+    AUDIO_INPUT_TASKS,
+    EDIT,
+    ENSEMBLE_NAME,
+    EXTEND,
+    OUTPUT_SAMPLE_RATE,
+    REPAINT,
+    RETAKE,
+    STAGES,
+    GenerationParams,
+    SourceAudio,
+)
 from acestep_triton.ensemble_client import infer_inputs, read_result
 from acestep_triton.phase_log import PHASE_LOG_ENV
 from benchmarks.bench_pipeline import (
@@ -275,11 +291,12 @@ def grpc_client(url: str):
     return grpcclient.InferenceServerClient(url, channel_args=options)
 
 
-async def one_request(client, params: GenerationParams, keep_wave: bool = False) -> dict:
+async def one_request(client, params: GenerationParams, keep_wave: bool = False,
+                      source: SourceAudio | None = None) -> dict:
     """One `acestep` request through the shared ensemble client: latency, audio seconds, stage times."""
     import tritonclient.grpc.aio as grpcclient
 
-    inputs = infer_inputs(grpcclient, params)
+    inputs = infer_inputs(grpcclient, params, source=source)
     start = time.perf_counter()
     result = read_result(await client.infer(ENSEMBLE_NAME, inputs, client_timeout=600))
     latency = time.perf_counter() - start
@@ -302,6 +319,44 @@ async def single(url: str, params: GenerationParams, runs: int) -> tuple[dict, n
     return ({"median_s": statistics.median(latencies), "runs_s": latencies,
              "stages_median_s": {s: statistics.median(r["stages"][s] for r in done) for s in STAGES}},
             done[-1]["wave"])
+
+
+def task_requests(params: GenerationParams) -> dict[str, GenerationParams]:
+    """Each task other than text2music, shaped so that its result is `params.audio_duration` long.
+
+    The audio-input tasks start from the text2music result of `params` (extend from its first two
+    thirds, grown by a sixth on each side); the windows and strengths are mid-range values.
+    """
+    length = params.audio_duration
+    return {
+        RETAKE: replace(params, task=RETAKE, retake_variance=0.5),
+        REPAINT: replace(params, task=REPAINT, repaint_start=length / 3, repaint_end=2 * length / 3),
+        EXTEND: replace(params, task=EXTEND, repaint_start=-length / 6, repaint_end=5 * length / 6),
+        EDIT: replace(params, task=EDIT, edit_target_prompt=params.prompt + ", piano", edit_n_min=0.2,
+                      edit_n_max=0.8),
+        AUDIO2AUDIO: replace(params, task=AUDIO2AUDIO, ref_audio_strength=0.5),
+    }
+
+
+async def tasks(url: str, params: GenerationParams, source_wave: np.ndarray, runs: int) -> dict:
+    """Per task: a warm-up (a new shape's first call), then `runs` timed requests; median latency."""
+    client = grpc_client(url)
+    out = {}
+    try:
+        for task, task_params in task_requests(params).items():
+            samples = source_wave[0]
+            if task == EXTEND:
+                samples = samples[:, : round(samples.shape[-1] * 2 / 3)]
+            source = SourceAudio(samples, OUTPUT_SAMPLE_RATE) if task in AUDIO_INPUT_TASKS else None
+            await one_request(client, task_params, source=source)
+            done = [await one_request(client, task_params, source=source) for _ in range(runs)]
+            latencies = [r["latency_s"] for r in done]
+            out[task] = {"median_s": statistics.median(latencies), "runs_s": latencies, "audio_s": done[-1]["audio_s"],
+                         "stages_median_s": {s: statistics.median(r["stages"][s] for r in done) for s in STAGES}}
+            print(f"task {task}: {out[task]['median_s']:.3f} s for {out[task]['audio_s']:.1f} s of audio", flush=True)
+    finally:
+        await client.close()
+    return out
 
 
 async def load_level(url: str, params: GenerationParams, concurrency: int, per_worker: int,
@@ -572,6 +627,9 @@ def serve_and_measure(run: Run, args, checkpoint: Path, params: GenerationParams
         if single_out is not None and reference is not None:
             run.section("correctness", lambda: correctness(single_out, reference, args.max_rel_l2), into,
                         required=True)
+        if full and args.tasks_runs and single_out is not None:
+            run.section("tasks", lambda: asyncio.run(tasks(server.grpc_url, params, single_out, args.tasks_runs)),
+                        into)
         if full:
             run.section("gateway", lambda: gateway_section(checkpoint, server.grpc_url, params, args.gateway_runs,
                                                            run.out), into)
@@ -662,6 +720,13 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {model} | {s['requests']} | {s['rows_per_execution']:.2f} | {ms['queue']:.2f} | "
                              f"{ms['compute_input']:.2f} | {ms['compute_infer']:.2f} | {ms['compute_output']:.2f} |")
             lines.append("")
+        task_times = {k: v for k, v in part.get("tasks", {}).items() if isinstance(v, dict)}
+        if task_times:
+            lines += ["| task | audio s | median wall s | RTF | diffusion s |", "|---|---|---|---|---|"]
+            for task, t in task_times.items():
+                lines.append(f"| {task} | {t['audio_s']:.1f} | {t['median_s']:.3f} | {t['audio_s'] / t['median_s']:.1f}x "
+                             f"| {t['stages_median_s'].get('diffusion', float('nan')):.3f} |")
+            lines.append("")
         perf = part.get("perf_analyzer", {})
         for model in (ENSEMBLE_NAME, "dit_step"):
             if model in perf:
@@ -691,6 +756,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=27)
     parser.add_argument("--runs", type=int, default=5, help="single-request runs, in-process and Triton (median)")
     parser.add_argument("--gateway-runs", type=int, default=3)
+    parser.add_argument("--no-in-process", dest="in_process", action="store_false",
+                        help="skip the in-process reference (and so the correctness check): a short device call")
+    parser.add_argument("--tasks-runs", type=int, default=0,
+                        help="timed requests of each task other than text2music (0: the section is skipped)")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--requests-per-worker", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -739,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process: {numbers['median_s']:.3f} s (load {numbers['load_s']:.0f} s)", flush=True)
         return numbers
 
-    run.section("in_process", in_process_section, required=True)
+    if args.in_process:
+        run.section("in_process", in_process_section, required=True)
     levels = [int(c) for c in args.concurrency.split(",") if c]
     serve_and_measure(run, args, checkpoint, params, reference, overrides, "main", levels, full=True)
     for i, variant in enumerate(variants):
@@ -754,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     failed = [name for name, part in results.items()
               if isinstance(part, dict) and part.get("correctness", {}).get("passed") is False]
-    if failed or reference is None:
+    if failed or (args.in_process and reference is None):
         print("\n" + "!" * 78 + f"\nFAIL: Triton's waveform differs from in-process beyond {args.max_rel_l2:g} "
               f"(relative L2) in {failed or 'the in-process reference (missing)'}: a fast but wrong path.\n"
               + "!" * 78, flush=True)
