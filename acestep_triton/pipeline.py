@@ -13,10 +13,12 @@ from contextlib import contextmanager
 
 import torch
 
+from acestep_triton.adapters import AdapterSettings
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.contract import GenerationParams, GenerationResult
 from acestep_triton.engines import load_engines
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, LatentGeometry, latent_geometry
+from acestep_triton.lora import AdapterStore, adapter_rows
 from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.preprocess import PreparedRequest, prepare_request
 from acestep_triton.registry import NEURAL_COMPONENTS
@@ -29,11 +31,14 @@ Engine = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class Text2MusicPipeline:
-    """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings."""
+    """Prompt + lyrics + parameters -> 48 kHz stereo waveforms, with per-stage timings.
+
+    `adapters`: the LoRA adapters of the engines' shared transformer (requests naming one need it).
+    """
 
     def __init__(self, text_tokenizer: TextTokenizer, lyric_tokenizer: LyricTokenizer,
                  engines: Mapping[str, Engine], device: torch.device,
-                 geometry: LatentGeometry = PUBLISHED_GEOMETRY) -> None:
+                 geometry: LatentGeometry = PUBLISHED_GEOMETRY, adapters: AdapterStore | None = None) -> None:
         missing = set(NEURAL_COMPONENTS) - set(engines)
         if missing:
             raise ValueError(f"engines missing for {sorted(missing)}")
@@ -42,6 +47,7 @@ class Text2MusicPipeline:
         self.engines = dict(engines)
         self.device = device
         self.geometry = geometry
+        self.adapters = adapters
 
     @classmethod
     def from_checkpoint(
@@ -51,18 +57,19 @@ class Text2MusicPipeline:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         accelerate: bool = False,
+        adapters: AdapterSettings | None = None,
     ) -> Text2MusicPipeline:
         """Load every component (one shared transformer); `accelerate` applies the gpu profile's
-        speed-ups (CUDA only, see acestep_triton.acceleration)."""
+        speed-ups (CUDA only, see acestep_triton.acceleration); `adapters` serves LoRA adapters."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else validate_checkpoint(checkpoint)
-        engines = {name: engine.run
-                   for name, engine in load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate).items()}
+        loaded = load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate, adapters)
         return cls(
             TextTokenizer.from_pretrained(ckpt.text_encoder),
             LyricTokenizer.from_file(find_lyric_vocab(ckpt, lyric_vocab)),
-            engines,
+            {name: engine.run for name, engine in loaded.items()},
             torch.device(device),
             latent_geometry(ckpt),
+            loaded["dit_step"].adapters,
         )
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
@@ -82,10 +89,12 @@ class Text2MusicPipeline:
         with stage("preprocess"):
             prepared = self.prepare(params)
             rows = {name: torch.from_numpy(array) for name, array in prepared.tensors().items()}
+            adapter = adapter_rows(self.adapters, params.lora_name_or_path, params.lora_weight)
         with stage("text_encoder"):
             text_states = self.engines["text_encoder"](rows)["TEXT_STATES"]
         with stage("condition_encoder"):
-            out = self.engines["condition_encoder"]({**rows, "TEXT_STATES": text_states})
+            out = self.engines["condition_encoder"]({**rows, "TEXT_STATES": text_states,
+                                                     **adapter(len(prepared.branches))})
             conditions = Conditions(prepared.branches, out["ENCODER_STATES"].to(self.device),
                                     out["ENCODER_MASK"].to(self.device))
         with stage("diffusion"):
@@ -97,8 +106,9 @@ class Text2MusicPipeline:
             def step_fn(latents, timestep, branches):
                 key = tuple(branches)
                 if key not in per_branches:
-                    per_branches[key] = branch_inputs(conditions, key, noise.shape[0], noise.shape[-1],
-                                                      params.use_erg_diffusion)
+                    per_branches[key] = {**branch_inputs(conditions, key, noise.shape[0], noise.shape[-1],
+                                                         params.use_erg_diffusion),
+                                         **adapter(latents.shape[0])}
                 batch = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1), **per_branches[key]}
                 return self.engines["dit_step"](batch)["VELOCITY"].to(latents)
 

@@ -52,6 +52,8 @@ class Component:
         order, a tuple of outputs in spec order).
     samples: callable(spec, ckpt, sizes, draw) -> valid inputs in spec order (export.samples).
     acceleration: callable(engine, settings) applying the gpu profile's speed-ups, or "" for none.
+    lora: the component's module runs `module.transformer`, which takes LoRA adapters per batch row
+        (acestep_triton.lora); its Triton model then takes specs.ADAPTER_INPUTS on the pytorch engine.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Component:
     batching: Batching
     parts: tuple[str, ...] = ()
     acceleration: str = ""
+    lora: bool = False
 
 
 def resolve(reference: str) -> Any:
@@ -102,6 +105,7 @@ COMPONENTS: dict[str, Component] = {
             samples="export.samples:condition_encoder_samples",
             acceleration="acestep_triton.acceleration:accelerate_encoder",
             batching=Batching(max_batch_size=16),
+            lora=True,
         ),
         Component(
             name="dit_step",
@@ -113,6 +117,7 @@ COMPONENTS: dict[str, Component] = {
             samples="export.samples:dit_step_samples",
             acceleration="acestep_triton.acceleration:accelerate_dit_step",
             batching=Batching(max_batch_size=64),
+            lora=True,
         ),
         Component(
             name="dcae_decoder",
