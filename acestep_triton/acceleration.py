@@ -6,7 +6,8 @@
   (row bucket, frame bucket, token bucket). Frames and tokens are zero-padded up to their bucket
   with their masks zeroed, which the decode already treats as absent (the padded-batch test holds
   it to that); rows are padded with copies of the first. A graph serves every length and batch in
-  its buckets, and a step costs one launch.
+  its buckets, and a step costs one launch. A batch with LoRA adapter rows (acestep_triton.lora) is
+  decoded eagerly outside the graphs (BucketedDecode).
 - vocoder: mels are decoded in fixed windows (ADaMoSHiFiGAN.decode_windowed, equal to a whole
   decode up to rounding), each window replayed from one CUDA graph: any length, bounded memory,
   one set of cuDNN algorithms.
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ import torch.nn.functional as F
 from acestep_triton.models.dcae import decode_local_part
 from acestep_triton.registry import component, resolve
 from acestep_triton.sampling.seeds import latent_frames
+
+if TYPE_CHECKING:
+    from acestep_triton.lora import AdapterStore
 
 
 class TorchEngine(Protocol):
@@ -49,6 +53,7 @@ class TorchEngine(Protocol):
     device: torch.device
     module: torch.nn.Module
     spec: object
+    adapters: AdapterStore | None
 
     def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
@@ -169,9 +174,18 @@ class BucketedDecode:
     incoming ones (one device comparison and a host sync per step), and the held K/V tensors are the
     graphs' own inputs (resident: updated in place, never copied per step). The guided and unguided
     steps of a request have different row counts, so each keeps its own entry.
+
+    LoRA adapters (`adapters`, the engine's acestep_triton.lora.AdapterStore): a graph replays the
+    kernels it captured, and those hold no adapter's factors. So a batch in which any row has an
+    adapter is decoded eagerly, the compiled blocks run uncompiled too (their trace has the adapter
+    hooks inactive; tracing each mix of adapters would recompile at request time), and its
+    conditions' K/V are computed for it (they depend on the adapters through to_k/to_v) instead of
+    being held. Batches of base-model rows only keep the graphs: adapters cost them nothing.
     """
 
-    def __init__(self, transformer: torch.nn.Module, settings: Acceleration) -> None:
+    def __init__(self, transformer: torch.nn.Module, settings: Acceleration, adapters: AdapterStore | None = None) -> None:
+        self.eager = transformer.decode
+        self.adapters = adapters
         self.frame_bucket = settings.frame_bucket
         self.token_bucket = settings.token_bucket
         self.row_buckets = settings.row_buckets
@@ -182,6 +196,9 @@ class BucketedDecode:
         self.held: OrderedDict[tuple, _HeldConditions] = OrderedDict()
 
     def __call__(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale) -> torch.Tensor:
+        if self.adapters is not None and self.adapters.active:
+            with torch.compiler.set_stance("force_eager"):
+                return self.eager(latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale)
         rows, frames, tokens = latents.shape[0], latents.shape[-1], encoder_states.shape[1]
         frame_pad, token_pad = -frames % self.frame_bucket, -tokens % self.token_bucket
         if frame_pad:
@@ -301,7 +318,7 @@ def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
             block.attn.fused = fused_linear_attention
     if settings.compile_blocks:
         compile_blocks(module.transformer)
-    module.decode = BucketedDecode(module.transformer, settings)
+    module.decode = BucketedDecode(module.transformer, settings, engine.adapters)
     # first calls: different frame and token counts, so dynamic shapes do not tie the two together
     for rows in (1, 2):
         engine.run(_dit_warmup_batch(engine, rows, 5 * settings.frame_bucket, settings.token_bucket))

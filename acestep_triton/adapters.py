@@ -158,6 +158,26 @@ def resolver_from_parameters(params: Mapping[str, str]) -> AdapterResolver:
     return AdapterResolver(AdapterSettings.from_parameters(params) if "ADAPTERS_DIR" in params else None)
 
 
+@dataclass(frozen=True)
+class AdapterChoice:
+    """One request's adapter (a name AdapterResolver checked, or NO_LORA) and its weight."""
+
+    name: str = NO_LORA
+    weight: float = 1.0
+
+    @classmethod
+    def from_arrays(cls, names: np.ndarray, weights: np.ndarray) -> AdapterChoice:
+        """From ADAPTER / ADAPTER_WEIGHT [K, 1] rows of one request (preprocess's: all rows alike)."""
+        decoded, values = decode_names(names), np.asarray(weights, dtype=np.float32).reshape(-1)
+        if not decoded or len(set(decoded)) != 1 or len(values) != len(decoded) or len(set(values.tolist())) != 1:
+            raise ParameterError(ADAPTER, f"expected one adapter and weight for all rows, got {decoded} {values.tolist()}")
+        return cls(decoded[0], float(values[0]))
+
+    def step_arrays(self, rows: int) -> dict[str, np.ndarray]:
+        """What a `dit_step` request of `rows` rows carries: the adapter rows, nothing for the base model."""
+        return {} if self.name == NO_LORA else adapter_arrays(self.name, self.weight, rows)
+
+
 def adapter_arrays(name: str, weight: float, rows: int) -> dict[str, np.ndarray]:
     """ADAPTER [rows, 1] (BYTES) and ADAPTER_WEIGHT [rows, 1] (float32): one adapter for every row."""
     return {ADAPTER: np.full((rows, 1), name.encode(), dtype=np.object_),

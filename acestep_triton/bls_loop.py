@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from acestep_triton.adapters import AdapterChoice
 from acestep_triton.condition_cache import ConditionSender, is_miss
 from acestep_triton.sampling.conditions import Conditions, branch_inputs
 from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
@@ -35,11 +36,12 @@ class StepLoop:
     """
 
     def __init__(self, call: Call, conditions: Conditions, use_erg_diffusion: bool, sender: ConditionSender | None,
-                 plan: Sequence[Sequence[str]]) -> None:
+                 plan: Sequence[Sequence[str]], adapter: AdapterChoice = AdapterChoice()) -> None:
         """`plan[i]` lists the branches step i evaluates (Guidance.branches): a branch's rows carry
-        CONDITION_RELEASE at the last step that uses it."""
+        CONDITION_RELEASE at the last step that uses it. Every row carries the request's LoRA `adapter`."""
         self.call, self.conditions, self.use_erg_diffusion = call, conditions, use_erg_diffusion
         self.sender = sender
+        self.adapter = adapter
         self.last_use = {branch: i for i, branches in enumerate(plan) for branch in branches}
         self.per_branches: dict[tuple[str, ...], dict] = {}
         self.calls = 0
@@ -57,7 +59,7 @@ class StepLoop:
         self.last = (latents, branches)
         self.calls += 1
         base = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1),
-                **self._branch_inputs(branches, items, latents.shape[-1])}
+                **self._branch_inputs(branches, items, latents.shape[-1]), **self.adapter.step_arrays(latents.shape[0])}
         if self.sender is None:
             return self.call(base)
         done = tuple(b for b in branches if self.last_use[b] == self.calls - 1)

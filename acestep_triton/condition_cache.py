@@ -10,9 +10,9 @@ Semantics (the contract between the `diffusion` loop and the `dit_step` model):
 
 - Key. One key per (request, branch): `ConditionKey(request_id, branch)`. `request_id` is unique
   per loop request (a fresh uuid4 per `diffusion` request), so two requests never share an entry,
-  however equal their prompts. The key carries everything a row's conditions depend on; the task
-  and adapter fields are there for the tasks and LoRA adapters to come (their conditions will
-  differ for the same request), so adding them cannot alias an existing key.
+  however equal their prompts. The key carries everything a row's conditions depend on: the
+  request's LoRA adapter (its name, or "none") changes them, and the task field is there for the
+  tasks to come, so neither can alias an existing key.
 - Wire. On top of the spec's inputs, a `dit_step` request may carry CONDITION_KEY [N, 1] (BYTES,
   one key per batch row) and CONDITION_RELEASE [N, 1] (BOOL). ENCODER_STATES / ENCODER_MASK
   become optional:
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.contract import ParameterError
+from acestep_triton.contract import NO_LORA, ParameterError
 from acestep_triton.specs import CONDITION_KEY, KEYED_INPUTS
 
 MISS_MESSAGE = "condition cache miss"
@@ -77,7 +77,7 @@ class ConditionKey:
     request_id: str
     branch: str
     task: str = "text2music"
-    adapter: str = ""
+    adapter: str = NO_LORA
 
     def __str__(self) -> str:
         return "|".join((self.request_id, self.task, self.adapter, self.branch))
@@ -239,12 +239,13 @@ class ConditionSender:
     released ones.
     """
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, adapter: str = NO_LORA) -> None:
         self.request_id = request_id
+        self.adapter = adapter
         self._sent: dict[str, None] = {}
 
     def key(self, branch: str) -> str:
-        return str(ConditionKey(self.request_id, branch))
+        return str(ConditionKey(self.request_id, branch, adapter=self.adapter))
 
     def holds(self, branches: Sequence[str]) -> bool:
         return all(b in self._sent for b in branches)

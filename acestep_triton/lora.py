@@ -15,9 +15,10 @@ of every block, the lyric Conformer's `linear_q/k/v/out` and `feed_forward.w_1/w
 Per row. A batch may hold rows of several requests (dynamic batching in condition_encoder and
 dit_step), each with its own adapter and weight, or none. `LoraLayers` puts a forward hook on every
 target layer; while `AdapterStore.applied` runs a batch, each hook adds, for every adapter in the
-batch, `weight_row * B(A(x_row))` to that adapter's rows only: the rows are gathered, the term
-computed on them and added back (index_add), so no other row's output changes at all. A batch with
-no adapter rows runs the base model (the hooks return at once).
+batch, `weight_row * B(A(x_row))` to that adapter's rows only: the term is computed on each run of
+consecutive rows using the adapter (a request's rows are consecutive in a batch) and added to those
+rows of the layer's output in place, so no other row's output is touched at all. A batch with no
+adapter rows runs the base model (the hooks return at once).
 
 Why not peft: peft replaces each Linear by a wrapper with one set of active adapters per forward. Its
 mixed-batch mode (`adapter_names=` per row) gives each adapter one scale, so two requests using the
@@ -96,12 +97,12 @@ def read_factors(name: str, folder: Path, shapes: Mapping[str, tuple[int, int]])
 
 @dataclass(frozen=True)
 class RowGroup:
-    """The rows of a batch that use one adapter: their indices [n] and weights [n] (float32)."""
+    """The rows of a batch that use one adapter: runs of consecutive rows [start, stop), and the
+    weight of every row of the batch ([N] float32; only those of the runs are read)."""
 
     factors: Factors
-    rows: torch.Tensor
+    runs: tuple[tuple[int, int], ...]
     weights: torch.Tensor
-    every_row: bool
 
 
 class LoraLayers:
@@ -128,26 +129,19 @@ class LoraLayers:
         return add_terms
 
     def add_terms(self, path: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """`output` (the layer's base output for input x) plus each active adapter's term on its rows."""
+        """`output` (the layer's base output for input x, a fresh tensor) with each active adapter's term
+        added in place to its rows."""
+        rows_in, rows_out = x.unflatten(0, (self.batch, -1)), output.unflatten(0, (self.batch, -1))
         for group in self.active:
             factors = group.factors.get(path)
             if factors is None:
                 continue
             down, up = factors
-            if group.every_row:
-                term = F.linear(F.linear(x, down), up)
-                output = output + (term * _per_row(group.weights, term, self.batch)).to(output.dtype)
-                continue
-            rows_in = x.unflatten(0, (self.batch, -1)).index_select(0, group.rows)
-            term = F.linear(F.linear(rows_in, down), up)
-            term = (term * group.weights.view(-1, *([1] * (term.dim() - 1)))).to(output.dtype)
-            output = output.unflatten(0, (self.batch, -1)).index_add(0, group.rows, term).flatten(0, 1)
+            for start, stop in group.runs:
+                term = F.linear(F.linear(rows_in[start:stop], down), up)
+                weights = group.weights[start:stop].view(-1, *([1] * (term.dim() - 1)))
+                rows_out[start:stop] += (term * weights).to(output.dtype)
         return output
-
-
-def _per_row(weights: torch.Tensor, term: torch.Tensor, batch: int) -> torch.Tensor:
-    """weights [batch] shaped to multiply `term`, whose first axis holds batch rows in blocks."""
-    return weights.repeat_interleave(term.shape[0] // batch).view(-1, *([1] * (term.dim() - 1)))
 
 
 class AdapterStore:
@@ -224,18 +218,25 @@ class AdapterStore:
         if not used:
             yield
             return
-        weights = weights.reshape(-1).float()
-        groups = []
-        for adapter_id in used:
-            rows = [i for i, v in enumerate(ids_list) if v == adapter_id]
-            index = torch.tensor(rows, dtype=torch.int64)
-            groups.append(RowGroup(self._load(adapter_id), index.to(self.device), weights[index].to(self.device),
-                                   every_row=len(rows) == len(ids_list)))
+        weights = weights.reshape(-1).float().to(self.device)
+        groups = [RowGroup(self._load(adapter_id), _runs(ids_list, adapter_id), weights) for adapter_id in used]
         self.layers.batch, self.layers.active = len(ids_list), tuple(groups)
         try:
             yield
         finally:
             self.layers.active = ()
+
+
+def _runs(ids: Sequence[int], adapter_id: int) -> tuple[tuple[int, int], ...]:
+    """[start, stop) of every run of consecutive rows whose id is `adapter_id`."""
+    runs, start = [], None
+    for row, value in enumerate([*ids, None]):
+        if value == adapter_id and start is None:
+            start = row
+        elif value != adapter_id and start is not None:
+            runs.append((start, row))
+            start = None
+    return tuple(runs)
 
 
 def adapter_rows(store: AdapterStore | None, name: str, weight: float) -> Callable[[int], dict[str, torch.Tensor]]:

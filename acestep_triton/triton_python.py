@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.contract import ENSEMBLE_INPUTS, GenerationParams, ParameterError
+from acestep_triton.contract import ENSEMBLE_INPUTS, TASK_INPUTS, GenerationParams, ParameterError
+from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT
 
 log = logging.getLogger("acestep_triton")
 
@@ -124,7 +125,7 @@ def request_params(request) -> GenerationParams:
     contract defaults for the others.
     """
     kwargs = {}
-    for spec in ENSEMBLE_INPUTS:
+    for spec in (*ENSEMBLE_INPUTS, *(t for t in TASK_INPUTS if t.param)):
         array = input_array(request, spec.name)
         if array is None:
             continue
@@ -153,9 +154,12 @@ def _engine(name: str, params: Mapping[str, str]):
         return OnnxEngine.load(params["ONNX_PATH"], component_spec(name, ckpt), device=params.get("DEVICE", "cpu"))
     from acestep_triton.engines import TorchEngine
 
+    from acestep_triton.adapters import AdapterSettings
+
     dtype = getattr(torch, params.get("DTYPE", "float32"))
     accelerate = params.get("ACCELERATE", "0") == "1"
-    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype, accelerate)
+    adapters = AdapterSettings.from_parameters(params) if "ADAPTERS_DIR" in params else None
+    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype, accelerate, adapters)
 
 
 class ComponentModel:
@@ -164,8 +168,10 @@ class ComponentModel:
     (acestep_triton.sub_batches).
 
     Subclasses name the component and may override `request_inputs`; everything else comes from the
-    config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES).
-    A request that fails (bad input, out of memory in its sub-batch) gets its own error response.
+    config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES, and
+    ADAPTERS_DIR / ADAPTERS_HUB / MAX_ADAPTERS for a component that serves LoRA adapters).
+    A request that fails (bad input, an adapter that does not load, out of memory in its sub-batch)
+    gets its own error response.
     """
 
     component = ""
@@ -189,6 +195,27 @@ class ComponentModel:
         return {name: value.to(self.device) for name, value in
                 input_tensors(request, [t.name for t in self.spec.inputs]).items()}
 
+    def adapter_inputs(self, request, rows: int) -> dict[str, torch.Tensor]:
+        """The rows' adapters (specs.ADAPTER_ROWS) from the optional ADAPTER / ADAPTER_WEIGHT inputs,
+        loaded now, so that an adapter that does not fit fails its own request only; the base model
+        for every row when they are absent. Nothing for an engine without adapters."""
+        from acestep_triton.adapters import decode_names
+        from acestep_triton.contract import NO_LORA
+
+        adapters = getattr(self.engine, "adapters", None)
+        if adapters is None:
+            return {}
+        names, weights = input_array(request, ADAPTER), input_tensor(request, ADAPTER_WEIGHT)
+        if (names is None) != (weights is None):
+            raise ParameterError(ADAPTER, f"{ADAPTER} and {ADAPTER_WEIGHT} come together")
+        if names is None:
+            names, weights = [NO_LORA] * rows, torch.ones(rows)
+        else:
+            names = decode_names(names)
+        if len(names) != rows:
+            raise ParameterError(ADAPTER, f"{len(names)} adapter rows for a batch of {rows}")
+        return adapters.request_rows(names, weights)
+
     def request_failed(self, request, exc: Exception) -> None:
         """Called for each request that failed after its inputs were read (a hook for subclasses)."""
 
@@ -202,6 +229,7 @@ class ComponentModel:
         for i, request in enumerate(requests):
             try:
                 inputs[i] = self.request_inputs(request)
+                inputs[i].update(self.adapter_inputs(request, next(iter(inputs[i].values())).shape[0]))
             except Exception as exc:  # this request fails, the others run
                 responses[i] = error_response(exc)
         start = time.perf_counter()

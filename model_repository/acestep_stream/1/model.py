@@ -103,7 +103,7 @@ class TritonPythonModel(diffusion.TritonPythonModel):
             if sender.is_cancelled():
                 raise diffusion.Cancelled(f"cancelled before {stage['model']}")
             sender.send(progress_response(stage["model"], done, steps))
-            inputs = {name: tensors[name] for name in stage["inputs"]}
+            inputs = {name: tensors[name] for name in stage["inputs"] if name in tensors}  # optional ones may be absent
             if stage["model"] == self.loop_stage:
                 answer = self._one(_LoopRequest(inputs, sender))
                 done = steps

@@ -1,8 +1,8 @@
 """Triton python model `diffusion` (BLS): the sampling loop, one `dit_step` call per step.
 
 Inputs: ENCODER_STATES [K, L, D] and ENCODER_MASK [K, L] (one row per guidance branch, in
-acestep_triton.contract.BRANCHES order), SEEDS [B], DURATION [1], and the ensemble's sampling
-parameters. Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1].
+acestep_triton.contract.BRANCHES order), ADAPTER / ADAPTER_WEIGHT [K, 1] (the request's LoRA adapter,
+sent on with every step's rows), SEEDS [B], DURATION [1], and the ensemble's sampling parameters. Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1].
 
 Each step's guidance branches go to `dit_step` as one batch. With CONDITION_CACHE=1 a branch's
 conditions cross into `dit_step` once (acestep_triton.condition_cache): later steps send only
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from acestep_triton.adapters import AdapterChoice
 from acestep_triton.bls_loop import DitStepError, StepLoop
 from acestep_triton.condition_cache import ConditionSender, new_request_id
 from acestep_triton.contract import BRANCHES, ParameterError
@@ -33,9 +34,11 @@ from acestep_triton.sampling.guidance import Guidance
 from acestep_triton.sampling.loop import denoise
 from acestep_triton.sampling.schedulers import flow_match_schedule
 from acestep_triton.sampling.seeds import initial_noise, latent_frames, make_generators
+from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT
 from acestep_triton.triton_python import (
     error_response,
     handoff,
+    input_array,
     input_tensors,
     model_parameters,
     request_params,
@@ -99,11 +102,12 @@ class TritonPythonModel:
             conditions = Conditions(BRANCHES[: states.shape[0]], states, tensors["ENCODER_MASK"].to(self.device))
             generators = make_generators(tensors["SEEDS"].cpu().tolist())
             noise = initial_noise(generators, latent_frames(duration), device=self.device)
-            sender = ConditionSender(new_request_id()) if self.use_cache else None
+            adapter = AdapterChoice.from_arrays(input_array(request, ADAPTER), input_array(request, ADAPTER_WEIGHT))
+            sender = ConditionSender(new_request_id(), adapter.name) if self.use_cache else None
             schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
             guidance = Guidance(params, schedule.num_inference_steps)
             plan = [guidance.branches(i) for i in range(len(schedule.timesteps))]
-            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, plan)
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, plan, adapter)
 
             latents = denoise(loop.step, params, noise, generators, lambda i, total: self.after_step(request, i, total))
         except Exception as exc:
