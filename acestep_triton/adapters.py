@@ -173,9 +173,9 @@ class AdapterChoice:
             raise ParameterError(ADAPTER, f"expected one adapter and weight for all rows, got {decoded} {values.tolist()}")
         return cls(decoded[0], float(values[0]))
 
-    def step_arrays(self, rows: int) -> dict[str, np.ndarray]:
-        """What a `dit_step` request of `rows` rows carries: the adapter rows, nothing for the base model."""
-        return {} if self.name == NO_LORA else adapter_arrays(self.name, self.weight, rows)
+    def arrays(self, rows: int) -> dict[str, np.ndarray]:
+        """ADAPTER / ADAPTER_WEIGHT for `rows` rows of this request (adapter_arrays)."""
+        return adapter_arrays(self.name, self.weight, rows)
 
 
 def adapter_arrays(name: str, weight: float, rows: int) -> dict[str, np.ndarray]:

@@ -36,9 +36,12 @@ class StepLoop:
     """
 
     def __init__(self, call: Call, conditions: Conditions, use_erg_diffusion: bool, sender: ConditionSender | None,
-                 plan: Sequence[Sequence[str]], adapter: AdapterChoice = AdapterChoice()) -> None:
+                 plan: Sequence[Sequence[str]], adapter: AdapterChoice | None = None) -> None:
         """`plan[i]` lists the branches step i evaluates (Guidance.branches): a branch's rows carry
-        CONDITION_RELEASE at the last step that uses it. Every row carries the request's LoRA `adapter`."""
+        CONDITION_RELEASE at the last step that uses it. With `adapter` (a dit_step that takes
+        specs.ADAPTER_INPUTS) every row carries the request's LoRA adapter, "none" included: Triton
+        batches only requests that carry the same inputs, so base-model and adapter requests must
+        both send them to share a step."""
         self.call, self.conditions, self.use_erg_diffusion = call, conditions, use_erg_diffusion
         self.sender = sender
         self.adapter = adapter
@@ -59,7 +62,8 @@ class StepLoop:
         self.last = (latents, branches)
         self.calls += 1
         base = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1),
-                **self._branch_inputs(branches, items, latents.shape[-1]), **self.adapter.step_arrays(latents.shape[0])}
+                **self._branch_inputs(branches, items, latents.shape[-1]),
+                **(self.adapter.arrays(latents.shape[0]) if self.adapter is not None else {})}
         if self.sender is None:
             return self.call(base)
         done = tuple(b for b in branches if self.last_use[b] == self.calls - 1)

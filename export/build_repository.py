@@ -282,13 +282,15 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     """The sampling loop (BLS): calls `dit_step` once per step with every guidance branch batched.
 
     A python `dit_step` keeps the conditions of a request (CONDITION_CACHE=1); a TensorRT plan
-    cannot, so the loop sends them with every step there.
+    cannot, so the loop sends them with every step there. Where dit_step takes the adapter inputs
+    (SEND_ADAPTERS=1), every step's rows carry the request's adapter.
     """
     cond = component_spec("condition_encoder", ckpt)
     geometry = latent_geometry(ckpt)
     params = tuple(t for t in ENSEMBLE_INPUTS if t.param in SAMPLING_PARAMS)
     parameters = {"LOOP_DEVICE": profile.loop_device,
-                  "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1"}
+                  "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1",
+                  "SEND_ADAPTERS": "1" if profile.serves_adapters else "0"}
     if profile.loop_threads:
         parameters["TORCH_THREADS"] = str(profile.loop_threads)
     if profile.loop_device == "cuda":

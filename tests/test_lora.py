@@ -100,11 +100,30 @@ def test_the_condition_cache_key_carries_the_adapter() -> None:
     assert len(keys) == 3 and any(f"|{TINY}|" in k for k in keys)
 
 
-def test_the_loop_sends_adapter_rows_only_for_an_adapter() -> None:
-    assert AdapterChoice().step_arrays(4) == {}
-    arrays = AdapterChoice(TINY, 0.7).step_arrays(4)
-    assert arrays[ADAPTER].shape == (4, 1) and arrays[ADAPTER][3, 0] == TINY.encode()
-    assert arrays[ADAPTER_WEIGHT].dtype == np.float32 and float(arrays[ADAPTER_WEIGHT][0, 0]) == pytest.approx(0.7)
+@pytest.mark.parametrize(("adapter", "sent"), [(AdapterChoice(TINY, 0.7), TINY), (AdapterChoice(), NO_LORA),
+                                             (None, None)])
+def test_the_loop_sends_every_dit_step_row_its_requests_adapter(adapter, sent) -> None:
+    """Base-model rows carry ADAPTER too (Triton batches only requests with the same inputs); a dit_step
+    without adapter inputs (None) gets none."""
+    from acestep_triton.bls_loop import StepLoop
+    from acestep_triton.sampling.conditions import Conditions
+
+    calls = []
+
+    def call(batch):
+        calls.append(batch)
+        return torch.zeros_like(batch["LATENTS"])
+
+    conditions = Conditions(("cond", "null"), torch.zeros(2, 3, 32), torch.ones(2, 3))
+    loop = StepLoop(call, conditions, True, None, [("cond", "null"), ("cond",)], adapter)
+    loop.step(torch.zeros(4, 8, 16, 5), torch.full((4,), 900.0), ("cond", "null"))
+    loop.step(torch.zeros(2, 8, 16, 5), torch.full((2,), 800.0), ("cond",))
+    for batch, rows in zip(calls, (4, 2)):
+        if sent is None:
+            assert ADAPTER not in batch and ADAPTER_WEIGHT not in batch
+            continue
+        assert batch[ADAPTER].reshape(-1).tolist() == [sent.encode()] * rows
+        assert batch[ADAPTER_WEIGHT].reshape(-1).tolist() == pytest.approx([adapter.weight] * rows)
 
 
 # --- the math, per row ------------------------------------------------------------------------------
@@ -276,6 +295,19 @@ def test_l1_l2_l3_in_process_on_one_pipeline(golden_dir, golden_ckpt, lyric_voca
 
 # --- through a real tritonserver ------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def lora_server(triton_server_factory, tmp_path_factory, tiny_checkpoint, lyric_vocab, golden_dir):
+    """The cpu profile with the golden folder as adapters directory, and queue delays long enough that
+    concurrent requests always share condition_encoder and dit_step batches (each step of a lone
+    request waits them out: 0.3 s)."""
+    from export.build_repository import build_repository
+
+    delays = {"queue_delay_us": 300_000, "dit_queue_delay_us": 300_000}
+    repo = build_repository("cpu", tiny_checkpoint, tmp_path_factory.mktemp("lora_repository"), lyric_vocab,
+                            overrides=delays, adapters_dir=golden_dir)
+    return triton_server_factory(repo)
+
+
 def _infer(server, params: GenerationParams, overrides=None):
     """The ensemble over gRPC with the LoRA inputs of `params` (and `overrides`)."""
     from tests.test_triton_repository import infer
@@ -285,48 +317,54 @@ def _infer(server, params: GenerationParams, overrides=None):
     return infer(server, params, overrides={**lora, **(overrides or {})})
 
 
-def test_lora_isolation_through_triton(acestep_triton_server, golden_dir) -> None:
-    """l1 (adapter) and l2 (base) alone match upstream; sent together, sharing dit_step batches, each
-    equals its solo run."""
-    from tests.test_triton_repository import _dit_stats
+def _stats(server, model: str) -> tuple[int, int]:
+    """(requests, executions) of `model`: fewer executions than requests means requests shared a batch."""
+    import tritonclient.http as httpclient
 
+    client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    stats = client.get_inference_statistics(model)["model_stats"][0]
+    return int(stats["inference_stats"]["success"]["count"]), int(stats["execution_count"])
+
+
+def test_lora_isolation_through_triton(lora_server, golden_dir) -> None:
+    """l1 (adapter) and l2 (base) alone match upstream; sent together, their rows share
+    condition_encoder and dit_step batches, and each equals its solo run."""
     cases = {"l1_lora_w07": lora_case(golden_dir, "l1_lora_w07"), "l2_lora_unloaded": lora_case(golden_dir, "l2_lora_unloaded")}
-    solo = {case: _infer(acestep_triton_server, params).waveforms[0] for case, params in cases.items()}
+    solo = {case: _infer(lora_server, params).waveforms[0] for case, params in cases.items()}
     for case, waveform in solo.items():
         assert _max_err(waveform, golden_waveform(golden_dir, case)) < 1e-4, case
-    before = _dit_stats(acestep_triton_server)
-    results: dict[str, list[np.ndarray]] = {case: [] for case in cases}
+    shared = ("condition_encoder", "dit_step")
+    before = {model: _stats(lora_server, model) for model in shared}
+    results: dict[str, np.ndarray] = {}
     errors: list[BaseException] = []
 
     def run(case: str) -> None:
         try:
-            results[case].append(_infer(acestep_triton_server, cases[case]).waveforms[0])
+            results[case] = _infer(lora_server, cases[case]).waveforms[0]
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    for _ in range(2):
-        threads = [threading.Thread(target=run, args=(case,)) for case in cases]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+    threads = [threading.Thread(target=run, args=(case,)) for case in cases]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
     assert not errors, errors
-    for case, waveforms in results.items():
-        for waveform in waveforms:
-            assert _max_err(waveform, solo[case]) < 1e-5, case
-    requests, executions = (a - b for a, b in zip(_dit_stats(acestep_triton_server), before))
-    assert executions < requests, f"the two requests never shared a dit_step batch ({executions} for {requests})"
+    for case, waveform in results.items():
+        assert _max_err(waveform, solo[case]) < 1e-5, case
+    for model in shared:
+        requests, executions = (a - b for a, b in zip(_stats(lora_server, model), before[model]))
+        assert executions < requests, f"{model}: the requests never shared a batch ({executions} for {requests})"
 
 
 @pytest.mark.parametrize(("lora", "weight", "field"), [
     ("no-such-adapter", 1.0, FIELD), ("../golden/tiny-lora", 1.0, FIELD), ("/etc", 1.0, FIELD),
     (TINY, 1.5, "lora_weight"),
 ])
-def test_bad_adapters_through_triton_are_invalid_arguments_naming_the_field(acestep_triton_server, lora, weight,
-                                                                            field) -> None:
+def test_bad_adapters_through_triton_are_invalid_arguments_naming_the_field(lora_server, lora, weight, field) -> None:
     from tritonclient.utils import InferenceServerException
 
     params = GenerationParams(prompt="pop", lyrics="", audio_duration=1.0, infer_step=2, actual_seeds=(1,))
     overrides = {"LORA_NAME_OR_PATH": np.array([lora.encode()], dtype=np.object_),
                  "LORA_WEIGHT": np.array([weight], dtype=np.float32)}
     with pytest.raises(InferenceServerException, match=field) as info:
-        _infer(acestep_triton_server, params, overrides)
+        _infer(lora_server, params, overrides)
     assert "INVALID_ARG" in str(info.value.status())

@@ -2,7 +2,8 @@
 
 Inputs: ENCODER_STATES [K, L, D] and ENCODER_MASK [K, L] (one row per guidance branch, in
 acestep_triton.contract.BRANCHES order), ADAPTER / ADAPTER_WEIGHT [K, 1] (the request's LoRA adapter,
-sent on with every step's rows), SEEDS [B], DURATION [1], and the ensemble's sampling parameters. Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1].
+sent on with every step's rows where dit_step takes them: SEND_ADAPTERS=1), SEEDS [B], DURATION [1], and
+the ensemble's sampling parameters. Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1].
 
 Each step's guidance branches go to `dit_step` as one batch. With CONDITION_CACHE=1 a branch's
 conditions cross into `dit_step` once (acestep_triton.condition_cache): later steps send only
@@ -58,6 +59,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         self.use_cache = params["CONDITION_CACHE"] == "1"
+        self.send_adapters = params["SEND_ADAPTERS"] == "1"
         if "TORCH_THREADS" in params:  # many loop instances side by side: keep each one's CPU math small
             torch.set_num_threads(int(params["TORCH_THREADS"]))
         self.device = torch.device(params["LOOP_DEVICE"])
@@ -107,7 +109,8 @@ class TritonPythonModel:
             schedule = flow_match_schedule(params.scheduler_type, params.infer_step, params.oss_steps)
             guidance = Guidance(params, schedule.num_inference_steps)
             plan = [guidance.branches(i) for i in range(len(schedule.timesteps))]
-            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, plan, adapter)
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, plan,
+                            adapter if self.send_adapters else None)
 
             latents = denoise(loop.step, params, noise, generators, lambda i, total: self.after_step(request, i, total))
         except Exception as exc:
