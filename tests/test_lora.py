@@ -126,6 +126,29 @@ def test_the_loop_sends_every_dit_step_row_its_requests_adapter(adapter, sent) -
         assert batch[ADAPTER_WEIGHT].reshape(-1).tolist() == pytest.approx([adapter.weight] * rows)
 
 
+def test_configs_take_adapters_where_the_engine_serves_them_and_refuse_them_elsewhere(tmp_path, golden_ckpt,
+                                                                                     golden_dir) -> None:
+    from acestep_triton.checkpoint import validate_checkpoint
+    from acestep_triton.registry import component_spec
+    from export.build_repository import adapter_parameters, component_model, preprocess_model, resolve_profile
+
+    ckpt = validate_checkpoint(golden_ckpt)
+    for profile_name in ("cpu", "gpu", "onnx", "tensorrt"):
+        profile = resolve_profile(profile_name)
+        adapters = adapter_parameters(profile, str(golden_dir))
+        preprocess = preprocess_model(ckpt, str(golden_ckpt), None, profile, adapters)
+        resolver = resolver_from_parameters(preprocess.parameters)
+        for name in ("condition_encoder", "dit_step", "vocoder"):
+            model = component_model(component_spec(name, ckpt), str(golden_ckpt), profile, tmp_path, adapters)
+            takes = {ADAPTER, ADAPTER_WEIGHT} <= model.optional_inputs
+            assert takes == (profile.engine == "pytorch" and name != "vocoder"), (profile_name, name)
+        if profile.engine == "pytorch":
+            assert resolver.check(TINY) == TINY
+        else:
+            with pytest.raises(ParameterError, match=profile.engine):
+                resolver.check(TINY)
+
+
 # --- the math, per row ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
