@@ -6,8 +6,8 @@
   (row bucket, frame bucket, token bucket). Frames and tokens are zero-padded up to their bucket
   with their masks zeroed, which the decode already treats as absent (the padded-batch test holds
   it to that); rows are padded with copies of the first. A graph serves every length and batch in
-  its buckets, and a step costs one launch. A batch with LoRA adapter rows (acestep_triton.lora) is
-  decoded eagerly outside the graphs (BucketedDecode).
+  its buckets, and a step costs one launch. Rows with a LoRA adapter (acestep_triton.lora) are
+  decoded eagerly, outside the graphs; the other rows of their batch still replay them (BucketedDecode).
 - vocoder: mels are decoded in fixed windows (ADaMoSHiFiGAN.decode_windowed, equal to a whole
   decode up to rounding), each window replayed from one CUDA graph: any length, bounded memory,
   one set of cuDNN algorithms.
@@ -176,11 +176,12 @@ class BucketedDecode:
     steps of a request have different row counts, so each keeps its own entry.
 
     LoRA adapters (`adapters`, the engine's acestep_triton.lora.AdapterStore): a graph replays the
-    kernels it captured, and those hold no adapter's factors. So a batch in which any row has an
-    adapter is decoded eagerly, the compiled blocks run uncompiled too (their trace has the adapter
-    hooks inactive; tracing each mix of adapters would recompile at request time), and its
-    conditions' K/V are computed for it (they depend on the adapters through to_k/to_v) instead of
-    being held. Batches of base-model rows only keep the graphs: adapters cost them nothing.
+    kernels it captured, which hold no adapter's factors. So the rows of a batch that use an adapter
+    are decoded apart and eagerly: the compiled blocks run uncompiled (their trace has the adapter
+    hooks inactive; tracing each mix of adapters would recompile at request time), and those rows'
+    condition K/V are computed for them (they depend on the adapter through to_k/to_v) instead of
+    being held. The batch's base-model rows go through the graphs as a batch of their own, so
+    adapters cost them nothing: they decode exactly as if the adapter rows were not in the batch.
     """
 
     def __init__(self, transformer: torch.nn.Module, settings: Acceleration, adapters: AdapterStore | None = None) -> None:
@@ -196,9 +197,30 @@ class BucketedDecode:
         self.held: OrderedDict[tuple, _HeldConditions] = OrderedDict()
 
     def __call__(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale) -> torch.Tensor:
-        if self.adapters is not None and self.adapters.active:
-            with torch.compiler.set_stance("force_eager"):
-                return self.eager(latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale)
+        inputs = (latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale)
+        if self.adapters is None or self.adapters.active is None:
+            return self.graphed(*inputs)
+        adapted = self.adapters.active.adapted_rows()
+        plain = sorted(set(range(latents.shape[0])) - set(adapted))
+        velocity = None
+        for rows, decode in ((adapted, self.decode_eagerly), (plain, self.graphed)):
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=latents.device)
+            with self.adapters.only(rows):
+                part = decode(*(t.index_select(0, index) for t in inputs))
+            if velocity is None:
+                velocity = part.new_empty((latents.shape[0], *part.shape[1:]))
+            velocity[index] = part
+        return velocity
+
+    def decode_eagerly(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """`transformer.decode` without compilation or graphs (rows with adapters)."""
+        with torch.compiler.set_stance("force_eager"):
+            return self.eager(*inputs)
+
+    def graphed(self, latents, attention_mask, encoder_states, encoder_mask, timestep, q_scale) -> torch.Tensor:
+        """The bucketed decode through the graphs (rows without adapters)."""
         rows, frames, tokens = latents.shape[0], latents.shape[-1], encoder_states.shape[1]
         frame_pad, token_pad = -frames % self.frame_bucket, -tokens % self.token_bucket
         if frame_pad:

@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,52 +94,64 @@ def read_factors(name: str, folder: Path, shapes: Mapping[str, tuple[int, int]])
     return factors
 
 
-@dataclass(frozen=True)
-class RowGroup:
-    """The rows of a batch that use one adapter: runs of consecutive rows [start, stop), and the
-    weight of every row of the batch ([N] float32; only those of the runs are read)."""
+class RowAdapters:
+    """Which adapter each row of the running batch uses: ids [N] (0 = the base model), weights [N]
+    (float32, on the model's device), and the factors of the ids present. `runs` are the runs of
+    consecutive rows with one adapter (a request's rows are consecutive in a batch)."""
 
-    factors: Factors
-    runs: tuple[tuple[int, int], ...]
-    weights: torch.Tensor
+    def __init__(self, ids: Sequence[int], weights: torch.Tensor, factors: Mapping[int, Factors]) -> None:
+        self.ids, self.weights, self.factors = tuple(ids), weights, factors
+        self.runs: list[tuple[int, int, Factors]] = []
+        start = 0
+        for row in range(1, len(self.ids) + 1):
+            if row == len(self.ids) or self.ids[row] != self.ids[start]:
+                if self.ids[start]:
+                    self.runs.append((start, row, factors[self.ids[start]]))
+                start = row
+
+    def adapted_rows(self) -> list[int]:
+        """The rows that use an adapter."""
+        return [row for row, adapter_id in enumerate(self.ids) if adapter_id]
+
+    def subset(self, rows: Sequence[int]) -> RowAdapters:
+        """The same rows' adapters for a batch made of `rows` only (in that order)."""
+        return RowAdapters([self.ids[r] for r in rows], self.weights[list(rows)], self.factors)
 
 
 class LoraLayers:
-    """Forward hooks on a model's target layers that add the LoRA terms of the active row groups.
+    """Forward hooks on a model's target layers that add the LoRA terms of the rows in `active`.
 
-    `active` is set for the duration of one batch (AdapterStore.applied); the hooks read the batch's
-    row count from it to map their input's rows to batch rows: an input [B, ..., in] or its rows
-    flattened to [B*L, in] (the attention projections) both hold batch row b in their b-th block.
+    `active` is set for the duration of one batch (AdapterStore.applied); the hooks map their input's
+    rows to batch rows by its row count: an input [B, ..., in] or its rows flattened to [B*L, in]
+    (the attention projections) both hold batch row b in their b-th block.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = target_layers(model)
-        self.batch = 0
-        self.active: tuple[RowGroup, ...] = ()
+        self.active: RowAdapters | None = None
         for path, layer in self.layers.items():
             layer.register_forward_hook(self._hook(path))
 
     def _hook(self, path: str):
         def add_terms(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if not self.active:
+            if self.active is None:
                 return None
             return self.add_terms(path, args[0], output)
 
         return add_terms
 
     def add_terms(self, path: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """`output` (the layer's base output for input x, a fresh tensor) with each active adapter's term
-        added in place to its rows."""
-        rows_in, rows_out = x.unflatten(0, (self.batch, -1)), output.unflatten(0, (self.batch, -1))
-        for group in self.active:
-            factors = group.factors.get(path)
-            if factors is None:
+        """`output` (the layer's base output for input x, a fresh tensor) with each adapted row's term
+        added in place."""
+        batch = len(self.active.ids)
+        rows_in, rows_out = x.unflatten(0, (batch, -1)), output.unflatten(0, (batch, -1))
+        for start, stop, factors in self.active.runs:
+            if path not in factors:
                 continue
-            down, up = factors
-            for start, stop in group.runs:
-                term = F.linear(F.linear(rows_in[start:stop], down), up)
-                weights = group.weights[start:stop].view(-1, *([1] * (term.dim() - 1)))
-                rows_out[start:stop] += (term * weights).to(output.dtype)
+            down, up = factors[path]
+            term = F.linear(F.linear(rows_in[start:stop], down), up)
+            weights = self.active.weights[start:stop].view(-1, *([1] * (term.dim() - 1)))
+            rows_out[start:stop] += (term * weights).to(output.dtype)
         return output
 
 
@@ -173,9 +184,9 @@ class AdapterStore:
         return tuple(self._names[i] for i in self._resident)
 
     @property
-    def active(self) -> bool:
-        """Whether the batch running now has adapter rows."""
-        return bool(self.layers.active)
+    def active(self) -> RowAdapters | None:
+        """The adapters of the running batch's rows, when any row has one."""
+        return self.layers.active
 
     def adapter_id(self, name: str) -> int:
         """The id of adapter `name`, loading it if needed (ParameterError for a name or file that does not fit)."""
@@ -214,29 +225,29 @@ class AdapterStore:
     def applied(self, ids: torch.Tensor, weights: torch.Tensor) -> Iterator[None]:
         """Run the model inside this block with row i using adapter ids[i] at weights[i] ([N] each)."""
         ids_list = ids.reshape(-1).tolist()
-        used = sorted(set(ids_list) - {0})
+        used = set(ids_list) - {0}
         if not used:
             yield
             return
         weights = weights.reshape(-1).float().to(self.device)
-        groups = [RowGroup(self._load(adapter_id), _runs(ids_list, adapter_id), weights) for adapter_id in used]
-        self.layers.batch, self.layers.active = len(ids_list), tuple(groups)
+        with self._active(RowAdapters(ids_list, weights, {i: self._load(i) for i in used})):
+            yield
+
+    @contextmanager
+    def only(self, rows: Sequence[int]) -> Iterator[None]:
+        """Inside an `applied` block: run a batch made of these of its rows (the gpu profile decodes
+        the rows with and without adapters apart)."""
+        subset = self.layers.active.subset(rows)
+        with self._active(subset if subset.runs else None):
+            yield
+
+    @contextmanager
+    def _active(self, rows: RowAdapters | None) -> Iterator[None]:
+        previous, self.layers.active = self.layers.active, rows
         try:
             yield
         finally:
-            self.layers.active = ()
-
-
-def _runs(ids: Sequence[int], adapter_id: int) -> tuple[tuple[int, int], ...]:
-    """[start, stop) of every run of consecutive rows whose id is `adapter_id`."""
-    runs, start = [], None
-    for row, value in enumerate([*ids, None]):
-        if value == adapter_id and start is None:
-            start = row
-        elif value != adapter_id and start is not None:
-            runs.append((start, row))
-            start = None
-    return tuple(runs)
+            self.layers.active = previous
 
 
 def adapter_rows(store: AdapterStore | None, name: str, weight: float) -> Callable[[int], dict[str, torch.Tensor]]:

@@ -214,6 +214,31 @@ def test_rows_of_one_batch_keep_their_own_adapter(engines, name, batch, output) 
     assert torch.equal(engine.run({**inputs, **_rows(store, [TINY] * 4, [0.0] * 4)})[output], base)
 
 
+def test_the_gpu_decode_runs_adapter_rows_apart_and_the_others_as_without_them(golden_ckpt, settings) -> None:
+    """acceleration.BucketedDecode (its bucket padding on CPU, graphs off): a batch of rows with and without
+    the adapter equals the plain decode of that batch, and its base rows decode exactly as a batch of
+    their own."""
+    from acestep_triton.acceleration import Acceleration, BucketedDecode
+    from acestep_triton.models.transformer import ACEStepTransformer
+
+    transformer = ACEStepTransformer.from_pretrained(golden_ckpt / "ace_step_transformer").eval().requires_grad_(False)
+    store = AdapterStore(transformer, settings, torch.device("cpu"), torch.float32)
+    decode = BucketedDecode(transformer, Acceleration(decode_graphs=False, frame_bucket=16, token_bucket=32,
+                                                      row_buckets=(1, 2, 4)), store)
+    batch = _dit_batch(4)
+    inputs = (batch["LATENTS"], batch["ATTENTION_MASK"], batch["ENCODER_STATES"], batch["ENCODER_MASK"],
+              batch["TIMESTEP"][:, 0], batch["Q_SCALE"][:, 0])
+    rows = _rows(store, [TINY, NO_LORA, TINY, NO_LORA], [0.7, 1.0, 0.3, 1.0])
+    with torch.inference_mode():
+        with store.applied(rows["ADAPTER_ID"], rows[ADAPTER_WEIGHT]):
+            mixed = decode(*inputs)
+            expected = transformer.decode(*inputs)
+        alone = decode(*(t[[1, 3]] for t in inputs))
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-5 * max(1.0, expected.abs().max().item()))
+    assert torch.equal(mixed[[1, 3]], alone)
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-3
+
+
 def _write_adapter(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
