@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from acestep_triton.contract import ENSEMBLE_INPUTS, TASK_INPUTS, GenerationParams, ParameterError
+from acestep_triton.adapters import AdapterSettings, decode_names
+from acestep_triton.contract import ENSEMBLE_INPUTS, NO_LORA, TASK_INPUTS, GenerationParams, ParameterError
 from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT
 
 log = logging.getLogger("acestep_triton")
@@ -154,8 +155,6 @@ def _engine(name: str, params: Mapping[str, str]):
         return OnnxEngine.load(params["ONNX_PATH"], component_spec(name, ckpt), device=params.get("DEVICE", "cpu"))
     from acestep_triton.engines import TorchEngine
 
-    from acestep_triton.adapters import AdapterSettings
-
     dtype = getattr(torch, params.get("DTYPE", "float32"))
     accelerate = params.get("ACCELERATE", "0") == "1"
     adapters = AdapterSettings.from_parameters(params) if "ADAPTERS_DIR" in params else None
@@ -199,9 +198,6 @@ class ComponentModel:
         """The rows' adapters (specs.ADAPTER_ROWS) from the optional ADAPTER / ADAPTER_WEIGHT inputs,
         loaded now, so that an adapter that does not fit fails its own request only; the base model
         for every row when they are absent. Nothing for an engine without adapters."""
-        from acestep_triton.adapters import decode_names
-        from acestep_triton.contract import NO_LORA
-
         adapters = getattr(self.engine, "adapters", None)
         if adapters is None:
             return {}

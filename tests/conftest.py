@@ -84,14 +84,11 @@ def tiny_checkpoint(golden_ckpt: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, lyric_vocab: Path,
-                     golden_dir: Path) -> Path:
-    """The cpu-profile repository, generated the way `make serve` generates it; its LoRA adapters directory
-    is the golden data's folder, so `tiny-lora` names the golden tiny adapter."""
+def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, lyric_vocab: Path) -> Path:
+    """The cpu-profile repository, generated the way `make serve` generates it."""
     from export.build_repository import build_repository
 
-    return build_repository("cpu", tiny_checkpoint, tmp_path_factory.mktemp("model_repository"), lyric_vocab,
-                            adapters_dir=golden_dir)
+    return build_repository("cpu", tiny_checkpoint, tmp_path_factory.mktemp("model_repository"), lyric_vocab)
 
 
 @pytest.fixture(scope="session")
