@@ -244,6 +244,57 @@ def test_the_gpu_decode_runs_adapter_rows_apart_and_the_others_as_without_them(g
     assert (mixed[0] - mixed[1]).abs().max() > 1e-3
 
 
+def _bucketed(engine) -> None:
+    """The gpu profile's decode on the engine's module (acceleration.BucketedDecode: prepared keys/values,
+    row buffer, bucket padding) on the CPU, graphs off."""
+    from acestep_triton.acceleration import Acceleration, BucketedDecode
+
+    decode = BucketedDecode(engine.module.transformer, Acceleration(decode_graphs=False, frame_bucket=16,
+                                                                    token_bucket=32, row_buckets=(1, 2, 4)),
+                            engine.adapters)
+    engine.module.decode, engine.module.prepare, engine.module.decode_rows = decode, decode.prepare, decode.decode_rows
+
+
+@pytest.mark.parametrize("decode", ["eager", "bucketed"])
+def test_dit_step_prepares_and_decodes_each_requests_rows_with_its_own_adapter(engines, golden_ckpt, settings,
+                                                                             decode) -> None:
+    """Two loop requests, the adapter at 0.7 and the base model, in one dit_step execution: their
+    conditions are prepared once per key under each one's adapter (the prepared cross-attention keys/values
+    differ), inline and then by key, and each request's velocity equals the spec's decode of its rows with
+    its adapter (engine.run), whatever the other request's adapter."""
+    from acestep_triton.checkpoint import validate_checkpoint
+    from acestep_triton.condition_cache import ConditionCache, new_request_id
+    from acestep_triton.dit_step import DitStep
+
+    engine = engines["dit_step"]
+    if decode == "bucketed":
+        engine = load_engines(["dit_step"], validate_checkpoint(golden_ckpt), adapters=settings)["dit_step"]
+        _bucketed(engine)
+    step = DitStep(engine, ConditionCache(2**30, 60.0))
+    batch = _dit_batch(4)
+    batch["ENCODER_STATES"] = batch["ENCODER_STATES"] + torch.arange(4.0)[:, None, None]  # one set per row
+    choices = {"adapter": (slice(0, 2), AdapterChoice(TINY, 0.7)), "base": (slice(2, 4), AdapterChoice())}
+    requests, expected = {}, {}
+    for name, (rows, choice) in choices.items():
+        inputs = {k: v[rows] for k, v in batch.items()}
+        sender = ConditionSender(new_request_id(), choice)
+        requests[name] = {**inputs, **choice.arrays(2), "CONDITION_KEY": sender.row_keys(("cond", "null"), 1)}
+        adapter_rows = engine.adapters.wire_rows(*choice.arrays(2).values(), 2)
+        expected[name] = engines["dit_step"].run({**inputs, **adapter_rows})["VELOCITY"]
+    inline = step.execute(list(requests.values()))
+    by_key = step.execute([{k: v for k, v in r.items() if not k.startswith("ENCODER_")} for r in requests.values()])
+    for name, first, later in zip(requests, inline, by_key):
+        scale = max(1.0, expected[name].abs().max().item())
+        torch.testing.assert_close(first["VELOCITY"], expected[name], rtol=0, atol=1e-5 * scale)
+        assert torch.equal(later["VELOCITY"], first["VELOCITY"]), name
+    keys = [key.decode() for r in requests.values() for key in r["CONDITION_KEY"].reshape(-1)]
+    adapted, base = step.cache.find(keys[0]), step.cache.find(keys[2])
+    plain = engine.module.prepare(batch["ENCODER_STATES"][:1], batch["ENCODER_MASK"][:1])[0]
+    assert (adapted.tokens - plain.tokens).abs().max() > 1e-3  # prepared through the adapted to_k / to_v
+    assert (base.tokens - engine.module.prepare(batch["ENCODER_STATES"][2:3],
+                                                batch["ENCODER_MASK"][2:3])[0].tokens).abs().max() < 1e-6
+
+
 def _write_adapter(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
