@@ -209,7 +209,8 @@ class BucketedDecode:
     if the adapter rows were not in the batch.
     """
 
-    def __init__(self, transformer: torch.nn.Module, settings: Acceleration, adapters: AdapterStore | None = None) -> None:
+    def __init__(self, transformer: torch.nn.Module, settings: Acceleration,
+                 adapters: AdapterStore | None = None) -> None:
         self.transformer = transformer
         self.adapters = adapters
         self.frame_bucket = settings.frame_bucket

@@ -137,8 +137,9 @@ class Text2MusicPipeline:
             source_latents = self.encode_source(source) if source is not None else None
             frames = None if source_latents is None else source_latents.shape[-1]
             choice = AdapterChoice(params.lora_name_or_path, params.lora_weight)
+            sender = ConditionSender(new_request_id(), choice)
             loop = StepLoop(lambda batch: self.engines["dit_step"](batch)["VELOCITY"], conditions,
-                            params.use_erg_diffusion, ConditionSender(new_request_id(), choice), call_plan(params, frames),
+                            params.use_erg_diffusion, sender, call_plan(params, frames),
                             choice if self.adapters is not None else None)
             try:
                 latents = generate(loop.step, params, make_generators(prepared.seeds),

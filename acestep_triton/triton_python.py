@@ -240,7 +240,8 @@ class ComponentModel:
         if adapters is None:
             return tensors
         rows = next(iter(tensors.values())).shape[0]
-        return {**tensors, **adapters.wire_rows(input_array(request, ADAPTER), input_tensor(request, ADAPTER_WEIGHT), rows)}
+        names, weights = input_array(request, ADAPTER), input_tensor(request, ADAPTER_WEIGHT)
+        return {**tensors, **adapters.wire_rows(names, weights, rows)}
 
     def run(self, inputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor] | Exception]:
         """Outputs per request of one execute() (or the exception that failed it): bounded sub-batches."""

@@ -7,9 +7,9 @@ tiny adapter (../shared/golden/tiny-lora, built for tiny-ckpt).
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from acestep_triton.contract import NO_LORA, GenerationParams, ParameterError
 from acestep_triton.engines import load_engines
 from acestep_triton.lora import AdapterStore
 from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT, ERG_Q_SCALE
+from tests.golden_cases import ext_request
 
 TINY = "tiny-lora"
 FIELD = "lora_name_or_path"
@@ -341,14 +342,10 @@ def test_least_recently_used_adapters_are_unloaded_past_the_bound_and_reload_the
 # --- parity with upstream: golden l1, l2, l3 ----------------------------------------------------------
 
 def lora_case(golden_dir: Path, case: str) -> GenerationParams:
-    """A golden LoRA case as a request: upstream's adapter path is `tiny-lora` of our adapters directory;
-    its retake_seeds are left out (text2music does not use them)."""
-    kw = dict(json.loads((golden_dir / "ext" / f"{case}.json").read_text())["call_kwargs"])
-    kw.pop("retake_seeds")
-    kw["actual_seeds"] = tuple(kw.pop("manual_seeds"))
-    kw["oss_steps"] = tuple(kw["oss_steps"] or ())
-    kw["lora_name_or_path"] = NO_LORA if kw["lora_name_or_path"] == NO_LORA else TINY
-    return GenerationParams(**kw)
+    """A golden LoRA case as a request (golden_cases.ext_request): upstream's adapter path is `tiny-lora`
+    of our adapters directory."""
+    params, _ = ext_request(golden_dir, case)
+    return replace(params, lora_name_or_path=NO_LORA if params.lora_name_or_path == NO_LORA else TINY)
 
 
 def golden_waveform(golden_dir: Path, case: str) -> np.ndarray:
