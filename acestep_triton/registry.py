@@ -55,6 +55,8 @@ class Component:
     acceleration: callable(engine, settings) applying the gpu profile's speed-ups, or "" for none.
     plan: whether TensorRT can build it; False keeps it on the python backend's pytorch engine in the
         tensorrt profile.
+    lora: the component's module runs `module.transformer`, which takes LoRA adapters per batch row
+        (acestep_triton.lora); its Triton model then takes specs.ADAPTER_INPUTS on the pytorch engine.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Component:
     parts: tuple[str, ...] = ()
     acceleration: str = ""
     plan: bool = True
+    lora: bool = False
 
 
 def resolve(reference: str) -> Any:
@@ -107,6 +110,7 @@ COMPONENTS: dict[str, Component] = {
             samples="export.samples:condition_encoder_samples",
             acceleration="acestep_triton.acceleration:accelerate_encoder",
             batching=Batching(max_batch_size=16),
+            lora=True,
         ),
         Component(
             name="dcae_encoder",
@@ -130,6 +134,7 @@ COMPONENTS: dict[str, Component] = {
             samples="export.samples:dit_step_samples",
             acceleration="acestep_triton.acceleration:accelerate_dit_step",
             batching=Batching(max_batch_size=64),
+            lora=True,
         ),
         Component(
             name="dcae_decoder",
