@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 CHECKPOINT ?=
+ADAPTERS_DIR ?=
 PROFILE ?= cpu
 PORT ?= 8000
 TRITON_HTTP_PORT ?= 8010
@@ -24,10 +25,10 @@ $(STAMP): requirements.txt scripts/install_system_deps.sh
 install: $(STAMP)
 
 serve: install
-	$(PY) -m acestep_triton.serve --profile $(PROFILE) --checkpoint "$(CHECKPOINT)" \
+	$(PY) -m acestep_triton.serve --profile $(PROFILE) --checkpoint "$(CHECKPOINT)" --adapters-dir "$(ADAPTERS_DIR)" \
 		--port $(PORT) --outputs $(OUTPUTS) \
 		--triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
 		--triton-metrics-port $(TRITON_METRICS_PORT)
 
 test: install
-	$(PY) -m pytest -q --durations=40 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=40 tests

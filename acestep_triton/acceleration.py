@@ -6,7 +6,8 @@
   (row bucket, frame bucket, token bucket). Frames and tokens are zero-padded up to their bucket
   with their masks zeroed, which the decode already treats as absent (the padded-batch test holds
   it to that); rows are padded with copies of the first. A graph serves every length and batch in
-  its buckets, and a step costs one launch.
+  its buckets, and a step costs one launch. Rows with a LoRA adapter (acestep_triton.lora) are
+  decoded eagerly, outside the graphs; the other rows of their batch still replay them (BucketedDecode).
 - vocoder: mels are decoded in fixed windows (ADaMoSHiFiGAN.decode_windowed, equal to a whole
   decode up to rounding), each window replayed from one CUDA graph: any length, bounded memory,
   one set of cuDNN algorithms.
@@ -32,15 +33,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.condition_cache import ConditionRow, condition_rows
+from acestep_triton.condition_cache import ConditionRow, condition_rows, stack_rows
 from acestep_triton.models.dcae import decode_local_part
 from acestep_triton.registry import component, resolve
 from acestep_triton.sampling.seeds import latent_frames
+
+if TYPE_CHECKING:
+    from acestep_triton.lora import AdapterStore
 
 
 class TorchEngine(Protocol):
@@ -50,6 +54,7 @@ class TorchEngine(Protocol):
     device: torch.device
     module: torch.nn.Module
     spec: object
+    adapters: AdapterStore | None
 
     def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
@@ -192,10 +197,22 @@ class BucketedDecode:
     shared `_RowBuffer` per token length, into which a row is copied only when another row was
     there: no comparison of tensors, no host synchronisation, no recomputation when requests mix.
     The spec's `decode` (a direct client, the warm-up) prepares its conditions for that call alone.
+
+    LoRA adapters (`adapters`, the engine's acestep_triton.lora.AdapterStore; both calls run inside
+    its `applied` block): a graph replays the kernels it captured, which hold no adapter's factors.
+    `prepare` is eager, so an adapted row's keys/values come out of its adapted to_k/to_v (the
+    condition cache keys them by adapter and weight). `decode_rows` decodes the rows that use an
+    adapter apart and eagerly: the compiled blocks run uncompiled (their trace has the adapter hooks
+    inactive; tracing each mix of adapters would recompile at request time), from those rows' own
+    prepared keys/values stacked, never through the `_RowBuffer`. The batch's base-model rows go
+    through the graphs as a batch of their own, so adapters cost them nothing: they decode exactly as
+    if the adapter rows were not in the batch.
     """
 
-    def __init__(self, transformer: torch.nn.Module, settings: Acceleration) -> None:
+    def __init__(self, transformer: torch.nn.Module, settings: Acceleration,
+                 adapters: AdapterStore | None = None) -> None:
         self.transformer = transformer
+        self.adapters = adapters
         self.frame_bucket = settings.frame_bucket
         self.token_bucket = settings.token_bucket
         self.row_buckets = tuple(sorted(settings.row_buckets))
@@ -217,6 +234,35 @@ class BucketedDecode:
 
     def decode_rows(self, latents: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[ConditionRow],
                     timestep: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
+        """`DiTStepComponent.decode_rows`: the rows with an adapter eagerly, the others through the graphs."""
+        active = None if self.adapters is None else self.adapters.active
+        if active is None:
+            return self._graphed(latents, attention_mask, rows, timestep, q_scale)
+        adapted = active.adapted_rows()
+        plain = sorted(set(range(latents.shape[0])) - set(adapted))
+        velocity = None
+        for subset, decode in ((adapted, self._eager), (plain, self._graphed)):
+            if not subset:
+                continue
+            index = torch.tensor(subset, device=latents.device)
+            with self.adapters.only(subset):
+                part = decode(latents[index], attention_mask[index], [rows[i] for i in subset], timestep[index],
+                              q_scale[index])
+            if velocity is None:
+                velocity = part.new_empty((latents.shape[0], *part.shape[1:]))
+            velocity[index] = part
+        return velocity
+
+    def _eager(self, latents: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[ConditionRow],
+               timestep: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
+        """The decode of rows with adapters: uncompiled, no graphs, their prepared keys/values stacked."""
+        with torch.compiler.set_stance("force_eager"):
+            return self.transformer.decode_prepared(latents, attention_mask, *stack_rows(rows, float("-inf")),
+                                                    timestep, q_scale)
+
+    def _graphed(self, latents: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[ConditionRow],
+                 timestep: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
+        """The bucketed decode through the graphs (rows without adapters)."""
         frames = latents.shape[-1]
         frame_pad = -frames % self.frame_bucket
         if frame_pad:
@@ -327,7 +373,7 @@ def accelerate_dit_step(engine: TorchEngine, settings: Acceleration) -> None:
             block.attn.fused = fused_linear_attention
     if settings.compile_blocks:
         compile_blocks(module.transformer)
-    decode = BucketedDecode(module.transformer, settings)
+    decode = BucketedDecode(module.transformer, settings, engine.adapters)
     module.decode, module.prepare, module.decode_rows = decode, decode.prepare, decode.decode_rows
     # first calls: different frame and token counts, so dynamic shapes do not tie the two together
     for rows in (1, 2):

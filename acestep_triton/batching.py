@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.specs import ComponentSpec
+from acestep_triton.specs import ADAPTER_ROWS, ComponentSpec
 
 
 def _variable_axis(dims: tuple[int, ...]) -> int:
@@ -21,8 +21,9 @@ def _variable_axis(dims: tuple[int, ...]) -> int:
 
 
 def collate(spec: ComponentSpec, requests: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate each input over requests; ragged inputs are zero-padded to the longest."""
-    batch = {}
+    """Concatenate each input over requests; ragged inputs are zero-padded to the longest. The per-row
+    adapter tensors (specs.ADAPTER_ROWS) are concatenated too when the requests carry them."""
+    batch = {name: torch.cat([r[name] for r in requests]) for name in ADAPTER_ROWS if name in requests[0]}
     for tensor_spec in spec.inputs:
         parts = [r[tensor_spec.name] for r in requests]
         if tensor_spec.name in spec.ragged_inputs:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from acestep_triton.adapters import AdapterChoice
 from acestep_triton.condition_cache import ConditionMiss, ConditionSender, is_miss
 from acestep_triton.sampling.conditions import Conditions, branch_inputs
 from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
@@ -37,11 +38,15 @@ class StepLoop:
     """
 
     def __init__(self, call: Call, conditions: Conditions, use_erg_diffusion: bool, sender: ConditionSender | None,
-                 plan: Sequence[Sequence[str]]) -> None:
+                 plan: Sequence[Sequence[str]], adapter: AdapterChoice | None = None) -> None:
         """`plan[i]` lists the branches step i evaluates (Guidance.branches): a branch's rows carry
-        CONDITION_RELEASE at the last step that uses it."""
+        CONDITION_RELEASE at the last step that uses it. With `adapter` (a dit_step that takes
+        specs.ADAPTER_INPUTS) every row carries the request's LoRA adapter, "none" included: Triton
+        batches only requests that carry the same inputs, so base-model and adapter requests must
+        both send them to share a step."""
         self.call, self.conditions, self.use_erg_diffusion = call, conditions, use_erg_diffusion
         self.sender = sender
+        self.adapter = adapter
         self.last_use = {branch: i for i, branches in enumerate(plan) for branch in branches}
         self.per_branches: dict[tuple[str, ...], dict] = {}
         self.calls = 0
@@ -53,13 +58,16 @@ class StepLoop:
                                                         self.use_erg_diffusion)
         return self.per_branches[branches]
 
+    def _adapter_arrays(self, rows: int) -> dict[str, np.ndarray]:
+        return self.adapter.arrays(rows) if self.adapter is not None else {}
+
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, branches) -> torch.Tensor:
         branches = tuple(branches)
         items = latents.shape[0] // len(branches)
         self.last = (latents, branches)
         self.calls += 1
         base = {"LATENTS": latents, "TIMESTEP": timestep.reshape(-1, 1),
-                **self._branch_inputs(branches, items, latents.shape[-1])}
+                **self._branch_inputs(branches, items, latents.shape[-1]), **self._adapter_arrays(latents.shape[0])}
         if self.sender is None:
             return self.call(base)
         done = tuple(b for b in branches if self.last_use[b] == self.calls - 1)
@@ -91,7 +99,7 @@ class StepLoop:
         rows = branch_inputs(self.conditions, held, 1, latents.shape[-1], self.use_erg_diffusion)
         batch = {"LATENTS": latents[:1].repeat(len(held), 1, 1, 1),
                  "TIMESTEP": torch.zeros(len(held), 1, device=latents.device),
-                 **{k: v for k, v in rows.items() if k not in KEYED_INPUTS},
+                 **{k: v for k, v in rows.items() if k not in KEYED_INPUTS}, **self._adapter_arrays(len(held)),
                  CONDITION_KEY: self.sender.row_keys(held, 1),
                  CONDITION_RELEASE: np.ones((len(held), 1), dtype=bool)}
         try:

@@ -15,9 +15,10 @@ Semantics (the contract between the `diffusion` loop and the `dit_step` model):
 
 - Key. One key per (request, branch): `ConditionKey(request_id, branch)`. `request_id` is unique
   per loop request (a fresh uuid4 per `diffusion` request), so two requests never share an entry,
-  however equal their prompts. The key carries everything a row's conditions depend on; the task
-  and adapter fields are there for the tasks and LoRA adapters to come (their conditions will
-  differ for the same request), so adding them cannot alias an existing key.
+  however equal their prompts. The key carries everything a row's conditions depend on: the
+  request's LoRA adapter and its weight (AdapterChoice.key, "none" for the base model) change the
+  prepared keys/values (they go through the adapted cross-attention to_k/to_v), and the task field
+  is there for tasks whose conditions differ, so neither can alias an existing key.
 - Wire. On top of the spec's inputs, a `dit_step` request may carry CONDITION_KEY [N, 1] (BYTES,
   one key per batch row) and CONDITION_RELEASE [N, 1] (BOOL). ENCODER_STATES / ENCODER_MASK
   become optional:
@@ -64,7 +65,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from acestep_triton.contract import ParameterError
+from acestep_triton.adapters import AdapterChoice
+from acestep_triton.contract import NO_LORA, ParameterError
 from acestep_triton.specs import CONDITION_KEY, KEYED_INPUTS
 
 MISS_MESSAGE = "condition cache miss"
@@ -92,7 +94,7 @@ class ConditionKey:
     request_id: str
     branch: str
     task: str = "text2music"
-    adapter: str = ""
+    adapter: str = NO_LORA
 
     def __str__(self) -> str:
         return "|".join((self.request_id, self.task, self.adapter, self.branch))
@@ -148,8 +150,9 @@ def stack_rows(rows: Sequence[ConditionRow], mask_fill: float) -> tuple[torch.Te
     return tokens, mask
 
 
-# Conditions [n, L, D] and masks [n, L] of n rows -> their n ConditionRows.
-Prepare = Callable[[torch.Tensor, torch.Tensor], list[ConditionRow]]
+# Conditions [n, L, D] and masks [n, L] of n rows, and which rows of the request they are -> their n
+# ConditionRows (the request's other per-row inputs, its LoRA adapters, are read at those rows).
+Prepare = Callable[[torch.Tensor, torch.Tensor, Sequence[int]], list[ConditionRow]]
 
 
 @dataclass
@@ -248,7 +251,7 @@ def resolve_conditions(
     if present:
         states, mask = inputs["ENCODER_STATES"], inputs["ENCODER_MASK"]
         if keys is None:
-            return prepare(states, mask)
+            return prepare(states, mask, range(states.shape[0]))
         if len(keys) != states.shape[0]:
             raise ParameterError(CONDITION_KEY, f"{len(keys)} keys for {states.shape[0]} rows")
         stored: dict[str, ConditionRow] = {}
@@ -263,7 +266,7 @@ def resolve_conditions(
                 stored[key] = held
         if first_row:
             index = list(first_row.values())
-            prepared = prepare(states[index], mask[index])
+            prepared = prepare(states[index], mask[index], index)
             stored.update({key: cache.put(key, row) for key, row in zip(first_row, prepared)})
         return [stored[key] for key in keys]
     if keys is None:
@@ -303,12 +306,13 @@ class ConditionSender:
     released ones.
     """
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, adapter: AdapterChoice = AdapterChoice()) -> None:
         self.request_id = request_id
+        self.adapter = adapter
         self._sent: dict[str, None] = {}
 
     def key(self, branch: str) -> str:
-        return str(ConditionKey(self.request_id, branch))
+        return str(ConditionKey(self.request_id, branch, adapter=self.adapter.key))
 
     def holds(self, branches: Sequence[str]) -> bool:
         return all(b in self._sent for b in branches)

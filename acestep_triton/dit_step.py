@@ -11,8 +11,16 @@ has the semantics).
 Each request's conditions are resolved to one ConditionRow per batch row: for a PyTorch engine the
 rows are the transformer's prepared cross-attention keys/values (`DiTStepComponent.prepare`, once
 per key), which `DiTStepComponent.decode_rows` decodes from directly; for other engines (ONNX) they
-are the encoder states, stacked back into the spec's ENCODER_STATES / ENCODER_MASK. The rows of all
-requests then run in sub-batches of at most `max_row_frames` rows x frames (sub_batches.run_bounded);
+are the encoder states, stacked back into the spec's ENCODER_STATES / ENCODER_MASK.
+
+LoRA adapters (a PyTorch engine with an AdapterStore): a request's rows name their adapter by the
+optional ADAPTER / ADAPTER_WEIGHT [N, 1] (specs.ADAPTER_INPUTS; absent: the base model), turned into
+specs.ADAPTER_ROWS here. A row's prepared keys/values come out of its adapted cross-attention
+projections, so they are prepared under its own adapter (the loop's keys name adapter and weight:
+condition_cache.ConditionKey), and the decode runs each row with its adapter
+(TorchEngine.adapted): one request's adapter never touches another's rows of the same batch.
+
+The rows of all requests then run in sub-batches of at most `max_row_frames` rows x frames (sub_batches.run_bounded);
 a request that fails (bad input, a miss, out of memory in its sub-batch) gets its exception and
 frees its keys, the others are answered.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -37,7 +46,7 @@ from acestep_triton.condition_cache import (
 )
 from acestep_triton.contract import ParameterError
 from acestep_triton.phase_log import PhaseLog
-from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
+from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT, CONDITION_KEY, CONDITION_RELEASE, KEYED_INPUTS
 from acestep_triton.sub_batches import run_bounded
 
 # The batch entry that holds each row's ConditionRow (a list, sliced and joined like the tensors).
@@ -65,6 +74,7 @@ class DitStep:
                                 ragged_inputs=tuple(n for n in spec.ragged_inputs if n not in KEYED_INPUTS))
         self.module = getattr(engine, "module", None)
         self.prepared = isinstance(self.module, DiTStepComponent)
+        self.adapters = getattr(engine, "adapters", None)
 
     def __call__(self, request: Request) -> dict[str, torch.Tensor]:
         """One request's outputs; its exception (ConditionMiss on a miss) is raised."""
@@ -99,27 +109,36 @@ class DitStep:
         return results
 
     def _resolve(self, request: Request, keys: list[str] | None) -> dict:
-        """The request's row tensors on the engine's device, and its ConditionRows under ROWS."""
+        """The request's row tensors on the engine's device, its adapters (specs.ADAPTER_ROWS, on the host)
+        where the engine serves them, and its ConditionRows under ROWS."""
         tensors = {}
         for spec in self.row_spec.inputs:
             value = request.get(spec.name)
             if value is None:
                 raise ParameterError(spec.name, "missing input tensor")
             tensors[spec.name] = torch.as_tensor(value).to(self._device, non_blocking=True)
+        adapters = {}
+        if self.adapters is not None:
+            rows = tensors[self.row_spec.inputs[0].name].shape[0]
+            adapters = self.adapters.wire_rows(request.get(ADAPTER), request.get(ADAPTER_WEIGHT), rows)
         sent = {name: torch.as_tensor(request[name]).to(self._device, non_blocking=True)
                 for name in KEYED_INPUTS if request.get(name) is not None}
         release = request.get(CONDITION_RELEASE)
         flags = None if release is None else np.asarray(release).reshape(-1).tolist()
-        return {**tensors, ROWS: request_conditions(self.cache, sent, keys, flags, self._prepare)}
+        prepare = partial(self._prepare, adapters)
+        return {**tensors, **adapters, ROWS: request_conditions(self.cache, sent, keys, flags, prepare)}
 
     @property
     def _device(self) -> torch.device:
         return getattr(self.engine, "device", torch.device("cpu"))
 
-    def _prepare(self, states: torch.Tensor, mask: torch.Tensor) -> list[ConditionRow]:
-        if self.prepared:
+    def _prepare(self, adapters: Mapping[str, torch.Tensor], states: torch.Tensor, mask: torch.Tensor,
+                 rows: Sequence[int]) -> list[ConditionRow]:
+        """condition_cache.Prepare for one request whose rows use `adapters` (specs.ADAPTER_ROWS, or none)."""
+        if not self.prepared:
+            return condition_rows(states, mask)
+        with self.engine.adapted({name: value[list(rows)] for name, value in adapters.items()}):
             return self.module.prepare(states.to(self.engine.dtype), mask.to(self.engine.dtype))
-        return condition_rows(states, mask)
 
     def _collate(self, spec, parts: Sequence[Mapping]) -> dict:
         return {**collate(spec, parts), ROWS: [row for part in parts for row in part[ROWS]]}
@@ -130,9 +149,10 @@ class DitStep:
             inputs = {name: value for name, value in batch.items() if name != ROWS}
             return self.engine.run({**inputs, "ENCODER_STATES": states, "ENCODER_MASK": mask})
         dtype = self.engine.dtype
-        velocity = self.module.decode_rows(batch["LATENTS"].to(dtype), batch["ATTENTION_MASK"].to(dtype),
-                                           batch[ROWS], batch["TIMESTEP"][:, 0].to(dtype),
-                                           batch["Q_SCALE"][:, 0].to(dtype))
+        with self.engine.adapted(batch):
+            velocity = self.module.decode_rows(batch["LATENTS"].to(dtype), batch["ATTENTION_MASK"].to(dtype),
+                                               batch[ROWS], batch["TIMESTEP"][:, 0].to(dtype),
+                                               batch["Q_SCALE"][:, 0].to(dtype))
         return {"VELOCITY": velocity.float()}
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from acestep_triton.adapters import AdapterChoice, AdapterSettings
 from acestep_triton.bls_loop import StepLoop
 from acestep_triton.checkpoint import Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.condition_cache import ConditionCache, ConditionSender, new_request_id
@@ -25,6 +26,7 @@ from acestep_triton.contract import GenerationParams, GenerationResult, SourceAu
 from acestep_triton.dit_step import DitStep
 from acestep_triton.engines import load_engines
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, LatentGeometry, latent_geometry
+from acestep_triton.lora import AdapterStore, adapter_rows
 from acestep_triton.lyrics import LyricTokenizer
 from acestep_triton.models.dcae import encoder_audio
 from acestep_triton.preprocess import PreparedRequest, prepare_request
@@ -55,12 +57,14 @@ class Text2MusicPipeline:
 
     Every task (contract.TASKS); the name is the one the gateway and the benchmarks know it by.
     `engines` maps each component to a callable on named tensors; "dit_step"'s takes a `dit_step`
-    request as the Triton model does (conditions by CONDITION_KEY once sent: `engine_calls`).
+    request as the Triton model does (conditions by CONDITION_KEY once sent: `engine_calls`; with
+    `adapters`, every row's LoRA adapter by ADAPTER / ADAPTER_WEIGHT). `adapters`: the LoRA adapters of
+    the engines' shared transformer (requests naming one need it).
     """
 
     def __init__(self, text_tokenizer: TextTokenizer, lyric_tokenizer: LyricTokenizer,
                  engines: Mapping[str, Engine], device: torch.device,
-                 geometry: LatentGeometry = PUBLISHED_GEOMETRY) -> None:
+                 geometry: LatentGeometry = PUBLISHED_GEOMETRY, adapters: AdapterStore | None = None) -> None:
         missing = set(NEURAL_COMPONENTS) - set(engines)
         if missing:
             raise ValueError(f"engines missing for {sorted(missing)}")
@@ -69,6 +73,7 @@ class Text2MusicPipeline:
         self.engines = dict(engines)
         self.device = device
         self.geometry = geometry
+        self.adapters = adapters
 
     @classmethod
     def from_checkpoint(
@@ -78,16 +83,19 @@ class Text2MusicPipeline:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         accelerate: bool = False,
+        adapters: AdapterSettings | None = None,
     ) -> Text2MusicPipeline:
         """Load every component (one shared transformer); `accelerate` applies the gpu profile's
-        speed-ups (CUDA only, see acestep_triton.acceleration)."""
+        speed-ups (CUDA only, see acestep_triton.acceleration); `adapters` serves LoRA adapters."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else validate_checkpoint(checkpoint)
+        loaded = load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate, adapters)
         return cls(
             TextTokenizer.from_pretrained(ckpt.text_encoder),
             LyricTokenizer.from_file(find_lyric_vocab(ckpt, lyric_vocab)),
-            engine_calls(load_engines(NEURAL_COMPONENTS, ckpt, device, dtype, accelerate)),
+            engine_calls(loaded),
             torch.device(device),
             latent_geometry(ckpt),
+            loaded["dit_step"].adapters,
         )
 
     def prepare(self, params: GenerationParams, source: SourceAudio | None = None) -> PreparedRequest:
@@ -117,17 +125,22 @@ class Text2MusicPipeline:
         with stage("preprocess"):
             prepared = self.prepare(params, source)
             rows = {name: torch.from_numpy(array) for name, array in prepared.tensors().items()}
+            adapter = adapter_rows(self.adapters, params.lora_name_or_path, params.lora_weight)
         with stage("text_encoder"):
             text_states = self.engines["text_encoder"](rows)["TEXT_STATES"]
         with stage("condition_encoder"):
-            out = self.engines["condition_encoder"]({**rows, "TEXT_STATES": text_states})
+            out = self.engines["condition_encoder"]({**rows, "TEXT_STATES": text_states,
+                                                     **adapter(len(prepared.branches))})
             conditions = Conditions(prepared.branches, out["ENCODER_STATES"].to(self.device),
                                     out["ENCODER_MASK"].to(self.device))
         with stage("diffusion"):  # the Triton `diffusion` model encodes the source too
             source_latents = self.encode_source(source) if source is not None else None
             frames = None if source_latents is None else source_latents.shape[-1]
+            choice = AdapterChoice(params.lora_name_or_path, params.lora_weight)
+            sender = ConditionSender(new_request_id(), choice)
             loop = StepLoop(lambda batch: self.engines["dit_step"](batch)["VELOCITY"], conditions,
-                            params.use_erg_diffusion, ConditionSender(new_request_id()), call_plan(params, frames))
+                            params.use_erg_diffusion, sender, call_plan(params, frames),
+                            choice if self.adapters is not None else None)
             try:
                 latents = generate(loop.step, params, make_generators(prepared.seeds),
                                    make_generators(prepared.retake_seeds), prepared.duration, source_latents, callback,

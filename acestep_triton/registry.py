@@ -57,6 +57,8 @@ class Component:
         tensorrt profile.
     low_vram: callable(engine, settings) applying the lowvram profile's memory settings
         (acestep_triton.low_vram), or "" for none.
+    lora: the component's module runs `module.transformer`, which takes LoRA adapters per batch row
+        (acestep_triton.lora); its Triton model then takes specs.ADAPTER_INPUTS on the pytorch engine.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Component:
     acceleration: str = ""
     plan: bool = True
     low_vram: str = ""
+    lora: bool = False
 
 
 def resolve(reference: str) -> Any:
@@ -111,6 +114,7 @@ COMPONENTS: dict[str, Component] = {
             samples="export.samples:condition_encoder_samples",
             acceleration="acestep_triton.acceleration:accelerate_encoder",
             batching=Batching(max_batch_size=16),
+            lora=True,
         ),
         Component(
             name="dcae_encoder",
@@ -135,6 +139,7 @@ COMPONENTS: dict[str, Component] = {
             acceleration="acestep_triton.acceleration:accelerate_dit_step",
             low_vram="acestep_triton.low_vram:prepare_dit_step",
             batching=Batching(max_batch_size=64),
+            lora=True,
         ),
         Component(
             name="dcae_decoder",

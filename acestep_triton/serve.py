@@ -1,7 +1,7 @@
 """`make serve`: checkpoint -> model repository -> tritonserver -> REST gateway, in the foreground.
 
     python -m acestep_triton.serve --profile cpu --checkpoint "" --port 8000 --outputs outputs \
-        --triton-http-port 8010 --triton-grpc-port 8011 --triton-metrics-port 8012
+        --triton-http-port 8010 --triton-grpc-port 8011 --triton-metrics-port 8012 --adapters-dir ""
 
 An empty --checkpoint serves the tiny random checkpoint (built once into the
 cache, ACESTEP_CACHE or ~/.cache/acestep_triton). The model repository for the
@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m acestep_triton.serve", description=main.__doc__)
     parser.add_argument("--profile", default="cpu", help="export.build_repository profile: cpu, gpu, onnx, lowvram")
     parser.add_argument("--checkpoint", default="", help="checkpoint directory; empty: the tiny random checkpoint")
+    parser.add_argument("--adapters-dir", default="", help="LoRA adapters directory (one folder per adapter); "
+                        "empty: $ACESTEP_ADAPTERS_DIR, or none")
     parser.add_argument("--host", default="0.0.0.0", help="gateway bind address")
     parser.add_argument("--port", type=int, default=8000, help="gateway port")
     parser.add_argument("--outputs", type=Path, default=Path("outputs"))
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {checkpoint}", flush=True)
     repository_dir = args.repository_dir or REPO_ROOT / "build" / "model_repository" / args.profile
-    repository = build_repository(args.profile, checkpoint, repository_dir)
+    repository = build_repository(args.profile, checkpoint, repository_dir, adapters_dir=args.adapters_dir or None)
     print(f"model repository ({args.profile}): {repository}", flush=True)
 
     from gateway.app import create_app

@@ -33,6 +33,22 @@ CONDITION_INPUTS = (
 # The spec inputs that a key may stand in for.
 KEYED_INPUTS = ("ENCODER_STATES", "ENCODER_MASK")
 
+# The serving-layer inputs of the components that take LoRA adapters (registry `lora`), on the
+# pytorch-engine profiles: which adapter each batch row uses (its name, acestep_triton.adapters) and
+# at which weight. Optional: a request without them runs the base model. Like the condition inputs
+# they are not part of the component as a function (ONNX and TensorRT never see them).
+ADAPTER = "ADAPTER"
+ADAPTER_WEIGHT = "ADAPTER_WEIGHT"
+ADAPTER_INPUTS = (
+    TensorSpec(ADAPTER, "TYPE_STRING", (1,)),
+    TensorSpec(ADAPTER_WEIGHT, "TYPE_FP32", (1,)),
+)
+# Inside a model process the rows carry the adapter as a process-local id (acestep_triton.lora.AdapterStore,
+# 0 = the base model) and its weight, [N] each: per-row tensors that batch, sub-batch and split like the
+# spec's inputs (acestep_triton.batching.collate carries them).
+ADAPTER_ID = "ADAPTER_ID"
+ADAPTER_ROWS = (ADAPTER_ID, ADAPTER_WEIGHT)
+
 @dataclass(frozen=True)
 class ComponentIO:
     """A neural component's tensors, as its spec builder reads them from the checkpoint."""

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from acestep_triton.adapters import AdapterSettings
 from acestep_triton.contract import ENSEMBLE_INPUTS, TASK_INPUTS, GenerationParams, ParameterError, SourceAudio
 from acestep_triton.phase_log import PhaseLog
+from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT
 
 log = logging.getLogger("acestep_triton")
 
@@ -191,8 +193,9 @@ def _engine(name: str, params: Mapping[str, str]):
 
     dtype = getattr(torch, params.get("DTYPE", "float32"))
     accelerate = params.get("ACCELERATE", "0") == "1"
+    adapters = AdapterSettings.from_parameters(params) if "ADAPTERS_DIR" in params else None
     low_vram = params.get("LOW_VRAM", "0") == "1"
-    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype, accelerate, low_vram)
+    return TorchEngine.load(name, ckpt, params.get("DEVICE", "cpu"), dtype, accelerate, adapters, low_vram)
 
 
 class ComponentModel:
@@ -202,9 +205,10 @@ class ComponentModel:
 
     Subclasses name the component and may override `request_inputs` and `run`; everything else comes
     from the config parameters (CHECKPOINT, DEVICE, DTYPE, ENGINE, ONNX_PATH, ACCELERATE, MAX_ROW_FRAMES,
-    and the lowvram profile's LOW_VRAM, OFFLOAD_WEIGHTS, RELEASE_CACHE, GPU_LOCK: acestep_triton.low_vram;
-    with GPU_LOCK a stage's time includes its wait for the GPU). A request that fails (bad input, out of
-    memory in its sub-batch) gets its own error response.
+    ADAPTERS_DIR / ADAPTERS_HUB / MAX_ADAPTERS for a component that serves LoRA adapters, and the
+    lowvram profile's LOW_VRAM, OFFLOAD_WEIGHTS, RELEASE_CACHE, GPU_LOCK: acestep_triton.low_vram; with
+    GPU_LOCK a stage's time includes its wait for the GPU). A request that fails (bad input, an adapter
+    that does not load, out of memory in its sub-batch) gets its own error response.
 
     Outputs go back where the request's tensors came from: a request whose tensors all arrived in
     host memory (a loop on the CPU, a client, a stage fed by the CPU) gets host tensors, so that its
@@ -237,8 +241,16 @@ class ComponentModel:
         self.memory = ExecutionMemory.from_parameters(params, self.engine, Path(args["model_repository"]).parent)
 
     def request_inputs(self, request) -> dict[str, torch.Tensor]:
-        """The spec's inputs of one request, where they arrived."""
-        return input_tensors(request, [t.name for t in self.spec.inputs])
+        """The spec's inputs of one request, where they arrived, and for an engine with LoRA adapters its
+        rows' adapters (AdapterStore.wire_rows: loaded now, so that an adapter that does not fit fails
+        its own request only)."""
+        tensors = input_tensors(request, [t.name for t in self.spec.inputs])
+        adapters = getattr(self.engine, "adapters", None)
+        if adapters is None:
+            return tensors
+        rows = next(iter(tensors.values())).shape[0]
+        names, weights = input_array(request, ADAPTER), input_tensor(request, ADAPTER_WEIGHT)
+        return {**tensors, **adapters.wire_rows(names, weights, rows)}
 
     def run(self, inputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor] | Exception]:
         """Outputs per request of one execute() (or the exception that failed it): bounded sub-batches."""

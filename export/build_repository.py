@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from acestep_triton.adapters import DEPLOYMENT_ADAPTERS_DIR
 from acestep_triton.checkpoint import DEPLOYMENT_CHECKPOINT, Checkpoint, find_lyric_vocab, validate_checkpoint
 from acestep_triton.contract import (
     ENSEMBLE_INPUTS,
@@ -52,7 +53,7 @@ from acestep_triton.contract import (
 )
 from acestep_triton.geometry import PUBLISHED_GEOMETRY, latent_geometry
 from acestep_triton.registry import NEURAL_COMPONENTS, component, component_spec
-from acestep_triton.specs import CONDITION_INPUTS, KEYED_INPUTS, ComponentSpec
+from acestep_triton.specs import ADAPTER_INPUTS, CONDITION_INPUTS, KEYED_INPUTS, ComponentSpec
 from export.model_config import DynamicBatching, EnsembleStep, InstanceGroup, ModelSpec, write_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +113,11 @@ class Profile:
     # values (full size, bf16: ~126 MiB per 512 condition tokens), so 8 GiB holds ~32 requests' branches
     condition_cache_mib: int = 8192
     condition_cache_ttl_s: float = 300.0  # an entry unused this long is dropped
+    # LoRA adapters (acestep_triton.adapters, .lora): loaded per condition_encoder / dit_step instance
+    # and kept up to this many, the least recently used unloaded beyond; whether an "owner/name" that
+    # is not in the adapters directory is fetched from the Hugging Face hub
+    max_adapters: int = 4
+    adapters_hub: bool = True
     # The lowvram profile's memory settings (acestep_triton.low_vram; every one off elsewhere).
     # the components' low_vram hooks: compiled dit_step blocks without CUDA graphs, the decoders
     # chunked and windowed one window at a time
@@ -133,6 +139,12 @@ class Profile:
     # models) and pinned host pool (None: Triton's defaults, 64 and 256 MiB)
     cuda_memory_pool_mib: int | None = None
     pinned_memory_pool_mib: int | None = None
+
+    @property
+    def serves_adapters(self) -> bool:
+        """Only PyTorch engines apply adapters; ONNX graphs and TensorRT plans hold the base weights, and
+        their preprocess refuses a request naming an adapter (naming lora_name_or_path)."""
+        return self.engine == "pytorch"
 
     def placement(self, name: str) -> tuple[str, str]:
         """(device, dtype) neural component `name` runs with."""
@@ -173,13 +185,14 @@ GPU_INSTANCES = {"preprocess_instances": 4, "dcae_decoder_instances": 1, "vocode
 # ms for two, H100), while shorter requests still run their rows together. The decoders decode one
 # item at a time. The condition cache holds one request's prepared cross-attention keys and values
 # (~0.13 GiB per branch at ~580 condition tokens: two branches at contract defaults); more requests
-# in flight evict each other and resend.
+# in flight evict each other and resend. dit_step keeps one LoRA adapter loaded (~0.12 GiB of bf16
+# factors at rank 64), a request with another loads it in its place.
 LOWVRAM = Profile(
     "lowvram", "pytorch", "cuda", "bfloat16", "KIND_CPU", 0, queue_delay_us=0, diffusion_instances=2,
     dit_max_row_frames=PUBLISHED_GEOMETRY.frames(MAX_DURATION_S), condition_cache_mib=512,
     low_vram=True, cpu_components=("text_encoder", "condition_encoder", "dcae_encoder"),
     resident_weights=("dit_step",), release_cache=True, gpu_lock=True, decoder_max_rows=1,
-    cuda_memory_pool_mib=0, pinned_memory_pool_mib=0,
+    cuda_memory_pool_mib=0, pinned_memory_pool_mib=0, max_adapters=1,
 )
 
 PROFILES = {
@@ -258,12 +271,22 @@ def _unbatched(spec: TensorSpec) -> TensorSpec:
     return TensorSpec(spec.name, spec.dtype, (-1, *spec.dims))
 
 
-def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None, profile: Profile) -> ModelSpec:
+def adapter_parameters(profile: Profile, adapters_dir: str) -> dict[str, str]:
+    """The parameters of the models that resolve or load LoRA adapters (acestep_triton.adapters.
+    AdapterSettings.from_parameters); none where the profile serves no adapters."""
+    if not profile.serves_adapters:
+        return {}
+    return {"ADAPTERS_DIR": adapters_dir, "ADAPTERS_HUB": "1" if profile.adapters_hub else "0",
+            "MAX_ADAPTERS": str(profile.max_adapters)}
+
+
+def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None, profile: Profile,
+                     adapters: Mapping[str, str]) -> ModelSpec:
     text = component_spec("text_encoder", ckpt)
     cond = component_spec("condition_encoder", ckpt)
     branch_rows = [text.input("TEXT_IDS"), text.input("TEXT_MASK"), text.input("TEXT_Q_SCALE"),
                    cond.input("TEXT_SCALE"), cond.input("LYRIC_IDS"), cond.input("LYRIC_MASK"),
-                   cond.input("LYRIC_Q_SCALE")]
+                   cond.input("LYRIC_Q_SCALE"), *ADAPTER_INPUTS]
     return ModelSpec(
         name="preprocess",
         backend="python",
@@ -274,7 +297,8 @@ def preprocess_model(ckpt: Checkpoint, checkpoint: str, lyric_vocab: Path | None
                  _ensemble_output("DURATION"),
                  _time("preprocess", (1, 1))),
         instance_group=InstanceGroup("KIND_CPU", profile.preprocess_instances),
-        parameters={"CHECKPOINT": checkpoint, **({"LYRIC_VOCAB": str(lyric_vocab)} if lyric_vocab else {})},
+        parameters={"CHECKPOINT": checkpoint, **({"LYRIC_VOCAB": str(lyric_vocab)} if lyric_vocab else {}),
+                    "ENGINE": profile.engine, **adapters},
     )
 
 
@@ -287,13 +311,15 @@ def queue_delay_us(profile: Profile, name: str) -> int:
     return profile.dit_queue_delay_us if name == "dit_step" else profile.queue_delay_us
 
 
-def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx_dir: Path | None) -> ModelSpec:
+def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx_dir: Path | None,
+                    adapters: Mapping[str, str]) -> ModelSpec:
     """A neural component behind the python backend; dynamic batching, ragged inputs padded.
 
     On CUDA it takes its inputs where they are (FORCE_CPU_ONLY_INPUT_TENSORS=no), so tensors made
     on the GPU by the previous model stay there. dit_step also takes the condition cache's inputs
-    (acestep_triton.condition_cache), which make its conditions optional. The lowvram profile's
-    settings become the parameters acestep_triton.triton_python.ComponentModel reads.
+    (acestep_triton.condition_cache), which make its conditions optional. A component that takes
+    LoRA adapters (registry `lora`) takes the optional per-row ADAPTER_INPUTS where the profile serves them.
+    The lowvram profile's settings become the parameters acestep_triton.triton_python.ComponentModel reads.
     """
     device, dtype = profile.placement(spec.name)
     parameters = {"CHECKPOINT": checkpoint, "DEVICE": device, "DTYPE": dtype, "ENGINE": profile.engine}
@@ -314,6 +340,9 @@ def component_model(spec: ComponentSpec, checkpoint: str, profile: Profile, onnx
         parameters["MAX_ROW_FRAMES"] = str(profile.dit_max_row_frames)
         parameters["CONDITION_CACHE_MIB"] = str(profile.condition_cache_mib)
         parameters["CONDITION_CACHE_TTL_S"] = str(profile.condition_cache_ttl_s)
+    if component(spec.name).lora and adapters:
+        inputs, optional = (*inputs, *ADAPTER_INPUTS), optional | {t.name for t in ADAPTER_INPUTS}
+        parameters.update(adapters)
     return ModelSpec(
         name=spec.name,
         backend="python",
@@ -363,14 +392,16 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     and `dcae_encoder` once for the tasks that start from audio (SOURCE_INPUTS, optional).
 
     A python `dit_step` keeps the conditions of a request (CONDITION_CACHE=1); a TensorRT plan
-    cannot, so the loop sends them with every step there.
+    cannot, so the loop sends them with every step there. Where dit_step takes the adapter inputs
+    (SEND_ADAPTERS=1), every step's rows carry the request's adapter.
     """
     cond = component_spec("condition_encoder", ckpt)
     geometry = latent_geometry(ckpt)
     params = tuple(t for t in (*ENSEMBLE_INPUTS, *TASK_INPUTS) if t.param in SAMPLING_PARAMS)
     source = tuple(t for t in TASK_INPUTS if t.name in SOURCE_INPUTS)
     parameters = {"LOOP_DEVICE": profile.loop_device,
-                  "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1"}
+                  "CONDITION_CACHE": "0" if profile.engine == "tensorrt" else "1",
+                  "SEND_ADAPTERS": "1" if profile.serves_adapters else "0"}
     if profile.loop_threads:
         parameters["TORCH_THREADS"] = str(profile.loop_threads)
     if profile.loop_device == "cuda":
@@ -381,8 +412,8 @@ def diffusion_model(ckpt: Checkpoint, profile: Profile) -> ModelSpec:
     return ModelSpec(
         name="diffusion",
         backend="python",
-        inputs=(*map(_unbatched, cond.outputs), _ensemble_output("SEEDS"), _ensemble_output("RETAKE_SEEDS_USED"),
-                _ensemble_output("DURATION"), *params, *source),
+        inputs=(*map(_unbatched, cond.outputs), *map(_unbatched, ADAPTER_INPUTS), _ensemble_output("SEEDS"),
+                _ensemble_output("RETAKE_SEEDS_USED"), _ensemble_output("DURATION"), *params, *source),
         outputs=(TensorSpec("LATENTS", "TYPE_FP32", (-1, geometry.channels, geometry.height, -1)),
                  _time("diffusion", (1, 1))),
         instance_group=group,
@@ -447,10 +478,13 @@ def build_repository(
     onnx_dir: str | os.PathLike | None = None,
     engine_dir: str | os.PathLike | None = None,
     overrides: Mapping[str, object] | None = None,
+    adapters_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write the whole repository for `profile` (with `overrides` of its settings) into `out_dir`.
 
     `checkpoint` None: the deployment names it (see the module docstring), pytorch profiles only.
+    `adapters_dir`: the LoRA adapters directory; None: the one $ACESTEP_ADAPTERS_DIR names when the
+    server starts (none when it is unset).
     """
     chosen = resolve_profile(profile, overrides)
     if checkpoint is None:
@@ -473,18 +507,19 @@ def build_repository(
             if chosen.engine == "onnx" or component(name).plan:
                 export_component(name, ckpt, onnx_path)
 
-    models = {"preprocess": preprocess_model(ckpt, checkpoint_param, vocab, chosen),
+    adapters = adapter_parameters(chosen, str(Path(adapters_dir).resolve()) if adapters_dir else DEPLOYMENT_ADAPTERS_DIR)
+    models = {"preprocess": preprocess_model(ckpt, checkpoint_param, vocab, chosen, adapters),
               "diffusion": diffusion_model(ckpt, chosen)}
     engines = {}
     for name in NEURAL_COMPONENTS:
         spec = component_spec(name, ckpt)
         if chosen.engine != "tensorrt":
-            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path)
+            models[name] = component_model(spec, checkpoint_param, chosen, onnx_path, adapters)
         elif component(name).plan:
             engines[name] = find_engine(Path(engine_dir), name)
             models[name] = plan_model(spec, engines[name], onnx_path / f"{name}.onnx", chosen)
         else:  # TensorRT cannot build it (registry `plan`): PyTorch on the profile's device and dtype
-            models[name] = component_model(spec, checkpoint_param, replace(chosen, engine="pytorch"), None)
+            models[name] = component_model(spec, checkpoint_param, replace(chosen, engine="pytorch"), None, adapters)
     models[ENSEMBLE_NAME] = ensemble_model(models)
     models[STREAM_MODEL_NAME] = stream_model(models, checkpoint_param)
     for name, spec in models.items():
@@ -504,9 +539,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lyric-vocab", help="lyric vocabulary (default: <checkpoint>/lyric_vocab.json)")
     parser.add_argument("--onnx-dir", help="ONNX graphs for the onnx/tensorrt profiles (default: <out>/onnx)")
     parser.add_argument("--engine-dir", help="TensorRT engines for the tensorrt profile")
+    parser.add_argument("--adapters-dir", help="LoRA adapters directory (default: $ACESTEP_ADAPTERS_DIR when the "
+                        "server starts)")
     args = parser.parse_args(argv)
     out = build_repository(args.profile, args.checkpoint, args.out, args.lyric_vocab, args.onnx_dir,
-                           args.engine_dir)
+                           args.engine_dir, adapters_dir=args.adapters_dir)
     print(f"wrote {out}")
 
 

@@ -1,6 +1,6 @@
 """Session fixtures shared by every test module, and the rule that keeps the fast tier fast.
 
-Two speeds (README, "Tests"): `make test` runs everything; `pytest -m "not slow" tests` is the
+Two speeds (README, "Tests"): `make test` runs everything (on two workers, grouped below); `pytest -m "not slow" tests` is the
 edit-test loop, under a minute. A test is slow when it uses a fixture below that starts a
 tritonserver or exports ONNX graphs (marked here, automatically), or when its module or itself
 says `slow` (whole generations, servers started in the test body).
@@ -18,10 +18,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_FIXTURES = frozenset({"triton_server_factory", "acestep_triton_server", "onnx_exports"})
 
 
+# `make test` runs on two pytest-xdist workers (--dist loadgroup). Each group runs on one worker, so a
+# session's expensive fixture is made once: the ONNX exports, the session tritonserver (with the
+# repository it serves), and a slow module's own servers (its module-scoped fixtures); the rest
+# spreads over both workers.
+FIXTURE_GROUPS = {"onnx_exports": "onnx", "acestep_triton_server": "tritonserver", "model_repository": "tritonserver"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        group = next((FIXTURE_GROUPS[f] for f in FIXTURE_GROUPS if f in fixtures), None)
+        if group is None and item.get_closest_marker("slow"):
+            group = item.module.__name__ if item.module else item.nodeid
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _golden_dir() -> Path:

@@ -6,6 +6,8 @@ tests/test_handoff.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 
@@ -41,9 +43,10 @@ def row(seed: int, tokens: int = 5, dim: int = 4) -> ConditionRow:
     return ConditionRow(torch.randn(tokens, dim, generator=g), torch.ones(tokens))
 
 
-def as_rows(states: torch.Tensor, mask: torch.Tensor) -> list[ConditionRow]:
-    """A stand-in `prepare` that records how many rows it prepared."""
+def as_rows(states: torch.Tensor, mask: torch.Tensor, rows: Sequence[int]) -> list[ConditionRow]:
+    """A stand-in `prepare` that records how many rows it prepared, and which rows of the request."""
     as_rows.prepared += states.shape[0]
+    as_rows.rows = list(rows)
     return condition_rows(states * 2, mask)
 
 
@@ -137,7 +140,7 @@ def test_resolve_inline_with_keys_prepares_and_stores_the_first_row_of_each_key_
               "ENCODER_MASK": torch.stack([r0.mask, r0.mask, r1.mask])}
     as_rows.prepared = 0
     out = resolve_conditions(cache, inputs, ["k0", "k0", "k1"], as_rows)
-    assert as_rows.prepared == 2 and len(cache) == 2
+    assert as_rows.prepared == 2 and as_rows.rows == [0, 2] and len(cache) == 2
     assert out[0] is out[1] and torch.equal(out[2].tokens, 2 * r1.tokens)
     assert cache.get(["k1", "k0"]) == [out[2], out[0]]  # later steps decode the very same rows
 
@@ -152,7 +155,7 @@ def test_resolve_inline_prepares_only_keys_not_held_yet() -> None:
               "ENCODER_MASK": torch.stack([held.mask, r1.mask])}
     as_rows.prepared = 0
     out = resolve_conditions(cache, inputs, ["cond", "null"], as_rows)
-    assert as_rows.prepared == 1 and out[0] is held and torch.equal(out[1].tokens, 2 * r1.tokens)
+    assert as_rows.prepared == 1 and as_rows.rows == [1] and out[0] is held and torch.equal(out[1].tokens, 2 * r1.tokens)
 
 
 def test_resolve_by_key_returns_the_stored_rows_without_preparing() -> None:

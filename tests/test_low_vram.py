@@ -191,6 +191,7 @@ def test_lowvram_profile_places_every_component(tmp_path: Path, golden_ckpt: Pat
     assert (dit["DEVICE"], dit["DTYPE"]) == ("cuda", "bfloat16") and "OFFLOAD_WEIGHTS" not in dit
     assert {dit[k] for k in ("LOW_VRAM", "RELEASE_CACHE", "GPU_LOCK")} == {"1"}
     assert int(dit["MAX_ROW_FRAMES"]) == profile.dit_max_row_frames == 2583  # one 240 s row
+    assert dit["MAX_ADAPTERS"] == "1"  # one LoRA adapter's factors on the GPU at a time
     for name in ("dcae_decoder", "vocoder"):
         params = _params(found[name])
         assert all(params[k] == "1" for k in LOW_VRAM_FLAGS) and params["MAX_ROW_FRAMES"] == "1"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from acestep_triton.specs import CONDITION_KEY, CONDITION_RELEASE
+from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT, CONDITION_KEY, CONDITION_RELEASE
 from acestep_triton.tritonserver import REPO_ROOT, stub_environment
 from export.build_repository import LOOP_CUDA_ALLOC_CONF, PROFILES, build_repository
 from export.model_config import read_model_config
@@ -43,7 +43,7 @@ def test_gpu_profile_instances_devices_and_handoff(tmp_path, tiny_checkpoint, ly
     assert found["dcae_decoder"].instance_group[0].count == 1 and found["dit_step"].instance_group[0].count == 1
     dit = found["dit_step"]
     optional = {i.name for i in dit.input if i.optional}
-    assert optional == {"ENCODER_STATES", "ENCODER_MASK", CONDITION_KEY, CONDITION_RELEASE}
+    assert optional == {"ENCODER_STATES", "ENCODER_MASK", CONDITION_KEY, CONDITION_RELEASE, ADAPTER, ADAPTER_WEIGHT}
     assert int(params(dit)["MAX_ROW_FRAMES"]) == gpu.dit_max_row_frames
     assert dit.dynamic_batching.max_queue_delay_microseconds == gpu.dit_queue_delay_us
     loop = found["diffusion"]

@@ -1,9 +1,11 @@
 """Triton python model `diffusion` (BLS): every task's sampling loop, one `dit_step` call per step.
 
 Inputs: ENCODER_STATES [K, L, D] and ENCODER_MASK [K, L] (one row per condition branch,
-acestep_triton.contract.condition_branches), SEEDS [B], RETAKE_SEEDS_USED [B], DURATION [1], the
-ensemble's sampling and task parameters, and the optional SRC_AUDIO [C, N] / SRC_SAMPLE_RATE [1] of
-the tasks that start from audio, which it encodes by a BLS call to `dcae_encoder`.
+acestep_triton.contract.condition_branches), ADAPTER / ADAPTER_WEIGHT [K, 1] (the request's LoRA
+adapter, sent on with every step's rows where dit_step takes them: SEND_ADAPTERS=1), SEEDS [B],
+RETAKE_SEEDS_USED [B], DURATION [1], the ensemble's sampling and task parameters, and the optional
+SRC_AUDIO [C, N] / SRC_SAMPLE_RATE [1] of the tasks that start from audio, which it encodes by a BLS
+call to `dcae_encoder`.
 Outputs: LATENTS [B, 8, 16, T], TIME_DIFFUSION [1, 1]. The loop itself is
 acestep_triton.sampling.tasks.generate, the in-process pipeline's.
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from acestep_triton.adapters import AdapterChoice
 from acestep_triton.bls_loop import DitStepError, StepLoop
 from acestep_triton.condition_cache import ConditionSender, new_request_id
 from acestep_triton.contract import GenerationParams, ParameterError, condition_branches
@@ -36,10 +39,12 @@ from acestep_triton.models.dcae import encoder_audio
 from acestep_triton.sampling.conditions import Conditions
 from acestep_triton.sampling.seeds import make_generators
 from acestep_triton.sampling.tasks import call_plan, check_source, generate
+from acestep_triton.specs import ADAPTER, ADAPTER_WEIGHT
 from acestep_triton.triton_python import (
     PhaseLog,
     error_response,
     handoff,
+    input_array,
     input_tensors,
     model_parameters,
     request_params,
@@ -63,6 +68,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         self.use_cache = params["CONDITION_CACHE"] == "1"
+        self.send_adapters = params["SEND_ADAPTERS"] == "1"
         if "TORCH_THREADS" in params:  # many loop instances side by side: keep each one's CPU math small
             torch.set_num_threads(int(params["TORCH_THREADS"]))
         self.device = torch.device(params["LOOP_DEVICE"])
@@ -147,8 +153,10 @@ class TritonPythonModel:
             source = request_source(request)
             frames = check_source(params, source)
             source_latents = self._encode(source) if source is not None else None
-            sender = ConditionSender(new_request_id()) if self.use_cache else None
-            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, call_plan(params, frames))
+            adapter = AdapterChoice.from_arrays(input_array(request, ADAPTER), input_array(request, ADAPTER_WEIGHT))
+            sender = ConditionSender(new_request_id(), adapter) if self.use_cache else None
+            loop = StepLoop(self._call, conditions, params.use_erg_diffusion, sender, call_plan(params, frames),
+                            adapter if self.send_adapters else None)
             latents = generate(loop.step, params, make_generators(tensors["SEEDS"].cpu().tolist()),
                                make_generators(tensors["RETAKE_SEEDS_USED"].cpu().tolist()), duration, source_latents,
                                lambda i, total: self.after_step(request, i, total), self.device)

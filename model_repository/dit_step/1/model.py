@@ -3,14 +3,15 @@
 Inputs: the dit_step spec (acestep_triton.specs: LATENTS [N, 8, 16, T], ATTENTION_MASK [N, T],
 ENCODER_STATES [N, L, D], ENCODER_MASK [N, L], TIMESTEP [N, 1], Q_SCALE [N, 1]), where
 ENCODER_STATES / ENCODER_MASK are optional when CONDITION_KEY [N, 1] names cached rows, and
-CONDITION_RELEASE [N, 1] frees the request's keys. Outputs: VELOCITY [N, 8, 16, T], TIME_DIT_STEP [N, 1].
-The request handling (cache, prepared conditions, bounded sub-batches) is acestep_triton.dit_step.DitStep;
-the cache's semantics are in acestep_triton.condition_cache.
+CONDITION_RELEASE [N, 1] frees the request's keys, and the optional ADAPTER / ADAPTER_WEIGHT [N, 1]
+(where the profile serves LoRA adapters) name each row's adapter. Outputs: VELOCITY [N, 8, 16, T],
+TIME_DIT_STEP [N, 1]. The request handling (cache, prepared conditions, adapters, bounded sub-batches)
+is acestep_triton.dit_step.DitStep; the cache's semantics are in acestep_triton.condition_cache.
 """
 
 from acestep_triton.condition_cache import ConditionCache
 from acestep_triton.dit_step import DitStep
-from acestep_triton.specs import CONDITION_INPUTS
+from acestep_triton.specs import ADAPTER_INPUTS, CONDITION_INPUTS
 from acestep_triton.triton_python import ComponentModel, input_array, input_tensor, model_parameters
 
 
@@ -25,9 +26,9 @@ class TritonPythonModel(ComponentModel):
 
     def request_inputs(self, request) -> dict:
         """The request as DitStep takes it: the numeric inputs it sent as tensors where they arrived,
-        its keys and release flags as numpy."""
+        its keys, release flags and adapters as numpy."""
         inputs = {t.name: input_tensor(request, t.name) for t in self.spec.inputs}
-        inputs.update({t.name: input_array(request, t.name) for t in CONDITION_INPUTS})
+        inputs.update({t.name: input_array(request, t.name) for t in (*CONDITION_INPUTS, *ADAPTER_INPUTS)})
         return {name: value for name, value in inputs.items() if value is not None}
 
     def run(self, inputs):
