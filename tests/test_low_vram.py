@@ -32,6 +32,7 @@ from export.build_repository import PROFILES, build_repository, profile_environm
 from export.model_config import read_model_config
 from export.samples import Sizes, sample_inputs
 from tests.golden_cases import ext_request, golden_params, golden_tensors
+from tests.test_lora import golden_waveform, lora_case
 from tests.stream_client import stream_responses
 from tests.test_triton_repository import infer
 
@@ -214,11 +215,13 @@ def test_lowvram_settings_are_checked() -> None:
 
 
 @pytest.fixture(scope="module")
-def lowvram_server(tmp_path_factory, triton_server_factory, golden_ckpt, lyric_vocab):
+def lowvram_server(tmp_path_factory, triton_server_factory, golden_ckpt, lyric_vocab, golden_dir):
     """The lowvram profile through a real tritonserver, with the CPU as its device (hooks, weights moved
-    per execution, host outputs, the lock, one item per decoder forward)."""
+    per execution, host outputs, the lock, one item per decoder forward); the golden data's folder as
+    its adapters directory."""
     repo = build_repository("lowvram", golden_ckpt, tmp_path_factory.mktemp("lowvram_repo"), lyric_vocab,
-                            overrides={"device": "cpu", "dtype": "float32", "diffusion_instances": 1})
+                            overrides={"device": "cpu", "dtype": "float32", "diffusion_instances": 1},
+                            adapters_dir=golden_dir)
     return triton_server_factory(repo)
 
 
@@ -246,3 +249,11 @@ def test_lowvram_profile_serves_the_tasks_that_start_from_audio(lowvram_server, 
     wav, _ = soundfile.read(golden_dir / "ext" / f"{case}.wav", dtype="float32", always_2d=True)
     err = float(np.abs(waveform - wav.T).max())
     assert err < 1e-4, f"lowvram profile, {case}: waveform max abs error {err:.2e}"
+
+
+def test_lowvram_profile_serves_a_lora_adapter(lowvram_server, golden_dir) -> None:
+    """The golden adapter at 0.7 (on the CPU's condition_encoder and as dit_step's one loaded adapter):
+    upstream's waveform."""
+    waveform = infer(lowvram_server, lora_case(golden_dir, "l1_lora_w07")).waveforms[0]
+    err = float(np.abs(waveform - golden_waveform(golden_dir, "l1_lora_w07")).max())
+    assert err < 1e-4, f"lowvram profile, LoRA: waveform max abs error {err:.2e}"
