@@ -300,11 +300,6 @@ def _validate_task_fields(p: GenerationParams) -> None:
         raise ParameterError("lora_name_or_path", f"longer than {MAX_ADAPTER_NAME_CHARS} characters")
 
 
-def source_field(task: str) -> str:
-    """The REST field naming a task's audio input (upstream's names)."""
-    return "ref_audio_input" if task == AUDIO2AUDIO else "src_audio_path"
-
-
 def validate_source(p: GenerationParams, source: SourceAudio | None) -> None:
     """Raise ParameterError naming the field when the audio input does not fit the request.
 
