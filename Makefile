@@ -31,4 +31,4 @@ serve: install
 		--triton-metrics-port $(TRITON_METRICS_PORT)
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=40 tests
+	$(PY) -m pytest -q --durations=40 tests

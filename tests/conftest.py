@@ -1,6 +1,6 @@
 """Session fixtures shared by every test module, and the rule that keeps the fast tier fast.
 
-Two speeds (README, "Tests"): `make test` runs everything (on two workers, grouped below); `pytest -m "not slow" tests` is the
+Two speeds (README, "Tests"): `make test` runs everything; `pytest -m "not slow" tests` is the
 edit-test loop, under a minute. A test is slow when it uses a fixture below that starts a
 tritonserver or exports ONNX graphs (marked here, automatically), or when its module or itself
 says `slow` (whole generations, servers started in the test body).
@@ -18,24 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_FIXTURES = frozenset({"triton_server_factory", "acestep_triton_server", "onnx_exports"})
 
 
-# `make test` runs on two pytest-xdist workers (--dist loadgroup). Each group runs on one worker, so a
-# session's expensive fixture is made once: the ONNX exports, the session tritonserver (with the
-# repository it serves), and a slow module's own servers (its module-scoped fixtures); the rest
-# spreads over both workers.
-FIXTURE_GROUPS = {"onnx_exports": "onnx", "acestep_triton_server": "tritonserver", "model_repository": "tritonserver"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SLOW_FIXTURES & fixtures:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        group = next((FIXTURE_GROUPS[f] for f in FIXTURE_GROUPS if f in fixtures), None)
-        if group is None and item.get_closest_marker("slow"):
-            group = item.module.__name__ if item.module else item.nodeid
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _golden_dir() -> Path:
@@ -64,23 +50,30 @@ def lyric_vocab(golden_dir: Path) -> Path:
 def triton_server_factory(tmp_path_factory: pytest.TempPathFactory):
     """Start (once per repository and options) a real tritonserver on free loopback ports.
 
-    `start(model_repository, **options)` returns a started
+    `start(model_repository, shared=False, **options)` returns a started
     `acestep_triton.tritonserver.TritonServer` (attributes http_url, grpc_url,
-    metrics_url, log_path; options as its constructor's). Every server is stopped
-    at the end of the session.
+    metrics_url, log_path; options as its constructor's). A `shared` server (the session's
+    `acestep_triton_server`) runs until the session ends; of the others, one module's own, only the
+    latest runs: starting another stops it (each server's stubs hold ~3 GB, and a worker runs a
+    module's tests together).
     """
     from acestep_triton.tritonserver import TritonServer
 
     servers: dict[str, TritonServer] = {}
+    shared_keys: set[str] = set()
 
-    def start(model_repository: Path, **options) -> TritonServer:
+    def start(model_repository: Path, shared: bool = False, **options) -> TritonServer:
         key = repr((str(Path(model_repository).resolve()), sorted(options.items())))
         if key not in servers:
+            for other in [k for k in servers if k not in shared_keys]:
+                servers.pop(other).stop()
             log_path = tmp_path_factory.mktemp("tritonserver") / "server.log"
             options.setdefault("startup_timeout_s", 900)
             server = TritonServer(model_repository, log_path=log_path, **options)
             server.start()
             servers[key] = server
+        if shared:
+            shared_keys.add(key)
         server = servers[key]
         if server.process is None or server.process.poll() is not None:
             pytest.fail(f"tritonserver for {model_repository} is no longer running:\n{server.log_tail()}")
@@ -108,7 +101,7 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
 @pytest.fixture(scope="session")
 def acestep_triton_server(triton_server_factory, model_repository: Path):
     """One real tritonserver per session serving the whole `acestep` ensemble on the tiny checkpoint."""
-    return triton_server_factory(model_repository)
+    return triton_server_factory(model_repository, shared=True)
 
 
 @pytest.fixture(scope="session")
