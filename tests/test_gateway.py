@@ -39,7 +39,6 @@ from acestep_triton.contract import (
 )
 from acestep_triton.ensemble_client import input_arrays
 from acestep_triton.geometry import PUBLISHED_GEOMETRY
-from acestep_triton.tritonserver import TritonServer
 from gateway import GenerationEngine, OutputStore, Settings, TritonEngine, create_app
 from gateway.engine import Progress, Readiness
 from gateway.errors import INTERNAL_ERROR_DETAIL, EngineRejected, EngineUnavailable, OutputNotFound
@@ -670,29 +669,6 @@ def test_e2e_parameter_error_inside_triton_over_http_keeps_its_detail(acestep_tr
     with pytest.raises(EngineRejected) as rejected:
         asyncio.run(generate())
     assert str(rejected.value).startswith("infer_step: must be in [1, "), str(rejected.value)
-
-
-@pytest.mark.slow
-def test_e2e_triton_restart_needs_no_gateway_restart(model_repository, tiny_checkpoint, tmp_path):
-    """Stops and restarts a server of its own, so no other test sees Triton go away."""
-    quick = e2e_payload(tiny_checkpoint, audio_duration=2.0, infer_step=2, actual_seeds=[5])
-    with TritonServer(model_repository, log_path=tmp_path / "server.log", startup_timeout_s=900) as server:
-        settings = Settings(checkpoint_path=str(tiny_checkpoint), triton_url=server.grpc_url, outputs_dir=tmp_path)
-        with TestClient(create_app(settings)) as client:
-            assert client.post("/generate", json=quick).status_code == 200
-            server.stop()
-            try:
-                health = client.get("/health")
-                assert health.status_code == 503 and health.json()["status"] == "unhealthy"
-                down = client.post("/generate", json=quick)
-                assert down.status_code == 503 and list(down.json()) == ["detail"]
-            finally:
-                server.start()
-            deadline = time.monotonic() + 30
-            while client.get("/health").status_code != 200:
-                assert time.monotonic() < deadline, client.get("/health").json()
-                time.sleep(0.2)
-            assert client.post("/generate", json=quick).status_code == 200
 
 
 def test_job_settings_from_environment():
